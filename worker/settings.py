@@ -1,0 +1,113 @@
+"""The one reader of the environment: every ACCUMSYNC_* setting (DESIGN.md section 7)."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".accumsync"
+
+
+def _loopback(host: str | None) -> bool:
+    if host in (None, ""):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """accumsync's configuration. Secrets are ``SecretStr`` so nothing prints them by accident."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ACCUMSYNC_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    home: Path = Field(default=DEFAULT_HOME, description="where the embedded defaults keep files")
+    broker_url: str = ""
+    database_url: str = ""
+    redis_url: str = ""
+
+    vba_base_url: str = ""
+    vba_api_key: SecretStr = SecretStr("")
+    vba_database: str = ""
+    vba_username: str = ""
+    vba_password: SecretStr = SecretStr("")
+    vba_client_id: str = ""
+    vba_client_code: str = ""
+    vba_rate: float = Field(default=25.0, gt=0)
+    vba_burst: int = Field(default=50, ge=1)
+    vba_batch_max: int = Field(default=100, ge=1, le=10_000)
+    vba_timeout: float = Field(default=30.0, gt=0)
+    vba_verify_tls: bool = True
+    vba_allow_http: bool = False
+
+    ownership: Literal["shared", "exclusive"] = "shared"
+    flush_interval: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_base: float = Field(default=2.0, gt=0, description="seconds, first retry's cap")
+    backoff_max: float = Field(default=900.0, gt=0, description="seconds, cap of any retry")
+    ingest_batch_size: int = Field(default=500, ge=1, le=50_000)
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("vba_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _https_only(self) -> Settings:
+        """VBA is HTTPS only; plain HTTP is for the sandbox on loopback or an explicit opt-in."""
+        url = urlsplit(self.vba_base_url)
+        if url.scheme == "http" and not (_loopback(url.hostname) or self.vba_allow_http):
+            raise ValueError(
+                "ACCUMSYNC_VBA_BASE_URL: http:// is refused for a non-loopback host; "
+                "use https:// or set ACCUMSYNC_VBA_ALLOW_HTTP=true"
+            )
+        if url.scheme not in ("", "http", "https"):
+            raise ValueError("ACCUMSYNC_VBA_BASE_URL: scheme must be https (or http on loopback)")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        """The store: the setting, or an embedded SQLite file under ``home``."""
+        return self.database_url or f"sqlite:///{self.home / 'accumsync.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The broker: the setting, or kombu's SQLAlchemy transport on a SQLite file."""
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def effective_redis_url(self) -> str | None:
+        """Redis for the shared token, rate limit and locks; None on the embedded defaults."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    @property
+    def embedded(self) -> bool:
+        """True when the store is the embedded SQLite file (one worker process assumed)."""
+        return self.effective_database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call ``get_settings.cache_clear()``."""
+    settings = Settings()
+    if settings.embedded or settings.effective_broker_url.startswith("sqla+sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    return settings
