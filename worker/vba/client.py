@@ -1,0 +1,332 @@
+"""The VBAPI client: every seed endpoint, validated payloads, shared token and rate limit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+from redis import Redis
+
+from models.vba import (
+    PLAN_KEY,
+    SUBSCRIBER_KEY,
+    BatchItemWire,
+    Envelope,
+    PlanAccumulator,
+    SubscriberAccum,
+    dumps,
+)
+from worker.logs import Log
+from worker.settings import Settings
+from worker.vba.auth import Authenticator, LocalTokenStore, RedisTokenStore, store_prefix
+from worker.vba.errors import VbaAuthError, VbaUnavailable, classify, envelope_of
+from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket
+from worker.vba.results import BatchItem, BatchResult, Page
+
+
+def _version() -> str:
+    try:
+        return version("accumsync")
+    except PackageNotFoundError:  # a checkout that was not pip-installed
+        return "0.1.0"
+
+
+VERSION: Final = _version()
+USER_AGENT: Final = f"accumsync/{VERSION}"
+CONNECT_RETRY_DELAY = 0.25
+
+log = Log("vba.client")
+
+SubscriberRecord = SubscriberAccum | Mapping[str, Any]
+PlanRecord = PlanAccumulator | Mapping[str, Any]
+
+
+class VbaClient:
+    """Synchronous VBAPI client; ``transport`` is the test seam, ``redis`` shares token and bucket.
+
+    Raises :class:`~worker.vba.errors.VbaError` subclasses only (and pydantic's ValidationError
+    for a record that fails the wire model: it is never sent).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: httpx.BaseTransport | None = None,
+        redis: Redis | None = None,
+    ) -> None:
+        if not settings.vba_base_url:
+            raise ValueError("ACCUMSYNC_VBA_BASE_URL is not set")
+        self.settings = settings
+        self.http = httpx.Client(
+            base_url=settings.vba_base_url,
+            transport=transport,
+            timeout=settings.vba_timeout,
+            verify=settings.vba_verify_tls,
+            headers={"User-Agent": USER_AGENT},
+        )
+        url = settings.effective_redis_url
+        self.redis = redis if redis is not None else (Redis.from_url(url) if url else None)
+        self.limiter = self._limiter()
+        store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
+        self.auth = Authenticator(settings, self.http, store or LocalTokenStore(), self.limiter)
+
+    def _limiter(self) -> RateLimiter:
+        s = self.settings
+        if self.redis is None:
+            return LocalBucket(s.vba_rate, s.vba_burst)
+        return RedisBucket(self.redis, rate_key(s), s.vba_rate, s.vba_burst)
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self.http.close()
+
+    def __enter__(self) -> VbaClient:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- subscriber accumulators ------------------------------------------------------------
+
+    def create_accumulator(self, record: SubscriberRecord) -> SubscriberAccum | None:
+        """POST /subscribers/{id}/groups/{id}/accumulators; VBA's copy of the new row."""
+        row = subscriber_accum(record)
+        path = _path("subscribers", row.subscriber_ID, "groups", row.group_ID, "accumulators")
+        envelope = self._call("POST", path, "accumulators.create", body=dumps(row.to_wire()))
+        return _row(envelope.data)
+
+    def list_accumulators(
+        self,
+        subscriber_id: str,
+        group_id: str,
+        page: int = 1,
+        page_size: int = 100,
+        sort_by: str | None = None,
+    ) -> Page:
+        """GET /subscribers/{id}/groups/{id}/accumulators: one page, with X-Pagination."""
+        params: dict[str, str | int] = {"page": page, "pageSize": page_size}
+        if sort_by:
+            params["sortBy"] = sort_by
+        path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators")
+        response, envelope = self._request("GET", path, "accumulators.list", params=params)
+        rows = envelope.data if isinstance(envelope.data, list) else []
+        items = [SubscriberAccum.from_vba(r) for r in rows if isinstance(r, dict)]
+        return _page(items, response.headers.get("X-Pagination"), page, page_size)
+
+    def iter_accumulators(
+        self, subscriber_id: str, group_id: str, page_size: int = 100, sort_by: str | None = None
+    ) -> Iterator[SubscriberAccum]:
+        """Every accumulator of the pair, page after page."""
+        page = 1
+        while True:
+            result = self.list_accumulators(subscriber_id, group_id, page, page_size, sort_by)
+            yield from result.items
+            if not result.items or not result.has_next:
+                return
+            page += 1
+
+    def get_accumulator(
+        self, subscriber_id: str, group_id: str, plan_year: str, plan_type: str, benefit_code: str
+    ) -> SubscriberAccum:
+        """GET .../accumulators/{planYear}/{planType}/{benefitCode}; VbaRejected(404) if absent."""
+        key = (subscriber_id, group_id, plan_year, plan_type, benefit_code)
+        envelope = self._call("GET", _row_path(key), "accumulators.get")
+        row = _row(envelope.data)
+        if row is None:
+            raise VbaUnavailable("VBA answered without a row", activity_id=envelope.activity_id)
+        return row
+
+    def update_accumulator(self, record: SubscriberRecord) -> SubscriberAccum | None:
+        """PUT .../accumulators/{planYear}/{planType}/{benefitCode} with the full record."""
+        row = subscriber_accum(record)
+        body = dumps(row.to_wire())
+        envelope = self._call("PUT", _row_path(row.key), "accumulators.update", body=body)
+        return _row(envelope.data)
+
+    def delete_accumulator(
+        self, subscriber_id: str, group_id: str, plan_year: str, plan_type: str, benefit_code: str
+    ) -> None:
+        """DELETE .../accumulators/{planYear}/{planType}/{benefitCode} (204)."""
+        key = (subscriber_id, group_id, plan_year, plan_type, benefit_code)
+        self._call("DELETE", _row_path(key), "accumulators.delete")
+
+    def upsert_accumulators(
+        self, subscriber_id: str, group_id: str, records: Sequence[SubscriberRecord]
+    ) -> BatchResult:
+        """PUT .../accumulators-batch: create or update up to ``vba_batch_max`` rows (207)."""
+        rows = [subscriber_accum(r) for r in records]
+        for row in rows:
+            if (row.subscriber_ID, row.group_ID) != (subscriber_id, group_id):
+                raise ValueError("a record's subscriber_ID/group_ID differs from the batch's")
+        path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators-batch")
+        return self._batch(path, "accumulators.batch", [r.to_wire() for r in rows], SUBSCRIBER_KEY)
+
+    # -- plan accumulators ----------------------------------------------------------------
+
+    def upsert_plan_accumulators(self, plan_id: str, records: Sequence[PlanRecord]) -> BatchResult:
+        """PUT /plans/{planID}/accumulators-batch: create or update a plan's Added Accumulators."""
+        rows = [plan_accumulator(r) for r in records]
+        if any(row.plan_ID != plan_id for row in rows):
+            raise ValueError("a record's plan_ID differs from the batch's")
+        path = _path("plans", plan_id, "accumulators-batch")
+        return self._batch(path, "plans.batch", [r.to_wire() for r in rows], PLAN_KEY)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _batch(
+        self, path: str, op: str, payload: list[dict[str, Any]], key_fields: tuple[str, ...]
+    ) -> BatchResult:
+        if len(payload) > self.settings.vba_batch_max:
+            raise ValueError(f"{len(payload)} records exceed vba_batch_max; send them in chunks")
+        if not payload:
+            return BatchResult((), key_fields, None)
+        envelope = self._call("PUT", path, op, body=dumps(payload))
+        if not isinstance(envelope.data, list):
+            raise VbaUnavailable("207 answer without data[]", activity_id=envelope.activity_id)
+        result = BatchResult(_items(envelope.data), key_fields, envelope.activity_id)
+        failed = sum(not item.ok for item in result.items)
+        log.info("vba.batch", op=op, sent=len(payload), items=len(result), failed=failed,
+                 activity_id=envelope.activity_id)  # fmt: skip
+        return result
+
+    def _call(self, method: str, path: str, op: str, body: str | None = None) -> Envelope:
+        return self._request(method, path, op, body=body)[1]
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        params: Mapping[str, str | int] | None = None,
+        body: str | None = None,
+    ) -> tuple[httpx.Response, Envelope]:
+        """One call: token, rate limit, one renewal after a 401, then classify the answer."""
+        token = self.auth.token()
+        response = self._send(method, path, op, params, body, token)
+        if response.status_code == 401:
+            aid = envelope_of(response).activity_id
+            log.warning("vba.unauthorized_refreshing", op=op, activity_id=aid)
+            response = self._send(method, path, op, params, body, self.auth.renew(stale=token))
+            if response.status_code == 401:
+                aid = envelope_of(response).activity_id
+                log.error("vba.unauthorized_after_refresh", op=op, status=401, activity_id=aid)
+                raise VbaAuthError(401, "Unauthorized after a token refresh", None, aid)
+        envelope = envelope_of(response)
+        error = classify(response, envelope)
+        if error is not None:
+            retry_after = getattr(error, "retry_after", None)
+            log.warning("vba.call_failed", op=op, status=response.status_code,
+                        retry_after=retry_after, activity_id=error.activity_id)  # fmt: skip
+            raise error
+        log.debug("vba.call", op=op, status=response.status_code, activity_id=envelope.activity_id)
+        return response, envelope
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        params: Mapping[str, str | int] | None,
+        body: str | None,
+        token: str,
+    ) -> httpx.Response:
+        """Send; one quick retry of a refused connection only (longer waits are the caller's)."""
+        headers = self._headers(token, body is not None)
+        for attempt in (1, 2):
+            self.limiter.acquire()
+            try:
+                return self.http.request(method, path, params=params, content=body, headers=headers)
+            except httpx.ConnectError as exc:
+                if attempt == 1:
+                    log.info("vba.connect_retry", op=op, error=type(exc).__name__)
+                    time.sleep(CONNECT_RETRY_DELAY)
+                    continue
+                error: httpx.TransportError = exc
+            except httpx.TransportError as exc:
+                error = exc
+            log.warning("vba.unreachable", op=op, error=type(error).__name__)
+            raise VbaUnavailable(f"VBA unreachable: {type(error).__name__}") from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _headers(self, token: str, has_body: bool) -> dict[str, str]:
+        headers = {
+            "x-api-key": self.settings.vba_api_key.get_secret_value(),
+            "Authorization": f"Bearer {token}",
+            "vbasoftware-database": self.settings.vba_database,
+            "Accept": "application/json",
+        }
+        if has_body:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+
+def subscriber_accum(record: SubscriberRecord) -> SubscriberAccum:
+    """The record as a validated wire model (ValidationError when it breaks a seed rule)."""
+    return record if isinstance(record, SubscriberAccum) else SubscriberAccum.model_validate(record)
+
+
+def plan_accumulator(record: PlanRecord) -> PlanAccumulator:
+    """The plan record as a validated wire model (ValidationError when it breaks a seed rule)."""
+    return record if isinstance(record, PlanAccumulator) else PlanAccumulator.model_validate(record)
+
+
+def rate_key(settings: Settings) -> str:
+    """VBA's bucket is per API key: one Redis bucket per (VBA, key), the key itself hashed."""
+    account = settings.model_copy(update={"vba_username": "", "vba_database": ""})
+    return store_prefix(account) + ":rate"
+
+
+def _path(*parts: str) -> str:
+    return "/" + "/".join(quote(p, safe="") if i % 2 else p for i, p in enumerate(parts))
+
+
+def _row_path(key: Sequence[str]) -> str:
+    sub, group, year, ptype, code = key
+    tail = "/".join(quote(v, safe="") for v in (year, ptype, code))
+    return _path("subscribers", sub, "groups", group, "accumulators") + "/" + tail
+
+
+def _row(data: Any) -> SubscriberAccum | None:
+    return SubscriberAccum.from_vba(data) if isinstance(data, dict) else None
+
+
+def _items(data: list[Any]) -> Iterator[BatchItem]:
+    for raw in data:
+        try:
+            item = BatchItemWire.model_validate(raw)
+        except ValidationError:
+            log.warning("vba.batch_item_unparsed")
+            continue
+        yield BatchItem(item.key(), item.status, item.body or "")
+
+
+def _page(items: list[SubscriberAccum], header: str | None, page: int, size: int) -> Page:
+    """A Page from X-Pagination (JSON); missing or bad header: figures unknown."""
+    try:
+        info = json.loads(header) if header else {}
+    except ValueError:
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    return Page(
+        items=items,
+        page=int(info.get("CurrentPage") or page),
+        page_size=int(info.get("PageSize") or size),
+        total_count=_int(info.get("TotalCount")),
+        total_pages=_int(info.get("TotalPages")),
+    )
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

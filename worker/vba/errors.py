@@ -1,0 +1,133 @@
+"""How a VBA call fails, classified once here; nobody else inspects status codes.
+
+::
+
+    VbaError                  anything the VBA client raises
+    ├── VbaUnavailable        retry later: 408, 429, 500, 502, 503, 504, transport errors,
+    │                         timeouts; ``retry_after`` from Retry-After (seconds or HTTP date)
+    └── VbaRejected           do not retry: any other non-2xx (status, title, detail, activity_id)
+        └── VbaAuthError      login refused, or a 401 after the one token refresh
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Final
+
+import httpx
+from pydantic import ValidationError
+
+from models.vba import Envelope, ProblemDetails, loads
+
+RETRYABLE: Final = frozenset({408, 429, 500, 502, 503, 504})
+#: Never honour a Retry-After longer than this (seconds); the caller's backoff caps it too.
+RETRY_AFTER_CAP: Final = 900.0
+
+
+class VbaError(Exception):
+    """Base of every VBA client failure."""
+
+    def __init__(self, message: str, *, status: int | None = None, activity_id: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.activity_id = activity_id
+
+
+class VbaUnavailable(VbaError):
+    """VBA did not do it this time; try again after ``retry_after`` seconds (if it said)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        activity_id: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, activity_id=activity_id)
+        self.retry_after = retry_after
+
+
+class VbaRejected(VbaError):
+    """VBA refused the request; repeating it unchanged will not help."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str | None = None,
+        detail: str | None = None,
+        activity_id: str | None = None,
+    ) -> None:
+        text = f"VBA answered {status}: {title or 'rejected'}" + (f" ({detail})" if detail else "")
+        super().__init__(text, status=status, activity_id=activity_id)
+        self.title = title
+        self.detail = detail
+
+
+class VbaAuthError(VbaRejected):
+    """VBA refused our credentials or token, even after one refresh: fix the configuration."""
+
+
+def is_retryable(status: int) -> bool:
+    """True for the statuses that mean "try again later"."""
+    return status in RETRYABLE
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from Retry-After (delta-seconds or HTTP date), capped; None if bad."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def envelope_of(response: httpx.Response) -> Envelope:
+    """VBA's envelope from any answer, whatever its Content-Type (207s come as text/plain)."""
+    try:
+        payload = loads(response.content) if response.content else None
+    except ValueError:
+        return Envelope()
+    if not isinstance(payload, dict):
+        return Envelope(data=payload)
+    try:
+        return Envelope.model_validate(payload)
+    except ValidationError:
+        return Envelope(data=payload.get("data"))
+
+
+def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
+    """None for a 2xx; otherwise the one exception this answer means."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return None
+    aid = envelope.activity_id
+    if status in RETRYABLE:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return VbaUnavailable(
+            f"VBA answered {status}", retry_after=retry_after, status=status, activity_id=aid
+        )
+    problem = envelope.error or ProblemDetails()
+    return VbaRejected(status, problem.title or _gateway_message(response), problem.detail, aid)
+
+
+def _gateway_message(response: httpx.Response) -> str | None:
+    """AWS API Gateway answers ``{"message": "Forbidden"}`` before VBA sees the call."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    message = payload.get("message") if isinstance(payload, dict) else None
+    return message if isinstance(message, str) else None

@@ -1,0 +1,87 @@
+"""What the VBA client returns: a page of a list, and a 207 batch result matched by key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from models.vba import SubscriberAccum
+from worker.vba.errors import RETRYABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of ``GET .../accumulators`` and its ``X-Pagination`` figures."""
+
+    items: list[SubscriberAccum]
+    page: int
+    page_size: int
+    total_count: int | None
+    total_pages: int | None
+
+    @property
+    def has_next(self) -> bool:
+        """True when a later page exists (or VBA did not say and this page was full)."""
+        if self.total_pages is not None:
+            return self.page < self.total_pages
+        return len(self.items) >= self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One 207 item: VBA's key for it, its own status and VBA's message."""
+
+    key: Mapping[str, str]
+    status: int
+    body: str
+
+    @property
+    def ok(self) -> bool:
+        """VBA wrote this record (200 Updated, 201 Created)."""
+        return 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        """VBA failed on its side for this record (5xx, 429, 408): send it again later."""
+        return self.status in RETRYABLE
+
+    @property
+    def rejected(self) -> bool:
+        """VBA refused this record: a dead letter with :attr:`body` as the reason."""
+        return not self.ok and not self.retryable
+
+
+class BatchResult:
+    """A 207 answer, looked up by key values: ``data[]`` order means nothing."""
+
+    def __init__(
+        self, items: Iterable[BatchItem], key_fields: tuple[str, ...], activity_id: str | None
+    ) -> None:
+        self.items = tuple(items)
+        self.key_fields = key_fields
+        self.activity_id = activity_id
+        self._by_key: dict[tuple[str, ...], BatchItem] = {}
+        for item in self.items:
+            key = self._key_of(item.key)
+            seen = self._by_key.get(key)
+            if seen is None or (seen.ok and not item.ok):  # a duplicate: keep the worse news
+                self._by_key[key] = item
+
+    def _key_of(self, key: Mapping[str, str]) -> tuple[str, ...]:
+        folded = {name.casefold(): value for name, value in key.items()}
+        return tuple(folded.get(f.casefold(), "") for f in self.key_fields)
+
+    def find(self, key: Iterable[str]) -> BatchItem | None:
+        """The item for these key values (in ``key_fields`` order); None when VBA sent none."""
+        return self._by_key.get(tuple(key))
+
+    def missing(self, keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """The keys we sent that VBA's answer does not mention (outcome unknown)."""
+        return [k for k in keys if k not in self._by_key]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        ok = sum(i.ok for i in self.items)
+        return f"BatchResult(items={len(self.items)}, ok={ok}, activity_id={self.activity_id!r})"
