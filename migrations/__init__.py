@@ -1,0 +1,1 @@
+"""Alembic migrations of the accumsync store (run with ``accumsync db upgrade``)."""

@@ -1,0 +1,145 @@
+"""ClaimEvent v1, the producer contract (DESIGN.md section 2), and its canonical content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+)
+
+from models.buckets import AMOUNTS, Network
+
+MAX_AMOUNT: Final = Decimal("999999999999.99")
+
+
+def _no_float_artifacts(value: Any) -> Any:
+    """Accept a JSON number or a decimal string; never go through binary float arithmetic.
+
+    A float from ``json.loads`` is converted via its shortest repr (``0.1`` -> ``Decimal("0.1")``),
+    so 12.34 stays exactly 12.34 and 12.345 is rejected by the two-decimal rule below.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a number or a decimal string, not a boolean")
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_no_float_artifacts),
+    Field(ge=0, le=MAX_AMOUNT, decimal_places=2, allow_inf_nan=False),
+]
+
+
+Str2 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=2)]
+Str6 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=6)]
+Str8 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=8)]
+Str9 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=9)]
+Str10 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=10)]
+Str20 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=20)]
+Str64 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+Str128 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=128)]
+
+
+class Amounts(BaseModel):
+    """The ten amounts of a claim version; each >= 0 with at most 2 decimals, missing = 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed: Money = Decimal(0)
+    billed: Money = Decimal(0)
+    benefit_used: Money = Decimal(0)
+    cob: Money = Decimal(0)
+    coinsurance: Money = Decimal(0)
+    copay: Money = Decimal(0)
+    deductible: Money = Decimal(0)
+    deductible_credit: Money = Decimal(0)
+    not_covered: Money = Decimal(0)
+    out_of_pocket: Money = Decimal(0)
+
+    def cents(self) -> dict[str, int]:
+        """Each amount in integer cents (exact: at most 2 decimals were admitted)."""
+        return {name: int(getattr(self, name) * 100) for name in AMOUNTS}
+
+
+class ClaimEvent(BaseModel):
+    """One version of one claim (or claim line), as a producer publishes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: Str128
+    claim_id: Str64
+    version: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+    status: Literal["adjudicated", "reversed"]
+    subscriber_id: Str9
+    group_id: Str20
+    plan_year: Str8
+    plan_type: Str6
+    benefit_code: Str10
+    network: Network
+    member_seq: Str2 | None = None
+    service_date: date | None = None
+    adjudicated_at: datetime | None = None
+    amounts: Amounts = Amounts()
+
+    @property
+    def key(self) -> AccumKey:
+        """The VBA accumulator this version's money lands in."""
+        return (
+            self.subscriber_id,
+            self.group_id,
+            self.plan_year,
+            self.plan_type,
+            self.benefit_code,
+        )
+
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical content, event_id excluded.
+
+        Two deliveries are "the same content" exactly when these hashes match: amounts compare as
+        numbers (``"5"`` == ``5.00``), field order and absent-vs-default do not matter.
+        """
+        body = self.model_dump(mode="json", exclude={"event_id"})
+        body["amounts"] = {k: str(v.quantize(Decimal("0.01"))) for k, v in self.amounts}
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+AccumKey = tuple[str, str, str, str, str]
+"""(subscriber_id, group_id, plan_year, plan_type, benefit_code): one VBA SubscriberAccum row."""
+
+
+def describe(error: ValidationError) -> str:
+    """A reason naming each failing field and its rule: ``amounts.copay: at most 2 decimals``."""
+    parts = []
+    for e in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "event"
+        parts.append(f"{loc}: {_rule(e)}")
+    return "; ".join(parts)
+
+
+def _rule(e: Any) -> str:
+    kind, ctx = e["type"], e.get("ctx", {})
+    rules = {
+        "extra_forbidden": "unknown field (ClaimEvent v1 rejects unknown fields)",
+        "missing": "required field is missing",
+        "string_too_short": f"must be at least {ctx.get('min_length')} characters",
+        "string_too_long": f"must be at most {ctx.get('max_length')} characters",
+        "decimal_max_places": f"at most {ctx.get('decimal_places')} decimals",
+        "greater_than_equal": f"must be >= {ctx.get('ge')}",
+        "less_than_equal": f"must be <= {ctx.get('le')}",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+    }
+    return rules.get(kind, str(e["msg"]))

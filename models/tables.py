@@ -1,0 +1,131 @@
+"""The SQL store's tables (SQLModel). Money is integer cents: exact on SQLite and Postgres alike.
+
+- ``ReceivedEvent``: every event accepted once (dedup by event_id, conflict check by content hash).
+- ``Claim``: each claim's highest version and what it contributes.
+- ``Pair``: one (subscriber, group), the unit a flush works on, with its retry schedule and lease.
+- ``Accumulator``: one VBA SubscriberAccum key: ``ours`` (30 columns), ``pushed_*`` (our share as
+  VBA last confirmed it), a change counter and ``dirty_since``.
+- ``DeadLetter``: anything refused, with its reason and raw payload; nothing is dropped silently.
+- ``IngestBatch``: one row per ingested message with its outcome counts (status reads these).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from models.buckets import AMOUNTS, COLUMNS
+
+PUSHED: tuple[str, ...] = tuple(f"pushed_{c}" for c in COLUMNS)
+"""The ``pushed_*`` twin of each of the 30 columns."""
+
+CLAIM_CENTS: tuple[str, ...] = tuple(f"{a}_cents" for a in AMOUNTS)
+"""A claim's ten amounts, in cents."""
+
+
+def _cents_columns(names: tuple[str, ...], ns: dict[str, Any]) -> None:
+    """Declare one NOT NULL BIGINT (cents) field per name in a class body namespace."""
+    annotations = ns.setdefault("__annotations__", {})
+    for name in names:
+        annotations[name] = int
+        ns[name] = Field(default=0, sa_column_kwargs={"server_default": "0"}, sa_type=BigInteger)
+
+
+class ReceivedEvent(SQLModel, table=True):
+    __tablename__ = "received_event"
+    __table_args__ = (Index("ix_received_event_claim_version", "claim_id", "version"),)
+
+    event_id: str = Field(primary_key=True, max_length=128)
+    claim_id: str = Field(max_length=64)
+    version: int
+    content_hash: str = Field(max_length=64)
+    received_at: datetime
+
+
+class Claim(SQLModel, table=True):
+    __tablename__ = "claim"
+
+    claim_id: str = Field(primary_key=True, max_length=64)
+    version: int = Field(default=-1, description="-1: a lock placeholder, nothing applied yet")
+    content_hash: str = Field(default="", max_length=64)
+    subscriber_id: str | None = Field(default=None, max_length=9)
+    group_id: str | None = Field(default=None, max_length=20)
+    plan_year: str | None = Field(default=None, max_length=8)
+    plan_type: str | None = Field(default=None, max_length=6)
+    benefit_code: str | None = Field(default=None, max_length=10)
+    network: str | None = Field(default=None, max_length=3)
+    member_seq: str | None = Field(default=None, max_length=2)
+    service_date: date | None = None
+    adjudicated_at: datetime | None = None
+    _cents_columns(CLAIM_CENTS, locals())
+
+
+class Pair(SQLModel, table=True):
+    __tablename__ = "pair"
+    __table_args__ = (UniqueConstraint("subscriber_id", "group_id", name="uq_pair"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscriber_id: str = Field(max_length=9)
+    group_id: str = Field(max_length=20)
+    next_attempt_at: datetime | None = Field(default=None, index=True)
+    attempts: int = 0
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = None
+    last_error: str | None = Field(default=None, sa_type=Text)
+
+
+class Accumulator(SQLModel, table=True):
+    __tablename__ = "accumulator"
+    __table_args__ = (
+        UniqueConstraint(
+            "subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code", name="uq_accum"
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    pair_id: int = Field(foreign_key="pair.id", index=True)
+    subscriber_id: str = Field(max_length=9)
+    group_id: str = Field(max_length=20)
+    plan_year: str = Field(max_length=8)
+    plan_type: str = Field(max_length=6)
+    benefit_code: str = Field(max_length=10)
+    change_seq: int = Field(default=0, sa_type=BigInteger)
+    pushed_seq: int = Field(default=0, sa_type=BigInteger)
+    dirty_since: datetime | None = Field(default=None, index=True)
+    updated_at: datetime | None = None
+    _cents_columns(COLUMNS, locals())
+    _cents_columns(PUSHED, locals())
+
+
+class DeadLetter(SQLModel, table=True):
+    __tablename__ = "dead_letter"
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=16, description="ingest | flush | plans")
+    fingerprint: str = Field(max_length=64, unique=True)
+    reason: str = Field(sa_type=Text)
+    event_id: str | None = Field(default=None, max_length=128, index=True)
+    accumulator_id: int | None = Field(default=None, index=True)
+    activity_id: str | None = Field(default=None, max_length=128)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    first_seen: datetime
+    last_seen: datetime
+    count: int = 1
+    replayed_at: datetime | None = None
+
+
+class IngestBatch(SQLModel, table=True):
+    __tablename__ = "ingest_batch"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(index=True)
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    conflicts: int = 0
+    invalid: int = 0
+    duration_ms: int = 0

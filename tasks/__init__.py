@@ -1,0 +1,1 @@
+"""Celery entry points: decode, call the store, map errors. Names are stable ``accumsync.*``."""

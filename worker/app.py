@@ -1,0 +1,75 @@
+"""The Celery app: broker, task events for Flower, late acks, and the start-up schema check.
+
+``celery -A worker worker`` / ``beat`` / ``flower`` all load this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+
+from worker import logs
+from worker.settings import Settings, get_settings
+
+TASK_MODULES = ["tasks.ingest"]
+
+app = Celery("accumsync")
+
+
+def transport_options(broker_url: str) -> dict[str, Any]:
+    """Per-transport options: kombu passes SQLAlchemy's straight to ``create_engine``."""
+    if broker_url.startswith(("redis", "rediss")):
+        # Redis redelivers an unacked message after this; no countdown of ours is longer.
+        return {"visibility_timeout": 3600}
+    return {}
+
+
+def configure(settings: Settings) -> None:
+    """Point the app at the configured broker; called at import and by tests that switch."""
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_connection_retry_on_startup=True,
+        # The embedded SQLite broker is polled; a short interval keeps the demo snappy.
+        broker_polling_interval=0.2 if settings.effective_broker_url.startswith("sqla") else 1,
+        broker_transport_options=transport_options(settings.effective_broker_url),
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        # Ack after the transaction commits; a killed worker's message is delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Flower sees every task; arguments are opaque (argsrepr), never member data.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+        include=TASK_MODULES,
+    )
+    logs.configure(settings.log_format, settings.log_level)
+
+
+configure(get_settings())
+
+
+@worker_init.connect
+def _refuse_unmigrated(**_: Any) -> None:
+    """A worker on an unmigrated store exits at once, naming the command to run."""
+    from worker.db import NotMigrated, check_migrated
+
+    try:
+        check_migrated()
+    except NotMigrated as exc:
+        raise SystemExit(f"accumsync: {exc}") from None
+
+
+@worker_process_init.connect
+def _fresh_pool(**_: Any) -> None:
+    """A forked pool process must not share its parent's database connections."""
+    from worker.db import reset_engine
+
+    reset_engine()

@@ -1,0 +1,141 @@
+"""The database: one engine per process, sessions, migrations and the retry of lock conflicts."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
+from sqlmodel import Session
+
+from worker.logs import Log
+from worker.settings import get_settings
+
+log = Log("db")
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+RETRYABLE_PGCODES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock n/a
+
+
+class NotMigrated(RuntimeError):
+    """The database schema is not at the latest migration."""
+
+
+def utcnow() -> datetime:
+    """Aware UTC now; every timestamp column is timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # let BEGIN IMMEDIATE below own the transaction
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # A writer takes the write lock up front: no deadlock-prone read-to-write lock upgrades.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and immediate transactions."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, poolclass=NullPool, connect_args={"timeout": 30}, hide_parameters=True
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    # hide_parameters: an error message must never carry member data into logs or Flower.
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True)
+
+
+@cache
+def engine() -> Engine:
+    """The process's engine for the configured store."""
+    return make_engine(get_settings().effective_database_url)
+
+
+def reset_engine() -> None:
+    """Forget the engine (tests switching databases; after fork, so pools aren't shared)."""
+    if engine.cache_info().currsize:
+        engine().dispose(close=False)
+    engine.cache_clear()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(engine(), expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A lock conflict worth retrying: deadlock, serialization failure, SQLite busy."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if code in RETRYABLE_PGCODES:
+        return True
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
+
+
+def in_transaction(work: Callable[[Session], T], attempts: int = 8) -> T:
+    """Run ``work`` in one transaction, retrying deadlocks and serialization failures."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_scope() as session:
+                return work(session)
+        except DBAPIError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            log.warning("db.retry", attempt=attempt, error=type(exc.orig).__name__)
+            time.sleep(random.uniform(0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Alembic configured for the packaged migrations and the given (or configured) store."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url or get_settings().effective_database_url)
+    return cfg
+
+
+def upgrade(url: str | None = None) -> None:
+    """Migrate the store to the latest schema (``accumsync db upgrade``)."""
+    command.upgrade(alembic_config(url), "head")
+
+
+def check_migrated(eng: Engine | None = None) -> None:
+    """Raise :class:`NotMigrated`, naming the command to run, unless the schema is current."""
+    eng = eng or engine()
+    head = ScriptDirectory.from_config(alembic_config(str(eng.url))).get_current_head()
+    with eng.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current != head:
+        raise NotMigrated(
+            f"database schema is at {current or 'nothing'}, expected {head}: "
+            "run `accumsync db upgrade` (same ACCUMSYNC_DATABASE_URL) before starting workers"
+        )

@@ -1,0 +1,303 @@
+"""The store's operations on the ledger: ingest a batch of raw events in one transaction.
+
+Zulip's ``consume_batch`` shape: validate and dedupe in memory, lock the batch's claims in a
+stable order, fold the events with the pure ledger law, then write everything back with a few
+bulk statements. Two workers on overlapping claims serialize on the claim rows and take every
+other row lock in sorted order, so they neither lose an update nor deadlock (a deadlock that
+still happens, e.g. on a reused event_id, is retried by ``db.in_transaction``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from pydantic import ValidationError
+from sqlalchemy import Table, func, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session
+
+from models.buckets import AMOUNTS, COLUMNS
+from models.events import AccumKey, ClaimEvent, describe
+from models.ledger import ClaimState, Fold, Kind
+from models.tables import (
+    CLAIM_CENTS,
+    Accumulator,
+    Claim,
+    DeadLetter,
+    IngestBatch,
+    Pair,
+    ReceivedEvent,
+)
+from worker.db import utcnow
+
+T_CLAIM: Table = Claim.__table__  # type: ignore[attr-defined]
+T_EVENT: Table = ReceivedEvent.__table__  # type: ignore[attr-defined]
+T_PAIR: Table = Pair.__table__  # type: ignore[attr-defined]
+T_ACCUM: Table = Accumulator.__table__  # type: ignore[attr-defined]
+T_DEAD: Table = DeadLetter.__table__  # type: ignore[attr-defined]
+T_BATCH: Table = IngestBatch.__table__  # type: ignore[attr-defined]
+KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
+IN_CHUNK = 900  # ids per IN (...) list: under SQLite's and psycopg's parameter limits
+
+
+@dataclass
+class BatchResult:
+    """Outcome counts of one ingested batch (no member data: safe for logs and Flower)."""
+
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    conflicts: int = 0
+    invalid: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+def insert(session: Session, table: Table) -> postgresql.Insert:
+    """The dialect's INSERT, which knows ON CONFLICT (SQLite's has the same API as Postgres')."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return cast(postgresql.Insert, sqlite.insert(table))
+
+
+Valid = list[tuple[ClaimEvent, str, dict[str, Any]]]
+Rejects = list[tuple[Any, str]]
+
+
+def validate(raw: Sequence[Any]) -> tuple[Valid, Rejects]:
+    """Split raw items into (event, content hash, raw) triples and (raw item, reason) rejects."""
+    good: Valid = []
+    bad: Rejects = []
+    for item in raw:
+        if not isinstance(item, dict):
+            bad.append((item, not_an_object(item)))
+            continue
+        try:
+            event = ClaimEvent.model_validate(item)
+        except ValidationError as exc:
+            bad.append((item, describe(exc)))
+            continue
+        good.append((event, event.content_hash(), item))
+    return good, bad
+
+
+def not_an_object(item: Any) -> str:
+    """The reason for an item that is not a JSON object (a text line is checked as JSON)."""
+    if isinstance(item, str):
+        try:
+            json.loads(item)
+        except ValueError as exc:
+            return f"event: invalid JSON ({exc})"
+    return f"event: must be a JSON object, got {type(item).__name__}"
+
+
+def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) -> BatchResult:
+    """Apply one batch of raw events; invalid ones become dead letters. Caller commits."""
+    started, now = time.perf_counter(), now or utcnow()
+    good, bad = validate(raw)
+    result = BatchResult(events=len(raw), invalid=len(bad))
+    claim_ids = sorted({e.claim_id for e, _, _ in good})
+    current = lock_claims(session, claim_ids)
+    seen_events, seen_versions = load_seen(session, [e.event_id for e, _, _ in good], claim_ids)
+    fold = Fold(seen_events, seen_versions, current).apply((e, h) for e, h, _ in good)
+    write_received(session, fold.received, now)
+    write_claims(session, {(e.claim_id, h): e for e, h, _ in good}, fold.states)
+    write_deltas(session, fold.nonzero_deltas(), now)
+    raw_of = {id(e): item for e, _, item in good}
+    for event, reason in fold.conflicts:
+        bad.append((raw_of[id(event)], reason))
+    for item, reason in bad:
+        dead_letter(session, "ingest", item, reason, now)
+    result.applied, result.duplicates = fold.counts[Kind.APPLIED], fold.counts[Kind.DUPLICATE]
+    result.stale, result.conflicts = fold.counts[Kind.STALE], fold.counts[Kind.CONFLICT]
+    result.reasons = [r for _, r in bad]
+    record_batch(session, result, now, started)
+    return result
+
+
+def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]:
+    """Lock every claim of the batch, in claim_id order, and return their current states.
+
+    An upsert that touches existing rows locks them as they come, in the order given; new claims
+    get a placeholder row (version -1) so the next batch on the same claim waits for this one.
+    """
+    states: dict[str, ClaimState] = {}
+    for part in chunks(claim_ids):
+        stmt = insert(session, T_CLAIM).values([{"claim_id": c} for c in part])
+        upsert = stmt.on_conflict_do_update(
+            index_elements=["claim_id"], set_={"claim_id": stmt.excluded.claim_id}
+        )
+        for row in session.execute(upsert.returning(T_CLAIM)).mappings():
+            if row["version"] >= 0:
+                states[row["claim_id"]] = claim_state(row)
+    return states
+
+
+def claim_state(row: Any) -> ClaimState:
+    """The ledger state of a ``claim`` row."""
+    if row["subscriber_id"] is None:
+        return ClaimState(row["version"], row["content_hash"], None, None)
+    key: AccumKey = (
+        row["subscriber_id"],
+        row["group_id"],
+        row["plan_year"],
+        row["plan_type"],
+        row["benefit_code"],
+    )
+    cents = tuple(sorted((a, row[c]) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True) if row[c]))
+    return ClaimState(row["version"], row["content_hash"], key, row["network"], cents)
+
+
+def load_seen(
+    session: Session, event_ids: list[str], claim_ids: list[str]
+) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
+    """Content hashes already recorded, by event_id and by (claim_id, version)."""
+    by_event: dict[str, str] = {}
+    by_version: dict[tuple[str, int], str] = {}
+    cols = (T_EVENT.c.event_id, T_EVENT.c.claim_id, T_EVENT.c.version, T_EVENT.c.content_hash)
+    for part in chunks(sorted(set(event_ids))):
+        for eid, _, _, h in session.execute(select(*cols).where(T_EVENT.c.event_id.in_(part))):
+            by_event[eid] = h
+    for part in chunks(claim_ids):
+        rows = session.execute(select(*cols).where(T_EVENT.c.claim_id.in_(part)))
+        for _, cid, version, h in rows:
+            by_version.setdefault((cid, version), h)
+    return by_event, by_version
+
+
+def write_received(session: Session, received: list[tuple[ClaimEvent, str]], now: datetime) -> None:
+    rows = [
+        {
+            "event_id": e.event_id,
+            "claim_id": e.claim_id,
+            "version": e.version,
+            "content_hash": h,
+            "received_at": now,
+        }
+        for e, h in received
+    ]
+    for part in chunks(rows):
+        stmt = insert(session, T_EVENT).values(list(part))
+        session.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]))
+
+
+def write_claims(
+    session: Session, events: dict[tuple[str, str], ClaimEvent], states: dict[str, ClaimState]
+) -> None:
+    """Store each changed claim's new highest version, its details and its contribution."""
+    rows = []
+    for claim_id, state in sorted(states.items()):
+        event, cents = events[(claim_id, state.content_hash)], dict(state.cents)
+        row: dict[str, Any] = {
+            "claim_id": claim_id,
+            "version": state.version,
+            "content_hash": state.content_hash,
+            "network": state.network,
+            "member_seq": event.member_seq,
+            "service_date": event.service_date,
+            "adjudicated_at": event.adjudicated_at,
+        }
+        row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
+        row.update({c: cents.get(a, 0) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True)})
+        rows.append(row)
+    for part in chunks(rows, 200):
+        stmt = insert(session, T_CLAIM).values(list(part))
+        update = {c.name: stmt.excluded[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
+        session.execute(stmt.on_conflict_do_update(index_elements=["claim_id"], set_=update))
+
+
+def pair_ids(
+    session: Session, pairs: list[tuple[str, str]], now: datetime
+) -> dict[tuple[str, str], int]:
+    """The id of each (subscriber, group) pair, creating the missing ones (sorted: lock order)."""
+    ids: dict[tuple[str, str], int] = {}
+    cols = (T_PAIR.c.subscriber_id, T_PAIR.c.group_id)
+    for part in chunks(pairs, 400):
+        existing = select(T_PAIR.c.id, *cols).where(tuple_(*cols).in_(list(part)))
+        ids.update({(s, g): i for i, s, g in session.execute(existing)})
+    missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
+    if missing:
+        stmt = insert(session, T_PAIR).values(missing).on_conflict_do_nothing()
+        session.execute(stmt)
+        for part in chunks([(m["subscriber_id"], m["group_id"]) for m in missing], 400):
+            again = select(T_PAIR.c.id, *cols).where(tuple_(*cols).in_(list(part)))
+            ids.update({(s, g): i for i, s, g in session.execute(again)})
+    return ids
+
+
+def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: datetime) -> None:
+    """Add each key's column deltas to its accumulator row and mark it dirty, in key order."""
+    if not deltas:
+        return
+    pairs = pair_ids(session, sorted({(k[0], k[1]) for k in deltas}), now)
+    rows = []
+    for key, delta in deltas.items():
+        row: dict[str, Any] = dict(zip(KEY_COLS, key, strict=True))
+        row.update(pair_id=pairs[(key[0], key[1])], change_seq=1, dirty_since=now, updated_at=now)
+        row.update({c: delta.get(c, 0) for c in COLUMNS})
+        rows.append(row)
+    for part in chunks(rows, 200):
+        stmt = insert(session, T_ACCUM).values(list(part))
+        acc, new = T_ACCUM.c, stmt.excluded
+        update: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
+        update["change_seq"] = acc.change_seq + 1
+        update["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
+        update["updated_at"] = new.updated_at
+        session.execute(stmt.on_conflict_do_update(index_elements=list(KEY_COLS), set_=update))
+
+
+def dead_letter(
+    session: Session,
+    source: str,
+    payload: Any,
+    reason: str,
+    now: datetime,
+    *,
+    accumulator_id: int | None = None,
+    activity_id: str | None = None,
+) -> None:
+    """Record a refused item with its reason; the same item and reason again bumps its count."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(f"{source}\0{reason}\0{text}".encode()).hexdigest()
+    event_id = payload.get("event_id") if isinstance(payload, dict) else None
+    if not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
+        event_id = None
+    row = {
+        "source": source,
+        "fingerprint": fingerprint,
+        "reason": reason,
+        "event_id": event_id,
+        "accumulator_id": accumulator_id,
+        "activity_id": activity_id,
+        "payload": text,
+        "first_seen": now,
+        "last_seen": now,
+        "count": 1,
+    }
+    stmt = insert(session, T_DEAD).values(row)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["fingerprint"],
+            set_={"last_seen": stmt.excluded.last_seen, "count": T_DEAD.c["count"] + 1},
+        )
+    )
+
+
+def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:
+    row = result.summary() | {"at": now}
+    row["duration_ms"] = int((time.perf_counter() - started) * 1000)
+    session.execute(insert(session, T_BATCH).values(row))
