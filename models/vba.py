@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import TYPE_CHECKING, Annotated, Any, Final, Self
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Self
 
 from pydantic import (
     AfterValidator,
@@ -79,31 +79,11 @@ class Wire(BaseModel):
         return self.model_dump(mode="python")
 
 
-class _SubscriberAccumBase(Wire):
-    subscriber_ID: str = Field(min_length=1, max_length=9)
-    group_ID: str = Field(min_length=1, max_length=20)
-    plan_Year: str = Field(min_length=1, max_length=8)
-    plan_Type: str = Field(min_length=1, max_length=6)
-    benefit_Code: str = Field(min_length=1, max_length=10)
-    added_Accum: str | None = Field(default=None, max_length=1)
-    entry_Date: datetime | None = None
-    entry_User: str | None = Field(default=None, max_length=20)
-    update_Date: datetime | None = None
-    update_User: str | None = Field(default=None, max_length=20)
+class Record(Wire):
+    """A VBA row: its key fields and VBA's audit columns."""
 
-    @property
-    def key(self) -> tuple[str, ...]:
-        """(subscriber_ID, group_ID, plan_Year, plan_Type, benefit_Code)."""
-        return tuple(str(getattr(self, f)) for f in SUBSCRIBER_KEY)
+    KEY: ClassVar[tuple[str, ...]] = ()
 
-    def amounts(self) -> dict[str, Decimal]:
-        """The 30 amount fields, VBA name -> Decimal, in bucket-table order."""
-        return {f: getattr(self, f) for f in VBA_FIELDS}
-
-
-class _PlanAccumulatorBase(Wire):
-    plan_ID: str = Field(min_length=1)
-    accum_Name: str = Field(min_length=1)
     entry_Date: datetime | None = None
     entry_User: str | None = None
     update_Date: datetime | None = None
@@ -111,8 +91,32 @@ class _PlanAccumulatorBase(Wire):
 
     @property
     def key(self) -> tuple[str, ...]:
-        """(plan_ID, accum_Name)."""
-        return (self.plan_ID, self.accum_Name)
+        """The key field values, in :attr:`KEY` order."""
+        return tuple(str(getattr(self, f)) for f in self.KEY)
+
+
+class _SubscriberAccumBase(Record):
+    KEY = SUBSCRIBER_KEY
+
+    subscriber_ID: str = Field(min_length=1, max_length=9)
+    group_ID: str = Field(min_length=1, max_length=20)
+    plan_Year: str = Field(min_length=1, max_length=8)
+    plan_Type: str = Field(min_length=1, max_length=6)
+    benefit_Code: str = Field(min_length=1, max_length=10)
+    added_Accum: str | None = Field(default=None, max_length=1)
+    entry_User: str | None = Field(default=None, max_length=20)
+    update_User: str | None = Field(default=None, max_length=20)
+
+    def amounts(self) -> dict[str, Decimal]:
+        """The 30 amount fields, VBA name -> Decimal, in bucket-table order."""
+        return {f: getattr(self, f) for f in VBA_FIELDS}
+
+
+class _PlanAccumulatorBase(Record):
+    KEY = PLAN_KEY
+
+    plan_ID: str = Field(min_length=1)
+    accum_Name: str = Field(min_length=1)
 
 
 _AMOUNTS: dict[str, Any] = {name: (Money, ...) for name in VBA_FIELDS}

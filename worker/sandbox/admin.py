@@ -1,0 +1,127 @@
+"""The sandbox's own endpoints under /_admin/: read and seed rows, adjust, faults, counters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from models.buckets import VBA_FIELDS
+from models.vba import PlanAccumulator, SubscriberAccum, dumps
+from worker.sandbox.emulator import Sandbox
+from worker.sandbox.routes import body_of, describe, stamp
+
+#: The user VBA's own adjudication writes rows as (seeded rows and adjustments).
+VBA_USER = "VBA"
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(dumps(payload), status_code=status, media_type="application/json")
+
+
+async def health(request: Request, sb: Sandbox) -> Response:
+    """GET /_admin/health: the sandbox answers."""
+    return _json({"ok": True})
+
+
+async def rows(request: Request, sb: Sandbox) -> Response:
+    """GET /_admin/rows: every row, amounts as 2-decimal numbers."""
+    subscriber = [sb.state.subscriber[k].to_wire() for k in sorted(sb.state.subscriber)]
+    plans = [sb.state.plans[k].to_wire() for k in sorted(sb.state.plans)]
+    return _json({"subscriber": subscriber, "plans": plans})
+
+
+async def seed(request: Request, sb: Sandbox) -> Response:
+    """POST /_admin/seed {subscriber: [...], plans: [...]}: rows VBA already has (0 amounts)."""
+    payload = await body_of(request)
+    zeros = dict.fromkeys(VBA_FIELDS, Decimal(0))
+    try:
+        subs = [SubscriberAccum.model_validate(zeros | r) for r in payload.get("subscriber", [])]
+        plans = [PlanAccumulator.model_validate(r) for r in payload.get("plans", [])]
+    except ValidationError as exc:
+        return _json({"error": describe(exc)}, 400)
+    for row in [*subs, *plans]:
+        sb.state.put(stamp(row, sb.state.table(type(row)).get(row.key), VBA_USER))
+    return _json({"subscriber": len(subs), "plans": len(plans)})
+
+
+async def adjust(request: Request, sb: Sandbox) -> Response:
+    """POST /_admin/adjust {key: {5 key fields}, deltas: {field: amount}}: VBA's own claims."""
+    payload = await body_of(request)
+    key = tuple(str(payload["key"][f]) for f in SubscriberAccum.KEY)
+    current = sb.state.subscriber.get(key)
+    base = current.to_wire() if current else dict(payload["key"]) | dict.fromkeys(VBA_FIELDS, 0)
+    deltas: dict[str, Any] = payload.get("deltas", {})
+    unknown = set(deltas) - set(VBA_FIELDS)
+    if unknown:
+        return _json({"error": f"unknown amount fields: {sorted(unknown)}"}, 400)
+    updated = base | {f: Decimal(base[f]) + Decimal(str(d)) for f, d in deltas.items()}
+    try:
+        row = SubscriberAccum.model_validate(updated)
+    except ValidationError as exc:
+        return _json({"error": describe(exc)}, 400)
+    row = stamp(row, current, VBA_USER)
+    sb.state.put(row)
+    return _json(row.to_wire())
+
+
+async def reset(request: Request, sb: Sandbox) -> Response:
+    """POST /_admin/reset: no rows, no tokens, no counts, the start-up faults."""
+    sb.reset()
+    return _json({"ok": True})
+
+
+async def counters(request: Request, sb: Sandbox) -> Response:
+    """GET /_admin/counters: requests per route and status."""
+    return _json(sb.counts())
+
+
+async def faults(request: Request, sb: Sandbox) -> Response:
+    """GET or POST /_admin/faults: read or change faults; ``expire_tokens: true`` expires all."""
+    if request.method == "POST":
+        patch = dict(await body_of(request) or {})
+        if patch.pop("expire_tokens", False):
+            sb.state.expire_tokens(time.time())
+        try:
+            sb.faults = sb.faults.model_validate(sb.faults.model_dump() | patch)
+        except ValidationError as exc:
+            return _json({"error": describe(exc)}, 400)
+    return JSONResponse(sb.faults.model_dump())
+
+
+AdminHandler = Callable[[Request, Sandbox], Awaitable[Response]]
+
+
+def _guard(sb: Sandbox, handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Admin calls need no VBA auth, only the admin token when one is configured."""
+
+    async def endpoint(request: Request) -> Response:
+        token = sb.config.admin_token
+        if token and request.headers.get("x-admin-token") != token:
+            return JSONResponse({"message": "Forbidden"}, status_code=403)
+        try:
+            return await handler(request, sb)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _json({"error": f"bad admin request: {exc}"}, 400)
+
+    return endpoint
+
+
+def admin_routes(sb: Sandbox) -> list[Route]:
+    """The /_admin/ routes."""
+    table: list[tuple[str, AdminHandler, list[str]]] = [
+        ("health", health, ["GET"]),
+        ("rows", rows, ["GET"]),
+        ("seed", seed, ["POST"]),
+        ("adjust", adjust, ["POST"]),
+        ("reset", reset, ["POST"]),
+        ("counters", counters, ["GET"]),
+        ("faults", faults, ["GET", "POST"]),
+    ]
+    return [Route(f"/_admin/{name}", _guard(sb, h), methods=m) for name, h, m in table]

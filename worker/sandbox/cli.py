@@ -1,0 +1,75 @@
+"""``accumsync sandbox``: serve the VBA emulator, its faults set by flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from worker.sandbox import config as c
+from worker.sandbox.app import serve
+
+Share = Annotated[float, typer.Option(min=0.0, max=1.0)]
+
+
+def sandbox(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    state: Annotated[Path | None, typer.Option(help="SQLite file keeping rows and tokens")] = None,
+    rate: Annotated[float, typer.Option(help="VBA's rate limit, requests/s")] = 25.0,
+    burst: Annotated[int, typer.Option(help="VBA's burst")] = 50,
+    api_key: Annotated[str, typer.Option(help="the x-api-key it accepts")] = c.API_KEY,
+    database: Annotated[str, typer.Option(help="the vbasoftware-database it serves")] = c.DATABASE,
+    username: Annotated[str, typer.Option(help="login user")] = c.USERNAME,
+    password: Annotated[str, typer.Option(help="login password")] = c.PASSWORD,
+    client_id: Annotated[str, typer.Option(help="vbasoftware-client-id")] = c.CLIENT_ID,
+    client_code: Annotated[str, typer.Option(help="vbasoftware-client-code")] = c.CLIENT_CODE,
+    admin_token: Annotated[str | None, typer.Option(help="required x-admin-token")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the fault dice")] = None,
+    error_500: Share = 0.0,
+    error_502: Share = 0.0,
+    error_503: Share = 0.0,
+    rate_429: Annotated[float, typer.Option(min=0.0, max=1.0, help="429 storm share")] = 0.0,
+    retry_after: Annotated[float, typer.Option(help="Retry-After seconds")] = 1.0,
+    retry_after_date: Annotated[bool, typer.Option(help="Retry-After as HTTP date")] = False,
+    latency: Annotated[float, typer.Option(help="seconds added to each answer")] = 0.0,
+    timeout_rate: Share = 0.0,
+    timeout_seconds: Annotated[float, typer.Option(help="how long a hung call hangs")] = 35.0,
+    item_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="207 item 500s")] = 0.0,
+    shuffle: Annotated[bool, typer.Option(help="shuffle a 207's data[]")] = False,
+    token_ttl: Annotated[float, typer.Option(help="id token lifetime, seconds")] = 86400.0,
+    down: Annotated[bool, typer.Option(help="answer 503 to every VBA call")] = False,
+) -> None:
+    """Serve a faithful VBA emulator (auth, validation, 207, paging, rate limit, faults)."""
+    faults = c.Faults(
+        error_500=error_500,
+        error_502=error_502,
+        error_503=error_503,
+        rate_429=rate_429,
+        retry_after=retry_after,
+        retry_after_date=retry_after_date,
+        latency=latency,
+        timeout_rate=timeout_rate,
+        timeout_seconds=timeout_seconds,
+        item_error_rate=item_error_rate,
+        shuffle=shuffle,
+        token_ttl=token_ttl,
+        down=down,
+    )
+    config = c.SandboxConfig(
+        api_key=api_key,
+        database=database,
+        username=username,
+        password=password,
+        client_id=client_id,
+        client_code=client_code,
+        rate=rate,
+        burst=burst,
+        state=state,
+        admin_token=admin_token,
+        seed=seed,
+        faults=faults,
+    )
+    typer.echo(f"VBA sandbox on http://{host}:{port} (database {database!r})", err=True)
+    serve(host, port, config)

@@ -1,0 +1,56 @@
+"""The sandbox's configuration: credentials it accepts, VBA's rate limit, and injected faults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Well-known sandbox credentials (not secrets: the emulator runs on loopback for tests and demos).
+API_KEY = "sandbox-api-key"
+DATABASE = "sandbox"
+USERNAME = "sandbox"
+PASSWORD = "sandbox-password"  # noqa: S105
+CLIENT_ID = "accumsync"
+CLIENT_CODE = "SANDBOX"
+
+Share = float  # a probability, 0..1
+
+
+class Faults(BaseModel):
+    """What the sandbox breaks on purpose; set by flags or ``POST /_admin/faults``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    error_500: Share = Field(default=0.0, ge=0, le=1, description="share of calls answered 500")
+    error_502: Share = Field(default=0.0, ge=0, le=1)
+    error_503: Share = Field(default=0.0, ge=0, le=1)
+    rate_429: Share = Field(default=0.0, ge=0, le=1, description="a 429 storm: share answered 429")
+    retry_after: float = Field(default=1.0, ge=0, description="seconds sent in Retry-After")
+    retry_after_date: bool = Field(default=False, description="send Retry-After as an HTTP date")
+    latency: float = Field(default=0.0, ge=0, description="seconds added to every answer")
+    timeout_rate: Share = Field(default=0.0, ge=0, le=1, description="share of calls that hang")
+    timeout_seconds: float = Field(default=35.0, ge=0, description="how long a hung call hangs")
+    item_error_rate: Share = Field(default=0.0, ge=0, le=1, description="207 items answered 500")
+    shuffle: bool = Field(default=False, description="shuffle data[] of a 207")
+    token_ttl: float = Field(default=86400.0, gt=0, description="lifetime of new id tokens")
+    down: bool = Field(default=False, description="answer 503 to every VBA call")
+
+
+@dataclass
+class SandboxConfig:
+    """Everything ``create_app`` needs; the defaults are the well-known sandbox credentials."""
+
+    api_key: str = API_KEY
+    database: str = DATABASE
+    username: str = USERNAME
+    password: str = PASSWORD
+    client_id: str = CLIENT_ID
+    client_code: str = CLIENT_CODE
+    rate: float = 25.0
+    burst: int = 50
+    state: Path | None = None
+    admin_token: str | None = None
+    seed: int | None = None
+    faults: Faults = field(default_factory=Faults)
