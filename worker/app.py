@@ -34,6 +34,7 @@ def configure(settings: Settings) -> None:
         # The embedded SQLite broker is polled; a short interval keeps the demo snappy.
         broker_polling_interval=0.2 if settings.effective_broker_url.startswith("sqla") else 1,
         broker_transport_options=transport_options(settings.effective_broker_url),
+        task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     broker_url: str = ""
     database_url: str = ""
     redis_url: str = ""
+    queue: str = Field(default="accumsync", min_length=1, description="the Celery queue's name")
 
     vba_base_url: str = ""
     vba_api_key: SecretStr = SecretStr("")

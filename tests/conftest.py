@@ -1,0 +1,46 @@
+"""Fixtures shared by every suite: real Redis and PostgreSQL, fresh databases, running stacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import create_database, drop_database, ensure_postgres, ensure_redis
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Redis on loopback, started if it is down."""
+    return ensure_redis()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """PostgreSQL on loopback, started if it is down."""
+    return ensure_postgres()
+
+
+@pytest.fixture
+def pg_url(postgres: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name, url = create_database()
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Build stacks (``make_stack(database_url=..., broker_url=...)``); all stopped at teardown."""
+    stacks: list[Stack] = []
+
+    def make(**kwargs: str) -> Stack:
+        stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.close()

@@ -1,0 +1,110 @@
+"""A running accumsync stack for integration tests: env, CLI calls, workers, the store's rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from models.buckets import BUCKETS
+from models.tables import Accumulator
+from worker.db import make_engine
+from worker.procs import Child, worker_argv
+from worker.streams import Key
+
+ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
+
+
+class Stack:
+    """Processes sharing one environment: a store, a broker, a queue of their own."""
+
+    def __init__(self, tmp: Path, database_url: str = "", broker_url: str = "", **env: str):
+        self.tmp = tmp
+        self.queue = f"q-{uuid.uuid4().hex[:10]}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
+        self.env.update(
+            ACCUMSYNC_HOME=str(tmp / "home"),
+            ACCUMSYNC_QUEUE=self.queue,
+            ACCUMSYNC_DATABASE_URL=database_url,
+            ACCUMSYNC_BROKER_URL=broker_url,
+            PYTHONUNBUFFERED="1",
+        )
+        self.env.update({f"ACCUMSYNC_{k.upper()}": v for k, v in env.items()})
+        self.children: list[Child] = []
+        self.database_url = database_url or f"sqlite:///{tmp / 'home' / 'accumsync.db'}"
+
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real ``accumsync`` console script in this stack's environment."""
+        proc = subprocess.run(
+            [ACCUMSYNC, *args],
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"accumsync {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("status", "--json").stdout))
+
+    def worker(self, name: str = "w1", concurrency: int = 1) -> Child:
+        """Start ``celery -A worker worker`` on this stack's queue and wait until it is ready."""
+        argv = worker_argv(f"{name}-{self.queue}", concurrency, self.queue)
+        child = Child(name, argv, self.env, self.tmp / "logs" / f"{name}.log").start()
+        self.children.append(child)
+        return child.ready(" ready.", timeout=90)
+
+    def logs(self) -> str:
+        return "\n".join(c.output() for c in self.children)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.stop()
+
+    def totals(self) -> dict[Key, dict[str, Decimal]]:
+        """Our totals per key, as VBA field -> Decimal, read straight from the store."""
+        engine = make_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(select(Accumulator.__table__)).mappings().all()  # type: ignore[attr-defined]
+        finally:
+            engine.dispose()
+        return {
+            (
+                r["subscriber_id"],
+                r["group_id"],
+                r["plan_year"],
+                r["plan_type"],
+                r["benefit_code"],
+            ): {
+                f: Decimal(r[c]) / 100
+                for b in BUCKETS
+                for f, c in zip(b.vba_fields, b.columns, strict=True)
+            }
+            for r in rows
+        }
+
+
+def same_totals(a: dict[Key, dict[str, Decimal]], b: dict[Key, dict[str, Decimal]]) -> list[str]:
+    """Differences between two totals maps, a key missing on one side counting as all zero."""
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        ra, rb = a.get(key, {}), b.get(key, {})
+        for field in sorted(set(ra) | set(rb)):
+            if ra.get(field, Decimal(0)) != rb.get(field, Decimal(0)):
+                diffs.append(f"{key} {field}: {ra.get(field)} != {rb.get(field)}")
+    return diffs

@@ -1,0 +1,163 @@
+"""ClaimEvent v1: every rule of DESIGN.md section 2, each failure naming its field and rule."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from models.events import ClaimEvent, describe
+
+BASE: dict[str, Any] = {
+    "event_id": "e-1",
+    "claim_id": "c-1",
+    "version": 0,
+    "status": "adjudicated",
+    "subscriber_id": "S0000001",
+    "group_id": "GRP001",
+    "plan_year": "2026",
+    "plan_type": "MED",
+    "benefit_code": "DED",
+    "network": "in",
+    "amounts": {"copay": "25.00", "deductible": 100},
+}
+
+
+def reason(**changes: Any) -> str:
+    """The dead-letter reason an event with ``changes`` would get."""
+    with pytest.raises(ValidationError) as info:
+        ClaimEvent.model_validate({**BASE, **changes})
+    return describe(info.value)
+
+
+def test_valid_event_parses_amounts_exactly() -> None:
+    """Amounts parse to exact Decimals and cents; missing amounts are zero."""
+    event = ClaimEvent.model_validate(BASE)
+    assert event.amounts.copay == Decimal("25.00")
+    assert event.amounts.cents()["deductible"] == 10_000
+    assert event.amounts.cents()["billed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [
+        ("event_id", 128),
+        ("claim_id", 64),
+        ("subscriber_id", 9),
+        ("group_id", 20),
+        ("plan_year", 8),
+        ("plan_type", 6),
+        ("benefit_code", 10),
+        ("member_seq", 2),
+    ],
+)
+def test_string_lengths(field: str, limit: int) -> None:
+    """Each string field accepts 1..limit characters and names itself and the rule otherwise."""
+    ClaimEvent.model_validate({**BASE, field: "x" * limit})
+    ClaimEvent.model_validate({**BASE, field: "x"})
+    assert reason(**{field: "x" * (limit + 1)}) == f"{field}: must be at most {limit} characters"
+    assert reason(**{field: ""}) == f"{field}: must be at least 1 characters"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "event_id",
+        "claim_id",
+        "version",
+        "status",
+        "subscriber_id",
+        "group_id",
+        "plan_year",
+        "plan_type",
+        "benefit_code",
+        "network",
+    ],
+)
+def test_required_fields(field: str) -> None:
+    """Every required field missing is reported by name."""
+    event = dict(BASE)
+    del event[field]
+    with pytest.raises(ValidationError) as info:
+        ClaimEvent.model_validate(event)
+    assert describe(info.value) == f"{field}: required field is missing"
+
+
+def test_optional_fields_may_be_absent() -> None:
+    """member_seq, service_date, adjudicated_at and amounts are optional."""
+    event = {k: v for k, v in BASE.items() if k != "amounts"}
+    parsed = ClaimEvent.model_validate(event)
+    assert parsed.member_seq is None
+    assert sum(parsed.amounts.cents().values()) == 0
+
+
+@pytest.mark.parametrize("value", ["paid", "ADJUDICATED", "", None])
+def test_status_enum(value: Any) -> None:
+    """status is adjudicated or reversed, nothing else."""
+    assert reason(status=value).startswith("status: ")
+
+
+@pytest.mark.parametrize("value", ["IN", "oon", "partner"])
+def test_network_enum(value: str) -> None:
+    """network is in or out."""
+    assert reason(network=value) == "network: must be one of 'in' or 'out'"
+
+
+@pytest.mark.parametrize("value", [-1, "1", 1.5, True, 2**31])
+def test_version_is_a_non_negative_integer(value: Any) -> None:
+    """version is an integer >= 0 (no strings, floats or booleans)."""
+    assert reason(version=value).startswith("version: ")
+
+
+@pytest.mark.parametrize(
+    ("amount", "rule"),
+    [
+        ("12.345", "at most 2 decimals"),
+        (12.345, "at most 2 decimals"),
+        ("-0.01", "must be >= 0"),
+        (-5, "must be >= 0"),
+        ("NaN", "Input should be a finite number"),
+        ("ten", "Input should be a valid decimal"),
+        (True, "Value error, must be a number or a decimal string, not a boolean"),
+    ],
+)
+def test_amount_rules(amount: Any, rule: str) -> None:
+    """Amounts are >= 0 with at most 2 decimals; the reason names amounts.<name> and the rule."""
+    assert reason(amounts={"copay": amount}) == f"amounts.copay: {rule}"
+
+
+@pytest.mark.parametrize("amount", ["0", "0.1", "12.30", 12.3, 7, "999999999999.99"])
+def test_amounts_accept_numbers_and_decimal_strings(amount: Any) -> None:
+    """A JSON number or a decimal string with up to 2 decimals is accepted exactly."""
+    event = ClaimEvent.model_validate({**BASE, "amounts": {"copay": amount}})
+    assert event.amounts.copay == Decimal(str(amount))
+
+
+def test_unknown_top_level_field_is_rejected() -> None:
+    """A typo must not drop money silently: unknown fields are refused by name."""
+    assert reason(copay=5) == "copay: unknown field (ClaimEvent v1 rejects unknown fields)"
+
+
+def test_unknown_amount_is_rejected() -> None:
+    """An amount name outside the ten is refused by name."""
+    assert reason(amounts={"copy": 5}) == (
+        "amounts.copy: unknown field (ClaimEvent v1 rejects unknown fields)"
+    )
+
+
+def test_several_failures_are_all_named() -> None:
+    """Every failing field appears in the reason."""
+    text = reason(subscriber_id="1234567890", network="x", amounts={"copay": "1.001"})
+    assert "subscriber_id:" in text
+    assert "network:" in text
+    assert "amounts.copay:" in text
+
+
+def test_content_hash_ignores_event_id_and_number_spelling() -> None:
+    """The same content spelled differently ("5" vs 5.00, order, explicit zeros) hashes alike."""
+    a = ClaimEvent.model_validate({**BASE, "amounts": {"copay": "5", "billed": 0}})
+    b = ClaimEvent.model_validate({**BASE, "event_id": "other", "amounts": {"copay": 5.00}})
+    c = ClaimEvent.model_validate({**BASE, "amounts": {"copay": "5.01"}})
+    assert a.content_hash() == b.content_hash() != c.content_hash()
