@@ -1,0 +1,195 @@
+"""The VBA client's payloads and results: 207 parsing by key, validation before sending, paging."""
+
+from __future__ import annotations
+
+import json
+import random
+from decimal import Decimal
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from models.vba import loads
+from tests.unit.vba_fake import FakeVba, record, vba_json
+from worker.vba.ratelimit import LocalBucket
+
+
+def item(code: str, status: int, body: str, sub: str = "123456789") -> dict[str, object]:
+    """A 207 item for a subscriber accumulator key."""
+    keys = {"subscriber_ID": sub, "group_ID": "GRP1", "plan_Year": "2026", "plan_Type": "MED"}
+    ident = [{"key": k, "value": v} for k, v in (keys | {"benefit_Code": code}).items()]
+    return {"id": ident, "status": status, "body": body}
+
+
+def text_207(items: list[dict[str, object]], activity_key: str = "activityId") -> httpx.Response:
+    """A 207 as VBA documents it: JSON under Content-Type text/plain."""
+    body = {"data": items, "error": None, "debug": {activity_key: "act-207"}}
+    return httpx.Response(207, text=json.dumps(body), headers={"Content-Type": "text/plain"})
+
+
+KEY = ("123456789", "GRP1", "2026", "MED")
+
+
+def test_207_text_plain_is_parsed_per_item() -> None:
+    """A text/plain 207 gives one item per record with status, body and the activityId."""
+    fake = FakeVba(text_207([item("DED", 200, "Updated"), item("OOP", 201, "Created")]))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record("DED"), record("OOP")])
+    assert result.activity_id == "act-207"
+    assert result.find((*KEY, "DED")).body == "Updated"  # type: ignore[union-attr]
+    assert result.find((*KEY, "OOP")).status == 201  # type: ignore[union-attr]
+
+
+def test_items_are_matched_by_key_not_position() -> None:
+    """Shuffled data[] still maps each status to its own record."""
+    codes = [f"B{i}" for i in range(20)]
+    items = [item(c, 500 if i % 3 == 0 else 200, c) for i, c in enumerate(codes)]
+    random.Random(4).shuffle(items)
+    fake = FakeVba(text_207(items))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record(c) for c in codes])
+    for i, code in enumerate(codes):
+        found = result.find((*KEY, code))
+        assert found is not None
+        assert found.body == code
+        assert found.retryable == (i % 3 == 0)
+        assert found.ok == (i % 3 != 0)
+
+
+def test_item_classification() -> None:
+    """2xx is ok, 5xx retryable, 4xx rejected."""
+    fake = FakeVba(
+        text_207([item("A", 201, "Created"), item("B", 503, "x"), item("C", 400, "bad")])
+    )
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record(c) for c in "ABC"])
+    a, b, c = (result.find((*KEY, code)) for code in "ABC")
+    assert a is not None
+    assert b is not None
+    assert c is not None
+    assert (a.ok, b.retryable, c.rejected) == (True, True, True)
+
+
+def test_key_names_match_case_insensitively_and_numbers_as_text() -> None:
+    """VBA's key spelling (Subscriber_ID) and numeric values still match our key."""
+    ident = [
+        {"key": "Subscriber_ID", "value": 123456789},
+        {"key": "GROUP_ID", "value": "GRP1"},
+        {"key": "Plan_Year", "value": 2026},
+        {"key": "plan_type", "value": "MED"},
+        {"key": "Benefit_Code", "value": "DED"},
+    ]
+    fake = FakeVba(text_207([{"id": ident, "status": 200, "body": "Updated"}]))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record()])
+    assert result.find((*KEY, "DED")) is not None
+
+
+def test_missing_items_are_reported() -> None:
+    """A record VBA's answer does not mention is listed by missing()."""
+    fake = FakeVba(text_207([item("A", 200, "Updated")]))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record("A"), record("B")])
+    assert result.missing([(*KEY, "A"), (*KEY, "B")]) == [(*KEY, "B")]
+
+
+def test_plan_batch_accepts_activity_id_spelled_activityID() -> None:
+    """Seed 000 spells debug.activityID; the plan batch result still has it."""
+    ident = [{"key": "plan_ID", "value": "P1"}, {"key": "accum_Name", "value": "RX"}]
+    fake = FakeVba(text_207([{"id": ident, "status": 201, "body": "Created"}], "activityID"))
+    with fake.client() as client:
+        result = client.upsert_plan_accumulators("P1", [{"plan_ID": "P1", "accum_Name": "RX"}])
+    assert result.activity_id == "act-207"
+    assert result.find(("P1", "RX")) is not None
+
+
+def test_invalid_record_never_leaves_the_process() -> None:
+    """A record breaking a seed rule raises before any request is sent."""
+    fake = FakeVba()
+    bad = record("WAY_TOO_LONG_CODE")
+    with pytest.raises(ValidationError), fake.client() as client:
+        client.upsert_accumulators("123456789", "GRP1", [record(), bad])
+    assert fake.requests == []
+
+
+def test_missing_amount_never_leaves_the_process() -> None:
+    """The 30 amounts are required: a record without one is refused locally."""
+    fake = FakeVba()
+    bad = record()
+    del bad["coB_Amt_OON"]
+    with pytest.raises(ValidationError), fake.client() as client:
+        client.create_accumulator(bad)
+    assert fake.requests == []
+
+
+def test_batch_of_another_pair_is_refused() -> None:
+    """A record whose subscriber/group differs from the path is refused locally."""
+    fake = FakeVba()
+    with pytest.raises(ValueError, match="differs"), fake.client() as client:
+        client.upsert_accumulators("123456789", "OTHER", [record()])
+    assert fake.requests == []
+
+
+def test_batch_larger_than_max_is_refused() -> None:
+    """More records than vba_batch_max must be chunked by the caller."""
+    fake = FakeVba()
+    with pytest.raises(ValueError, match="vba_batch_max"), fake.client(vba_batch_max=2) as client:
+        client.upsert_accumulators("123456789", "GRP1", [record(c) for c in "ABC"])
+
+
+def test_amounts_are_sent_as_numbers_with_two_decimals() -> None:
+    """The wire body carries 1.10 as a JSON number, never a string or a float artefact."""
+    fake = FakeVba(text_207([item("DED", 200, "Updated")]))
+    with fake.client() as client:
+        client.upsert_accumulators("123456789", "GRP1", [record(allowed_Amt=Decimal("0.1"))])
+    body = fake.calls[0].content.decode()
+    assert '"allowed_Amt":0.10' in body
+    assert '"copay_Amt":1.10' in body
+    assert loads(body)[0]["allowed_Amt"] == Decimal("0.10")
+
+
+def test_list_parses_x_pagination() -> None:
+    """X-Pagination's figures land on the Page."""
+    info = {"TotalCount": 3, "TotalPages": 2, "CurrentPage": 1, "PageSize": 2}
+    fake = FakeVba(vba_json([record("A"), record("B")], headers={"X-Pagination": json.dumps(info)}))
+    with fake.client() as client:
+        page = client.list_accumulators(
+            "123456789", "GRP1", page_size=2, sort_by="benefit_Code:desc"
+        )
+    assert (page.total_count, page.total_pages, page.has_next) == (3, 2, True)
+    assert fake.calls[0].url.params["sortBy"] == "benefit_Code:desc"
+
+
+def test_iter_accumulators_walks_every_page() -> None:
+    """iter_accumulators follows pages until the last."""
+
+    def page(n: int, codes: str) -> httpx.Response:
+        info = {"TotalCount": 3, "TotalPages": 2, "CurrentPage": n, "PageSize": 2}
+        return vba_json([record(c) for c in codes], headers={"X-Pagination": json.dumps(info)})
+
+    fake = FakeVba(page(1, "AB"), page(2, "C"))
+    with fake.client() as client:
+        codes = [r.benefit_Code for r in client.iter_accumulators("123456789", "GRP1", 2)]
+    assert codes == ["A", "B", "C"]
+    assert [r.url.params["page"] for r in fake.calls] == ["1", "2"]
+
+
+def test_amounts_read_from_vba_are_decimal_cents() -> None:
+    """VBA's doubles (0.30000000000000004) come back as Decimal cents."""
+    raw = json.dumps({"data": record() | {"allowed_Amt": 0.1 + 0.2}}, default=str)
+    fake = FakeVba(httpx.Response(200, text=raw))
+    with fake.client() as client:
+        row = client.get_accumulator("123456789", "GRP1", "2026", "MED", "DED")
+    assert row.allowed_Amt == Decimal("0.30")
+
+
+def test_local_bucket_allows_burst_then_paces() -> None:
+    """The local bucket lets a burst through, then spaces calls at 1/rate."""
+    now = [0.0]
+    slept: list[float] = []
+    bucket = LocalBucket(10, 3, clock=lambda: now[0], sleep=slept.append)
+    waits = [bucket.acquire() for _ in range(5)]
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert waits[3] == pytest.approx(0.1)
+    assert waits[4] == pytest.approx(0.2)
