@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Start the services the integration tests talk to (Redis, PostgreSQL), installing them if absent.
+# Idempotent: a running service is left alone.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need() {  # need COMMAND PACKAGE...
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "services: installing ${*:2}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${@:2}" >/dev/null
+}
+
+need redis-server redis-server
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "services: starting redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then need pg_ctlcluster postgresql; fi
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  echo "services: starting postgresql"
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+fi
+
+for _ in $(seq 1 60); do
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; then
+    # trust auth for the local test user is the machine's setup; check we can log in
+    if psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+      echo "services: redis and postgresql are up"
+      exit 0
+    fi
+  fi
+  sleep 1
+done
+echo "services: redis or postgresql did not come up" >&2
+exit 1
