@@ -27,7 +27,7 @@ from worker.logs import Log
 from worker.settings import Settings
 from worker.vba.auth import Authenticator, LocalTokenStore, RedisTokenStore, store_prefix
 from worker.vba.errors import VbaAuthError, VbaUnavailable, classify, envelope_of
-from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket
+from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket, client_burst
 from worker.vba.results import BatchItem, BatchResult, Page
 
 
@@ -78,10 +78,10 @@ class VbaClient:
         self.auth = Authenticator(settings, self.http, store or LocalTokenStore(), self.limiter)
 
     def _limiter(self) -> RateLimiter:
-        s = self.settings
+        s, burst = self.settings, client_burst(self.settings.vba_burst)
         if self.redis is None:
-            return LocalBucket(s.vba_rate, s.vba_burst)
-        return RedisBucket(self.redis, rate_key(s), s.vba_rate, s.vba_burst)
+            return LocalBucket(s.vba_rate, burst)
+        return RedisBucket(self.redis, rate_key(s), s.vba_rate, burst)
 
     def close(self) -> None:
         """Close the HTTP connections."""
