@@ -7,6 +7,8 @@
   VBA last confirmed it), a change counter and ``dirty_since``.
 - ``DeadLetter``: anything refused, with its reason and raw payload; nothing is dropped silently.
 - ``IngestBatch``: one row per ingested message with its outcome counts (status reads these).
+- ``FlushAttempt``: one row per batch call to VBA, for audit (items, statuses, activityId).
+- ``PlanPush``: the content hash of each plan's accumulator definitions as last accepted by VBA.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class Pair(SQLModel, table=True):
     attempts: int = 0
     lease_owner: str | None = Field(default=None, max_length=64)
     lease_until: datetime | None = None
+    queued_until: datetime | None = Field(default=None, description="a flush task is queued")
     last_error: str | None = Field(default=None, sa_type=Text)
+    last_flush_at: datetime | None = None
 
 
 class Accumulator(SQLModel, table=True):
@@ -96,6 +100,14 @@ class Accumulator(SQLModel, table=True):
     pushed_seq: int = Field(default=0, sa_type=BigInteger)
     dirty_since: datetime | None = Field(default=None, index=True)
     updated_at: datetime | None = None
+    # The flush's write-ahead intent: set before the PUT, cleared once its outcome is known.
+    intent_target: str | None = Field(default=None, sa_type=Text, description="JSON cents")
+    intent_ours: str | None = Field(default=None, sa_type=Text, description="JSON cents")
+    intent_seq: int | None = Field(default=None, sa_type=BigInteger)
+    intent_at: datetime | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, index=True)
+    held: bool = Field(default=False, description="dead-lettered: not flushed until replayed")
     _cents_columns(COLUMNS, locals())
     _cents_columns(PUSHED, locals())
 
@@ -129,3 +141,27 @@ class IngestBatch(SQLModel, table=True):
     conflicts: int = 0
     invalid: int = 0
     duration_ms: int = 0
+
+
+class FlushAttempt(SQLModel, table=True):
+    __tablename__ = "flush_attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    pair_id: int | None = Field(default=None, index=True)
+    plan_id: str | None = Field(default=None, max_length=64)
+    started_at: datetime = Field(index=True)
+    duration_ms: int = 0
+    items: int = 0
+    http_status: int | None = None
+    statuses: str = Field(default="{}", sa_type=Text, description="JSON: item status -> count")
+    outcome: str = Field(max_length=16, description="ok|partial|unavailable|rejected|recovered")
+    activity_id: str | None = Field(default=None, max_length=128)
+    error: str | None = Field(default=None, sa_type=Text)
+
+
+class PlanPush(SQLModel, table=True):
+    __tablename__ = "plan_push"
+
+    plan_id: str = Field(primary_key=True, max_length=64)
+    content_hash: str = Field(max_length=64)
+    pushed_at: datetime

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from models.buckets import BUCKETS
 from models.tables import Accumulator
 from worker.db import make_engine
-from worker.procs import Child, worker_argv
+from worker.procs import Child, beat_argv, worker_argv
 from worker.streams import Key
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
@@ -67,6 +67,17 @@ class Stack:
         child = Child(name, argv, self.env, self.tmp / "logs" / f"{name}.log").start()
         self.children.append(child)
         return child.ready(" ready.", timeout=90)
+
+    def beat(self) -> Child:
+        """Start the one ``celery -A worker beat`` of this stack."""
+        argv = beat_argv(self.tmp / "beat-schedule")
+        child = Child("beat", argv, self.env, self.tmp / "logs" / "beat.log").start()
+        self.children.append(child)
+        return child.ready("beat: Starting", timeout=60)
+
+    def use_sandbox(self, env: dict[str, str]) -> None:
+        """Point the stack's VBA settings at a sandbox (its ACCUMSYNC_VBA_* variables only)."""
+        self.env.update({k: v for k, v in env.items() if k.startswith("ACCUMSYNC_VBA_")})
 
     def logs(self) -> str:
         return "\n".join(c.output() for c in self.children)

@@ -11,9 +11,10 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init
 
 from worker import logs
+from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.ingest"]
+TASK_MODULES = ["tasks.ingest", "tasks.flush"]
 
 app = Celery("accumsync")
 
@@ -50,6 +51,7 @@ def configure(settings: Settings) -> None:
         timezone="UTC",
         enable_utc=True,
         include=TASK_MODULES,
+        beat_schedule=beat_schedule(settings),
     )
     logs.configure(settings.log_format, settings.log_level)
 

@@ -20,8 +20,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 dead_app = typer.Typer(help="Events and items that were refused, with their reasons.")
+plans_app = typer.Typer(help="Plan accumulator definitions (PUT /plans/{id}/accumulators-batch).")
 app.add_typer(db_app, name="db")
 app.add_typer(dead_app, name="dead-letters")
+app.add_typer(plans_app, name="plans")
 out = Console()
 err = Console(stderr=True)
 
@@ -129,6 +131,74 @@ def dead_list(
             r["reason"],
         )
     out.print(table)
+
+
+@dead_app.command("replay")
+def dead_replay(
+    ids: Annotated[
+        list[int] | None, typer.Option("--id", help="a letter's id (repeatable)")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every open letter")] = False,
+    source: Annotated[str | None, typer.Option(help="ingest | flush")] = None,
+) -> None:
+    """Re-queue dead-lettered events, or release dead-lettered accumulators, after a fix."""
+    from worker.db import session_scope
+    from worker.producer import publish as send
+    from worker.replay import replay
+
+    if not ids and not all_ and not source:
+        err.print("name letters with --id N, or choose --all or --source")
+        raise typer.Exit(2)
+    with session_scope() as session:
+        events, released = replay(session, ids, source)
+        # Publish before the commit marks them replayed: a failed publish leaves them open.
+        sent = send(events) if events else 0
+    out.print(f"re-published {sent} events; released {released} accumulators for the next flush")
+
+
+@app.command()
+def flush(
+    wait: Annotated[bool, typer.Option(help="wait until nothing is left to flush")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 600.0,
+    poll: Annotated[float, typer.Option(help="seconds between checks")] = 1.0,
+) -> None:
+    """Trigger a flush now; with --wait, wait for it and exit non-zero on new dead letters."""
+    from worker.flushwait import wait_for_flush
+
+    code = wait_for_flush(out, wait=wait, timeout=timeout, poll=poll)
+    raise typer.Exit(code)
+
+
+@plans_app.command("push")
+def plans_push(
+    file: Annotated[Path, typer.Argument(help="YAML or JSON: a list of plan accumulators")],
+    force: Annotated[bool, typer.Option(help="send plans even when unchanged")] = False,
+) -> None:
+    """Validate plan accumulator definitions and send one batch per changed plan."""
+    from worker.plans import PlanFileError, load_plans, push_plans
+
+    try:
+        plans = load_plans(file)
+    except PlanFileError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    report = push_plans(plans, force=force)
+    table = Table("plan", "records", "outcome", title="plans push")
+    for row in report.rows:
+        table.add_row(*row)
+    out.print(table)
+    if report.failed:
+        err.print(f"[red]{report.failed} records refused: see `accumsync dead-letters list`[/red]")
+        raise typer.Exit(1)
+
+
+def _mount_sandbox() -> None:
+    from worker.sandbox.cli import sandbox
+
+    app.command("sandbox")(sandbox)
+
+
+_mount_sandbox()
 
 
 def main() -> None:

@@ -37,9 +37,15 @@ class _Formatter(logging.Formatter):
         return text
 
 
+#: Libraries whose INFO lines carry URLs with subscriber and group ids: WARNING and up only.
+QUIET = ("httpx", "httpcore", "urllib3")
+
+
 def configure(fmt: str = "text", level: str = "INFO") -> None:
     """Install the accumsync formatter on the ``accumsync`` logger tree (idempotent)."""
     global _CONFIGURED
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
     root = logging.getLogger("accumsync")
     root.setLevel(level.upper())
     if _CONFIGURED:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=10, ge=1)
     backoff_base: float = Field(default=2.0, gt=0, description="seconds, first retry's cap")
     backoff_max: float = Field(default=900.0, gt=0, description="seconds, cap of any retry")
+    flush_lease: float = Field(
+        default=120.0, gt=0, description="seconds a pair's flush lease lasts"
+    )
     ingest_batch_size: int = Field(default=500, ge=1, le=50_000)
 
     log_format: Literal["text", "json"] = "text"

@@ -292,7 +292,12 @@ def dead_letter(
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=["fingerprint"],
-            set_={"last_seen": stmt.excluded.last_seen, "count": T_DEAD.c["count"] + 1},
+            # The same refusal again (e.g. after a replay) reopens the letter and counts it.
+            set_={
+                "last_seen": stmt.excluded.last_seen,
+                "count": T_DEAD.c["count"] + 1,
+                "replayed_at": None,
+            },
         )
     )
 

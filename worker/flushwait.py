@@ -1,0 +1,84 @@
+"""``accumsync flush --wait``: trigger flushes and wait until nothing is left, then summarize."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from datetime import datetime
+
+from rich.console import Console
+from sqlalchemy import func, or_, select
+from sqlmodel import Session, col
+
+from models.tables import Accumulator, DeadLetter, FlushAttempt
+from worker.app import app
+from worker.db import session_scope, utcnow
+
+RETRIGGER_EVERY = 5.0  # seconds: retries whose time has come are picked up without beat
+
+
+def pending(session: Session) -> int:
+    """Accumulators still to flush: dirty or of unknown outcome, and not dead-lettered."""
+    a = Accumulator
+    query = select(func.count()).select_from(a).where(col(a.held).is_(False))
+    query = query.where(or_(col(a.dirty_since).is_not(None), col(a.intent_target).is_not(None)))
+    return int(session.execute(query).scalar_one())
+
+
+def summary(session: Session, since: datetime) -> dict[str, int]:
+    """Batch calls, 207 item statuses and new flush dead letters since ``since``."""
+    attempts = session.execute(
+        select(col(FlushAttempt.statuses), col(FlushAttempt.outcome)).where(
+            col(FlushAttempt.started_at) >= since
+        )
+    ).all()
+    statuses: Counter[str] = Counter()
+    for raw, _ in attempts:
+        statuses.update(json.loads(raw))
+    dead = session.execute(
+        select(func.count())
+        .select_from(DeadLetter)
+        .where(col(DeadLetter.source) == "flush", col(DeadLetter.last_seen) >= since)
+    ).scalar_one()
+    outcomes = Counter(o for _, o in attempts)
+    return {
+        "batch_calls": sum(n for o, n in outcomes.items() if o in ("ok", "partial")),
+        "unavailable_calls": outcomes["unavailable"],
+        "items_ok": sum(n for s, n in statuses.items() if s.startswith("2")),
+        "items_failed": sum(n for s, n in statuses.items() if not s.startswith("2")),
+        "dead_letters": int(dead),
+    }
+
+
+def wait_for_flush(console: Console, wait: bool, timeout: float, poll: float) -> int:
+    """0: all flushed; 1: some items ended as dead letters; 2: still pending at the timeout."""
+    started = utcnow()
+    app.send_task("accumsync.flush_due")
+    if not wait:
+        console.print("flush queued")
+        return 0
+    deadline = last_trigger = time.monotonic()
+    deadline += timeout
+    left = -1
+    while time.monotonic() < deadline:
+        time.sleep(poll)
+        with session_scope() as s:
+            left = pending(s)
+        if left == 0:
+            break
+        if time.monotonic() - last_trigger >= RETRIGGER_EVERY:
+            app.send_task("accumsync.flush_due")
+            last_trigger = time.monotonic()
+    with session_scope() as s:
+        figures = summary(s, started)
+    figures["pending"] = left
+    console.print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    if figures["dead_letters"]:
+        console.print("[red]some items ended as dead letters: `accumsync dead-letters list`[/red]")
+        return 1
+    if left:
+        console.print(f"[yellow]{left} accumulators still pending after {timeout}s[/yellow]")
+        return 2
+    console.print("[green]flushed: nothing left to send[/green]")
+    return 0
