@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from models.buckets import BUCKETS
+from models.buckets import BUCKETS, VBA_FIELDS
 from models.tables import Accumulator
 from worker.db import make_engine
 from worker.procs import Child, beat_argv, worker_argv
@@ -61,10 +61,13 @@ class Stack:
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("status", "--json").stdout))
 
-    def worker(self, name: str = "w1", concurrency: int = 1) -> Child:
+    def worker(
+        self, name: str = "w1", concurrency: int = 1, pool: str = "prefork", **env: str
+    ) -> Child:
         """Start ``celery -A worker worker`` on this stack's queue and wait until it is ready."""
-        argv = worker_argv(f"{name}-{self.queue}", concurrency, self.queue)
-        child = Child(name, argv, self.env, self.tmp / "logs" / f"{name}.log").start()
+        argv = worker_argv(f"{name}-{self.queue}", concurrency, self.queue, pool)
+        log = self.tmp / "logs" / f"{name}.log"
+        child = Child(name, argv, self.env | env, log).start()
         self.children.append(child)
         return child.ready(" ready.", timeout=90)
 
@@ -108,6 +111,16 @@ class Stack:
             }
             for r in rows
         }
+
+
+def remote_totals(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Decimal]]:
+    """VBA rows (wire dicts) as totals per key, VBA field -> Decimal; absent fields are 0."""
+    return {
+        (r["subscriber_ID"], r["group_ID"], r["plan_Year"], r["plan_Type"], r["benefit_Code"]): {
+            f: Decimal(str(r.get(f, 0))) for f in VBA_FIELDS
+        }
+        for r in rows
+    }
 
 
 def same_totals(a: dict[Key, dict[str, Decimal]], b: dict[Key, dict[str, Decimal]]) -> list[str]:

@@ -87,10 +87,12 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
 
-def worker_argv(name: str, concurrency: int = 1, queue: str | None = None) -> list[str]:
+def worker_argv(
+    name: str, concurrency: int = 1, queue: str | None = None, pool: str = "prefork"
+) -> list[str]:
     """argv of ``celery -A worker worker`` with a unique node name."""
     argv = [*CELERY, "worker", "-n", f"{name}@%h", "-c", str(concurrency), "-l", "INFO"]
-    return argv + (["-Q", queue] if queue else [])
+    return argv + ["-P", pool] + (["-Q", queue] if queue else [])
 
 
 def beat_argv(schedule_file: Path) -> list[str]:
