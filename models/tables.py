@@ -9,6 +9,7 @@
 - ``IngestBatch``: one row per ingested message with its outcome counts (status reads these).
 - ``FlushAttempt``: one row per batch call to VBA, for audit (items, statuses, activityId).
 - ``PlanPush``: the content hash of each plan's accumulator definitions as last accepted by VBA.
+- ``EventCounter``: durable counts of events of note (token refreshes, 429s) for ``metrics``.
 """
 
 from __future__ import annotations
@@ -165,3 +166,13 @@ class PlanPush(SQLModel, table=True):
     plan_id: str = Field(primary_key=True, max_length=64)
     content_hash: str = Field(max_length=64)
     pushed_at: datetime
+
+
+class EventCounter(SQLModel, table=True):
+    """How often an event of note happened, in any process: metrics read it from here."""
+
+    __tablename__ = "event_counter"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: int = Field(default=0, sa_type=BigInteger)
+    updated_at: datetime

@@ -5,12 +5,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+)
 
-from worker import logs
+from worker import counters, logs
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
@@ -54,9 +60,17 @@ def configure(settings: Settings) -> None:
         beat_schedule=beat_schedule(settings),
     )
     logs.configure(settings.log_format, settings.log_level)
+    counters.install()
 
 
 configure(get_settings())
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _celery_lines_too(logger: logging.Logger, **_: Any) -> None:
+    """With ACCUMSYNC_LOG_FORMAT=json, Celery's own lines (received, succeeded, ready) are JSON."""
+    logs.reformat(logger, get_settings().log_format)
 
 
 @worker_init.connect
