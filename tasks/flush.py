@@ -20,6 +20,7 @@ from worker.settings import get_settings
 
 log = Log("flush")
 
+
 def queued_for(interval: float) -> timedelta:
     """How long a queued pair is not queued again: a lost task is re-queued after this."""
     return timedelta(seconds=max(2 * interval, 5.0))
