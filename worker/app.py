@@ -25,11 +25,19 @@ TASK_MODULES = ["tasks.ingest", "tasks.flush"]
 app = Celery("accumsync")
 
 
-def transport_options(broker_url: str) -> dict[str, Any]:
+def transport_options(broker_url: str, visibility_timeout: float = 300.0) -> dict[str, Any]:
     """Per-transport options: kombu passes SQLAlchemy's straight to ``create_engine``."""
     if broker_url.startswith(("redis", "rediss")):
-        # Redis redelivers an unacked message after this; no countdown of ours is longer.
-        return {"visibility_timeout": 3600}
+        # Redis redelivers an unacked message (its worker was SIGKILLed, or lost the broker)
+        # after ``visibility_timeout``; no countdown of ours is longer, and every task is
+        # idempotent, so an early redelivery of a slow task costs time, not correctness.
+        # kombu sweeps for such messages every interval * throttle seconds (100 s by default):
+        # sweep often enough that the timeout, not the sweep, decides when they come back.
+        return {
+            "visibility_timeout": visibility_timeout,
+            "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
+            "unacked_restore_throttle": 1,
+        }
     return {}
 
 
@@ -40,7 +48,9 @@ def configure(settings: Settings) -> None:
         broker_connection_retry_on_startup=True,
         # The embedded SQLite broker is polled; a short interval keeps the demo snappy.
         broker_polling_interval=0.2 if settings.effective_broker_url.startswith("sqla") else 1,
-        broker_transport_options=transport_options(settings.effective_broker_url),
+        broker_transport_options=transport_options(
+            settings.effective_broker_url, settings.broker_visibility_timeout
+        ),
         task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],

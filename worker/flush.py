@@ -242,6 +242,7 @@ class Flush:
         if not sendable:
             return True
         self._record_intents(sendable)
+        failpoints.hit("flush.after_intent")
         self._renew()
         started = time.perf_counter()
         try:

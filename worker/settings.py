@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     flush_lease: float = Field(
         default=120.0, gt=0, description="seconds a pair's flush lease lasts"
     )
+    broker_visibility_timeout: float = Field(
+        default=300.0,
+        ge=2,
+        description="Redis broker: seconds before a dead worker's unacked message is redelivered",
+    )
+    vba_breaker_threshold: int = Field(
+        default=3, ge=1, description="consecutive VBA failures that pause every worker's calls"
+    )
     ingest_batch_size: int = Field(default=500, ge=1, le=50_000)
 
     log_format: Literal["text", "json"] = "text"

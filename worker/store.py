@@ -44,6 +44,7 @@ T_DEAD: Table = DeadLetter.__table__  # type: ignore[attr-defined]
 T_BATCH: Table = IngestBatch.__table__  # type: ignore[attr-defined]
 KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
 IN_CHUNK = 900  # ids per IN (...) list: under SQLite's and psycopg's parameter limits
+MAX_DEAD_PAYLOAD = 65_536  # characters of a refused item kept (a valid event is ~1 KB)
 
 
 @dataclass
@@ -273,6 +274,10 @@ def dead_letter(
     """Record a refused item with its reason; the same item and reason again bumps its count."""
     text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
     fingerprint = hashlib.sha256(f"{source}\0{reason}\0{text}".encode()).hexdigest()
+    if len(text) > MAX_DEAD_PAYLOAD:  # e.g. a 10 MB event: keep its head, size and hash
+        reason += f"; oversized ({len(text)} characters): payload truncated, sha256 kept"
+        head = {"truncated": text[:4096], "characters": len(text)}
+        text = json.dumps(head | {"sha256": hashlib.sha256(text.encode()).hexdigest()})
     event_id = payload.get("event_id") if isinstance(payload, dict) else None
     if not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
         event_id = None
