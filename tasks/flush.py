@@ -13,7 +13,7 @@ from sqlmodel import Session
 
 from worker.app import app
 from worker.db import in_transaction, utcnow
-from worker.flush import due_pairs, mark_queued
+from worker.flush import due_pairs, mark_queued, vba_paused
 from worker.flush import flush_pair as run_flush
 from worker.logs import Log
 from worker.settings import get_settings
@@ -28,7 +28,11 @@ def queued_for(interval: float) -> timedelta:
 
 @app.task(name="accumsync.flush_due")
 def flush_due() -> dict[str, int]:
-    """Queue one flush_pair task per due pair (oldest dirty first)."""
+    """Queue one flush_pair task per due pair (oldest dirty first); none while VBA is paused."""
+    paused = vba_paused()
+    if paused > 0:  # VBA is known down: the first beat after the pause queues the pairs
+        log.info("flush.paused", retry_in_s=round(paused, 1))
+        return {"pairs": 0}
     now = utcnow()
 
     def pick(session: Session) -> list[int]:

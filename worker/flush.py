@@ -24,6 +24,7 @@ from functools import cache
 from typing import Any, cast
 
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlmodel import Session
 
@@ -422,6 +423,16 @@ _NO_INTENT: dict[str, Any] = {
 def flush_pair(pair_id: int, vba: VbaClient | None = None) -> Report:
     """Flush one pair with this process's client and settings."""
     return Flush(pair_id, vba or client(), get_settings()).run()
+
+
+def vba_paused() -> float:
+    """Seconds VBA calls stay paused fleet-wide (the breaker); 0 when they may go."""
+    if not get_settings().vba_base_url:
+        return 0.0
+    try:
+        return client().paused()
+    except RedisError:  # the breaker's Redis is away: let the flush find out for itself
+        return 0.0
 
 
 def due_pairs(session: Session, now: datetime, limit: int = 10_000) -> list[int]:

@@ -26,6 +26,7 @@ from models.vba import (
 from worker.logs import Log
 from worker.settings import Settings
 from worker.vba.auth import Authenticator, LocalTokenStore, RedisTokenStore, store_prefix
+from worker.vba.breaker import PAUSE_CAP, Breaker, LocalBreaker, RedisBreaker, check
 from worker.vba.errors import VbaAuthError, VbaUnavailable, classify, envelope_of
 from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket, client_burst
 from worker.vba.results import BatchItem, BatchResult, Page
@@ -74,6 +75,7 @@ class VbaClient:
         url = settings.effective_redis_url
         self.redis = redis if redis is not None else (Redis.from_url(url) if url else None)
         self.limiter = self._limiter()
+        self.breaker = self._breaker()
         store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
         self.auth = Authenticator(settings, self.http, store or LocalTokenStore(), self.limiter)
 
@@ -82,6 +84,18 @@ class VbaClient:
         if self.redis is None:
             return LocalBucket(s.vba_rate, burst)
         return RedisBucket(self.redis, rate_key(s), s.vba_rate, burst)
+
+    def _breaker(self) -> Breaker:
+        s = self.settings
+        args = (s.vba_breaker_threshold, s.backoff_base, min(s.backoff_max, PAUSE_CAP))
+        probe_ttl = s.vba_timeout + 1
+        if self.redis is None:
+            return LocalBreaker(*args, probe_ttl=probe_ttl)
+        return RedisBreaker(self.redis, rate_key(s).removesuffix(":rate"), *args, probe_ttl)
+
+    def paused(self) -> float:
+        """Seconds VBA calls stay paused fleet-wide (0: calls may go), without probing."""
+        return self.breaker.remaining()
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -209,7 +223,26 @@ class VbaClient:
         params: Mapping[str, str | int] | None = None,
         body: str | None = None,
     ) -> tuple[httpx.Response, Envelope]:
-        """One call: token, rate limit, one renewal after a 401, then classify the answer."""
+        """One call: breaker, token, rate limit, one renewal after a 401, classify the answer."""
+        check(self.breaker)
+        try:
+            response, envelope = self._attempt(method, path, op, params, body)
+        except VbaUnavailable as exc:
+            paused = self.breaker.failed(exc.retry_after)
+            if paused > 0:
+                log.warning("vba.paused", op=op, pause_s=round(paused, 1), status=exc.status)
+            raise
+        self.breaker.succeeded()
+        return response, envelope
+
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        params: Mapping[str, str | int] | None,
+        body: str | None,
+    ) -> tuple[httpx.Response, Envelope]:
         token = self.auth.token()
         response = self._send(method, path, op, params, body, token)
         if response.status_code == 401:
