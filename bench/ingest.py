@@ -1,0 +1,158 @@
+"""Ingest throughput: events/s from the first publish to the last commit, against a naive baseline.
+
+``python -m bench.ingest`` runs three phases, one after the other, each on a fresh store:
+
+1. batched: N events (default 200,000) published through Redis in messages of 500 to
+   ``celery -A worker worker -c 2``, into Postgres (accumsync as shipped);
+2. naive: the baseline, one Celery task per event doing an ORM read-modify-write
+   (``bench/naive.py``), same broker, store and pool, on a smaller N (a rate does not need the
+   full N, and the full N would take an hour);
+3. embedded: the defaults (SQLite store, kombu's SQLite broker, one worker process).
+
+Every phase checks its final totals against the independent oracle (``expected_totals``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from bench.common import Report, Run, events_ingested, store, wait_until
+from bench.naive import TASK as NAIVE_TASK
+from tests.stack import Stack, same_totals
+from worker.streams import StreamSpec, expected_totals, generate
+
+
+@dataclass
+class Phase:
+    name: str
+    setup: str
+    events: int
+    seconds: float
+    totals_ok: bool
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def stream(n: int, members: int, seed: int) -> list[dict[str, Any]]:
+    """The realistic mix: new claims, versions, reversals, key moves, 5% duplicates."""
+    return generate(StreamSpec(events=n, members=members, groups=5, seed=seed))
+
+
+def run_phase(
+    run: Run,
+    name: str,
+    events: list[dict[str, Any]],
+    *,
+    database_url: str,
+    broker_url: str | None = None,
+    concurrency: int = 2,
+    task: str = "accumsync.ingest",
+    batch: int = 500,
+) -> Phase:
+    """Start a worker, publish ``events`` from a producer process, wait for the last commit."""
+    env = run.env(database_url, broker_url)
+    child = run.worker(env, concurrency, include=["bench.naive"], name=name)
+    path = run.tmp / f"{name}.json"
+    path.write_text(json.dumps(events))
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "bench.publish", str(path), "--task", task, "--batch", str(batch)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with store(database_url) as engine:
+        done = done_check(engine, task, events)
+        wait_until(done, timeout=3600, interval=0.05, what=f"{name}: all events committed")
+        finished = time.time()
+    out, _ = producer.communicate(timeout=600)
+    t0 = float(out.split()[0].removeprefix("t0="))
+    run.stop(child)
+    ok = same_totals(Stack(run.tmp, database_url=database_url).totals(), expected_totals(events))
+    setup = f"{broker_name(env)} -> {concurrency} process(es) -> {store_name(database_url)}"
+    return Phase(name, setup, len(events), finished - t0, ok == [])
+
+
+def done_check(engine: Any, task: str, events: list[dict[str, Any]]) -> Any:
+    """A check that every event of the phase is committed."""
+    if task == "accumsync.ingest":
+        return lambda: events_ingested(engine) >= len(events)
+    unique = len({e["event_id"] for e in events})
+    sql = text("SELECT count(*) FROM received_event")
+
+    def naive_done() -> bool:
+        with engine.connect() as conn:
+            return int(conn.execute(sql).scalar()) >= unique
+
+    return naive_done
+
+
+def broker_name(env: dict[str, str]) -> str:
+    return "Redis" if env["ACCUMSYNC_BROKER_URL"].startswith("redis") else "SQLite broker"
+
+
+def store_name(url: str) -> str:
+    return "Postgres" if url.startswith("postgresql") else "SQLite"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000, help="batched phase")
+    parser.add_argument("--naive-events", type=int, default=10_000, help="baseline phase")
+    parser.add_argument("--embedded-events", type=int, default=20_000, help="embedded phase")
+    parser.add_argument("--members", type=int, default=20_000)
+    parser.add_argument("--skip-embedded", action="store_true")
+    args = parser.parse_args()
+
+    report = Report("ingest", vars(args))
+    phases: list[Phase] = []
+    with Run("ingest") as run:
+        big = stream(args.events, args.members, seed=1)
+        phases.append(run_phase(run, "batched", big, database_url=run.database()))
+        del big
+        small = stream(args.naive_events, args.members, seed=2)
+        naive = run_phase(
+            run, "naive", small, database_url=run.database(), task=NAIVE_TASK, batch=1
+        )
+        phases.append(naive)
+        if not args.skip_embedded:
+            url, broker = run.sqlite()
+            embedded = stream(args.embedded_events, args.members, seed=3)
+            phases.append(
+                run_phase(
+                    run, "embedded", embedded, database_url=url, broker_url=broker, concurrency=1
+                )
+            )
+    for p in phases:
+        report.row(
+            phase=p.name,
+            setup=p.setup,
+            events=p.events,
+            seconds=round(p.seconds, 2),
+            events_per_s=round(p.rate),
+            vs_naive=f"{p.rate / naive.rate:.1f}x",
+            totals_exact="yes" if p.totals_ok else "NO",
+        )
+    batched = phases[0]
+    report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
+    ratio = round(batched.rate / naive.rate, 1)
+    report.target("batched / naive", ratio, ">= 30x", ratio >= 30)
+    report.note(
+        f"naive ran {naive.events:,} events (a rate; one task per event at this speed would take "
+        f"{args.events / naive.rate / 60:.0f} min for {args.events:,})"
+    )
+    report.note("2 cores shared by Postgres, Redis, the worker processes and the publisher")
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
