@@ -46,8 +46,6 @@ def configure(settings: Settings) -> None:
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_connection_retry_on_startup=True,
-        # The embedded SQLite broker is polled; a short interval keeps the demo snappy.
-        broker_polling_interval=0.2 if settings.effective_broker_url.startswith("sqla") else 1,
         broker_transport_options=transport_options(
             settings.effective_broker_url, settings.broker_visibility_timeout
         ),
@@ -69,8 +67,20 @@ def configure(settings: Settings) -> None:
         include=TASK_MODULES,
         beat_schedule=beat_schedule(settings),
     )
+    if settings.effective_broker_url.startswith("sqla"):
+        _poll_sql_broker_every(0.1)
     logs.configure(settings.log_format, settings.log_level)
     counters.install()
+
+
+def _poll_sql_broker_every(seconds: float) -> None:
+    """The embedded broker is polled, by default once a second: with prefetch 1 that is one task
+    per second. Celery's ``broker_polling_interval`` does not reach kombu's virtual transports, and
+    this transport hands every transport option to ``create_engine`` (which refuses
+    ``polling_interval``), so the transport's class attribute is the one place to set it."""
+    from kombu.transport import sqlalchemy
+
+    sqlalchemy.Transport.polling_interval = seconds
 
 
 configure(get_settings())

@@ -192,6 +192,90 @@ def plans_push(
         raise typer.Exit(1)
 
 
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=100, help="events to generate")] = 5_000,
+    members: Annotated[int, typer.Option(min=1, help="subscribers they spread over")] = 300,
+    broker_url: Annotated[str, typer.Option(help="e.g. redis://127.0.0.1:6379/0")] = "",
+    database_url: Annotated[
+        str, typer.Option(help="e.g. postgresql+psycopg://user@host/db (an empty database)")
+    ] = "",
+    home: Annotated[Path | None, typer.Option(help="keep files here instead of a temp dir")] = None,
+    keep: Annotated[bool, typer.Option(help="keep the temp dir (store, broker, logs)")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds each stage may take")] = 600.0,
+) -> None:
+    """The whole pipeline against the bundled sandbox, verified to the cent; no server needed."""
+    import signal
+
+    from worker.demo import Demo, Options
+
+    def interrupted(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    opts = Options(events, members, broker_url, database_url, home, keep, timeout=timeout)
+    try:
+        code = Demo(opts, out).run()
+    except KeyboardInterrupt:
+        err.print("interrupted: every child process was stopped")
+        raise typer.Exit(130) from None
+    except (TimeoutError, RuntimeError) as exc:
+        err.print(f"[red]demo failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def health(
+    max_dirty_age: Annotated[
+        float | None, typer.Option(help="seconds; default ACCUMSYNC_HEALTH_MAX_DIRTY_AGE")
+    ] = None,
+    max_flush_age: Annotated[
+        float | None, typer.Option(help="seconds; default ACCUMSYNC_HEALTH_MAX_FLUSH_AGE")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="queue length samples")] = 3,
+    interval: Annotated[float, typer.Option(min=0.0, help="seconds between samples")] = 1.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Exit 0 when accumsync makes progress; 1, with the reasons, when it does not."""
+    from worker.health import Limits, check
+    from worker.settings import get_settings
+
+    limits = Limits.of(get_settings(), max_dirty_age=max_dirty_age, max_flush_age=max_flush_age,
+                       samples=samples, interval=interval)  # fmt: skip
+    report = check(limits)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        for c in report.checks:
+            mark = "[green]ok  [/green]" if c.ok else "[red]FAIL[/red]"
+            limit = f" (limit {c.limit:g}s)" if c.limit is not None else ""
+            out.print(f"{mark} {c.name}: {c.reason}{limit}")
+        out.print("healthy" if report.healthy else "[red]unhealthy[/red]")
+    raise typer.Exit(0 if report.healthy else 1)
+
+
+@app.command()
+def metrics(
+    port: Annotated[int, typer.Option(help="port to serve /metrics on")] = 9808,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+) -> None:
+    """Serve Prometheus metrics read from the store and the broker at each scrape."""
+    from worker.metrics import server
+
+    httpd = server(host, port)
+    err.print(f"metrics on http://{host}:{port}/metrics")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
 def _mount_sandbox() -> None:
     from worker.sandbox.cli import sandbox
 

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     )
     ingest_batch_size: int = Field(default=500, ge=1, le=50_000)
 
+    health_max_dirty_age: float = Field(
+        default=900.0, gt=0, description="seconds an accumulator may wait for its flush"
+    )
+    health_max_flush_age: float = Field(
+        default=900.0, gt=0, description="seconds without a successful flush while work waits"
+    )
+
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 

@@ -1,0 +1,192 @@
+"""``accumsync health``: healthy means making progress, not merely having a live PID.
+
+Three checks, each with a reason an operator can act on:
+- the oldest accumulator waiting for its flush is younger than ``health_max_dirty_age``;
+- while work waits, a batch call to VBA succeeded within ``health_max_flush_age`` (measured from
+  the later of the last success and the oldest waiting change, so an idle system stays green);
+- the broker queue's backlog is not growing across a few samples (workers keep up).
+Dead-lettered accumulators are excluded: they wait for a person (``dead-letters``), not a flush.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from itertools import pairwise
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlmodel import Session, col
+
+from models.tables import Accumulator, DeadLetter, FlushAttempt
+from worker.db import session_scope, utcnow
+from worker.settings import Settings, get_settings
+
+SUCCESS = ("ok", "partial", "recovered")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Thresholds of one health check run."""
+
+    max_dirty_age: float
+    max_flush_age: float
+    samples: int = 3
+    interval: float = 1.0
+
+    @classmethod
+    def of(cls, settings: Settings, **overrides: Any) -> Limits:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        defaults = {
+            "max_dirty_age": settings.health_max_dirty_age,
+            "max_flush_age": settings.health_max_flush_age,
+        }
+        return cls(**(defaults | given))
+
+
+@dataclass
+class Check:
+    """One check's verdict, with the figure it judged."""
+
+    name: str
+    ok: bool
+    value: float | list[int] | None
+    limit: float | None
+    reason: str
+
+
+@dataclass
+class Report:
+    """All checks; healthy when every one is ok."""
+
+    checks: list[Check] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "checks": [asdict(c) for c in self.checks]} | {
+            "info": self.info
+        }
+
+
+def _age(since: datetime | None, now: datetime) -> float | None:
+    if since is None:
+        return None
+    if since.tzinfo is None:  # SQLite hands back naive UTC
+        since = since.replace(tzinfo=now.tzinfo)
+    return round(max(0.0, (now - since).total_seconds()), 1)
+
+
+def waiting(session: Session) -> tuple[int, datetime | None]:
+    """Accumulators waiting for a flush (not dead-lettered), and the oldest one's dirty time."""
+    a = Accumulator
+    pending = or_(col(a.dirty_since).is_not(None), col(a.intent_target).is_not(None))
+    query = select(func.count(), func.min(a.dirty_since)).where(pending, col(a.held).is_(False))
+    count, oldest = session.execute(query).one()
+    return int(count), oldest
+
+
+def last_success(session: Session) -> datetime | None:
+    """When a batch call to VBA last succeeded (a 207, whatever its items said)."""
+    query = select(func.max(FlushAttempt.started_at)).where(col(FlushAttempt.outcome).in_(SUCCESS))
+    found: datetime | None = session.execute(query).scalar_one()
+    return found
+
+
+def open_dead_letters(session: Session) -> int:
+    query = (
+        select(func.count()).select_from(DeadLetter).where(col(DeadLetter.replayed_at).is_(None))
+    )
+    return int(session.execute(query).scalar_one())
+
+
+def queue_length(settings: Settings | None = None) -> int:
+    """Messages waiting in the Celery queue (Redis lists, AMQP queue, or kombu's SQL table)."""
+    from amqp.exceptions import ChannelError
+
+    from worker.app import app
+
+    settings = settings or get_settings()
+    with app.connection_for_read(settings.effective_broker_url) as conn:
+        conn.ensure_connection(max_retries=2, interval_start=0, interval_step=1)
+        channel: Any = conn.default_channel  # kombu's stubs omit queue_declare
+        try:
+            ok = channel.queue_declare(queue=settings.queue, passive=True)
+        except ChannelError as exc:
+            if getattr(exc, "reply_code", None) == 404:  # never declared: nothing waits
+                return 0
+            raise
+        return int(ok.message_count)
+
+
+def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
+    """The two progress checks read from the store."""
+    report = Report()
+    count, oldest = waiting(session)
+    dirty_age = _age(oldest, now) or 0.0
+    report.checks.append(
+        Check(
+            "oldest_dirty",
+            dirty_age <= limits.max_dirty_age,
+            dirty_age,
+            limits.max_dirty_age,
+            f"{count} accumulators wait for a flush, the oldest for {dirty_age:.0f}s",
+        )
+    )
+    last = last_success(session)
+    since = max((t for t in (last, oldest) if t is not None), default=None, key=_utc)
+    flush_age = (_age(since, now) or 0.0) if count else 0.0
+    what = f"last successful batch call {_age(last, now)}s ago" if last else "no successful call"
+    report.checks.append(
+        Check(
+            "last_flush",
+            flush_age <= limits.max_flush_age,
+            flush_age,
+            limits.max_flush_age,
+            f"{what}; {count} accumulators waiting" if count else f"{what}; nothing waiting",
+        )
+    )
+    report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
+    return report
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=utcnow().tzinfo)
+
+
+def backlog_check(limits: Limits, settings: Settings) -> Check:
+    """Sample the queue's length; growing at every sample means the workers fall behind."""
+    samples = []
+    for i in range(limits.samples):
+        if i:
+            time.sleep(limits.interval)
+        samples.append(queue_length(settings))
+    growing = len(samples) > 1 and all(b > a for a, b in pairwise(samples))
+    reason = f"queue {settings.queue!r} length over {limits.samples} samples: {samples}"
+    return Check("backlog", not growing, samples, None, reason + (" (growing)" if growing else ""))
+
+
+def check(limits: Limits, settings: Settings | None = None) -> Report:
+    """Run every check; an unreachable store or broker is itself a failed check."""
+    settings = settings or get_settings()
+    try:
+        with session_scope() as session:
+            report = store_checks(session, limits, utcnow())
+    except Exception as exc:
+        report = Report([Check("store", False, None, None, f"store unreachable: {_name(exc)}")])
+    try:
+        report.checks.append(backlog_check(limits, settings))
+    except Exception as exc:
+        report.checks.append(
+            Check("broker", False, None, None, f"broker unreachable: {_name(exc)}")
+        )
+    return report
+
+
+def _name(exc: Exception) -> str:
+    # The type only: a driver's message can carry a URL with a password in it.
+    return type(exc).__name__

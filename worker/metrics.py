@@ -1,0 +1,179 @@
+"""``accumsync metrics``: Prometheus text read from durable sources at every scrape.
+
+Workers' in-memory counters are invisible to another process, so every figure here comes from the
+store (``ingest_batch``, ``flush_attempt``, ``accumulator``, ``dead_letter``, ``event_counter``)
+or the broker (queue length). Any number of metrics processes may run; they hold no state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlmodel import Session, col
+
+from models.tables import DeadLetter, FlushAttempt
+from worker import counters, health
+from worker.db import session_scope, utcnow
+from worker.reports import status
+from worker.settings import get_settings
+
+EVENT_OUTCOMES = {
+    "received": "events_received",
+    "applied": "events_applied",
+    "duplicate": "duplicates",
+    "stale": "stale",
+    "conflict": "conflicts",
+    "invalid": "invalid",
+}
+
+
+def item_statuses(session: Session) -> Counter[str]:
+    """207 item outcomes by status, summed over every batch call (grouped in SQL first)."""
+    statuses = col(FlushAttempt.statuses)
+    query = select(statuses, func.count()).group_by(statuses)
+    totals: Counter[str] = Counter()
+    for raw, n in session.execute(query):
+        for item_status, count in json.loads(raw).items():
+            totals[item_status] += int(count) * int(n)
+    return totals
+
+
+def batch_calls(session: Session) -> dict[tuple[str, str], int]:
+    """Batch calls by (outcome, HTTP status); a call that never got an answer has status ''."""
+    fa = FlushAttempt
+    outcome, http = col(fa.outcome), col(fa.http_status)
+    query = select(outcome, http, func.count()).group_by(outcome, http)
+    return {(str(o), "" if s is None else str(s)): int(n) for o, s, n in session.execute(query)}
+
+
+def dead_letters(session: Session) -> dict[str, int]:
+    """Open dead letters by source."""
+    d = DeadLetter
+    source = col(d.source)
+    query = select(source, func.count()).where(col(d.replayed_at).is_(None)).group_by(source)
+    found = {str(s): int(n) for s, n in session.execute(query)}
+    return {source: found.get(source, 0) for source in ("ingest", "flush", "plans")} | found
+
+
+def snapshot(session: Session) -> dict[str, Any]:
+    """Every figure, as plain values (also what ``accumsync metrics --once`` prints)."""
+    now = utcnow()
+    base = status(session, now)
+    count, oldest = health.waiting(session)
+    last = health.last_success(session)
+    return {
+        "status": base,
+        "waiting": count,
+        "oldest_waiting_age_s": health._age(oldest, now) or 0.0,
+        "last_success_age_s": health._age(last, now),
+        "items": dict(item_statuses(session)),
+        "calls": batch_calls(session),
+        "dead_letters": dead_letters(session),
+        "counters": counters.read(session),
+    }
+
+
+def families(values: dict[str, Any], queue: str, queue_length: int | None) -> Iterator[Metric]:
+    """The Prometheus metric families of a :func:`snapshot`."""
+    s = values["status"]
+    events = CounterMetricFamily(
+        "accumsync_events", "ClaimEvents by ingest outcome", labels=["outcome"]
+    )
+    for label, key in EVENT_OUTCOMES.items():
+        events.add_metric([label], s[key])
+    yield events
+    dead = GaugeMetricFamily("accumsync_dead_letters", "Open dead letters", labels=["source"])
+    for source, n in values["dead_letters"].items():
+        dead.add_metric([source], n)
+    yield dead
+    yield GaugeMetricFamily("accumsync_accumulators", "Accumulator keys", value=s["accumulators"])
+    yield GaugeMetricFamily(
+        "accumsync_dirty_accumulators", "Keys changed since VBA last confirmed them",
+        value=s["dirty_accumulators"],
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "accumsync_waiting_accumulators", "Keys waiting for a flush (dead letters excluded)",
+        value=values["waiting"],
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "accumsync_oldest_dirty_age_seconds", "Age of the oldest change not yet flushed",
+        value=values["oldest_waiting_age_s"],
+    )  # fmt: skip
+    if values["last_success_age_s"] is not None:
+        yield GaugeMetricFamily(
+            "accumsync_last_flush_age_seconds", "Seconds since a batch call last succeeded",
+            value=values["last_success_age_s"],
+        )  # fmt: skip
+    calls = CounterMetricFamily(
+        "accumsync_vba_batch_calls", "Batch PUTs to VBA by outcome and HTTP status",
+        labels=["outcome", "status"],
+    )  # fmt: skip
+    for (outcome, http), n in sorted(values["calls"].items()):
+        calls.add_metric([outcome, http], n)
+    yield calls
+    items = CounterMetricFamily(
+        "accumsync_vba_batch_items", "207 item outcomes by item status", labels=["status"]
+    )
+    for item_status, n in sorted(values["items"].items()):
+        items.add_metric([item_status], n)
+    yield items
+    c = values["counters"]
+    yield CounterMetricFamily("accumsync_vba_429", "429 answers seen from VBA", value=c["vba_429"])
+    yield CounterMetricFamily("accumsync_vba_401", "401 answers seen from VBA", value=c["vba_401"])
+    yield CounterMetricFamily(
+        "accumsync_vba_token_refreshes", "Id tokens refreshed", value=c["vba_token_refreshes"]
+    )
+    yield CounterMetricFamily("accumsync_vba_logins", "Logins to VBA", value=c["vba_logins"])
+    if queue_length is not None:
+        length = GaugeMetricFamily(
+            "accumsync_queue_length", "Messages waiting in the broker queue", labels=["queue"]
+        )
+        length.add_metric([queue], queue_length)
+        yield length
+
+
+class StoreCollector(Collector):
+    """Reads the store and the broker at each scrape; a failed read is an ``up`` of 0."""
+
+    def collect(self) -> Iterator[Metric]:
+        settings = get_settings()
+        try:
+            with session_scope() as session:
+                values = snapshot(session)
+        except Exception:
+            yield GaugeMetricFamily("accumsync_store_up", "The store answered", value=0)
+            return
+        yield GaugeMetricFamily("accumsync_store_up", "The store answered", value=1)
+        try:
+            length: int | None = health.queue_length(settings)
+        except Exception:
+            length = None
+        yield GaugeMetricFamily(
+            "accumsync_broker_up", "The broker answered", value=int(length is not None)
+        )
+        yield from families(values, settings.queue, length)
+
+
+def registry() -> CollectorRegistry:
+    """A registry holding only accumsync's collector (no process metrics of the CLI itself)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StoreCollector())
+    return reg
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds: no access log."""
+
+
+def server(host: str, port: int) -> WSGIServer:
+    """A WSGI server answering ``/metrics`` (any path, like prometheus-client's own)."""
+    return make_server(host, port, make_wsgi_app(registry()), handler_class=_QuietHandler)
