@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import Table, func, select, tuple_
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -135,17 +135,17 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
 
     An upsert that touches existing rows locks them as they come, in the order given; new claims
     get a placeholder row (version -1) so the next batch on the same claim waits for this one.
+    One statement with a list of parameter sets: SQLAlchemy compiles it once per process and
+    sends it as multi-row VALUES pages ("insertmanyvalues"), in the order given.
     """
-    states: dict[str, ClaimState] = {}
-    for part in chunks(claim_ids):
-        stmt = insert(session, T_CLAIM).values([{"claim_id": c} for c in part])
-        upsert = stmt.on_conflict_do_update(
-            index_elements=["claim_id"], set_={"claim_id": stmt.excluded.claim_id}
-        )
-        for row in session.execute(upsert.returning(T_CLAIM)).mappings():
-            if row["version"] >= 0:
-                states[row["claim_id"]] = claim_state(row)
-    return states
+    if not claim_ids:
+        return {}
+    stmt = insert(session, T_CLAIM)
+    upsert = stmt.on_conflict_do_update(
+        index_elements=["claim_id"], set_={"claim_id": stmt.excluded.claim_id}
+    ).returning(T_CLAIM)
+    rows = session.execute(upsert, [{"claim_id": c} for c in claim_ids]).mappings()
+    return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
 
 
 def claim_state(row: Any) -> ClaimState:
@@ -191,9 +191,9 @@ def write_received(session: Session, received: list[tuple[ClaimEvent, str]], now
         }
         for e, h in received
     ]
-    for part in chunks(rows):
-        stmt = insert(session, T_EVENT).values(list(part))
-        session.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]))
+    if rows:
+        stmt = insert(session, T_EVENT).on_conflict_do_nothing(index_elements=["event_id"])
+        session.execute(stmt, rows)
 
 
 def write_claims(
@@ -215,28 +215,35 @@ def write_claims(
         row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
         row.update({c: cents.get(a, 0) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True)})
         rows.append(row)
-    for part in chunks(rows, 200):
-        stmt = insert(session, T_CLAIM).values(list(part))
+    if rows:
+        stmt = insert(session, T_CLAIM)
         update = {c.name: stmt.excluded[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
-        session.execute(stmt.on_conflict_do_update(index_elements=["claim_id"], set_=update))
+        session.execute(stmt.on_conflict_do_update(index_elements=["claim_id"], set_=update), rows)
 
 
 def pair_ids(
     session: Session, pairs: list[tuple[str, str]], now: datetime
 ) -> dict[tuple[str, str], int]:
     """The id of each (subscriber, group) pair, creating the missing ones (sorted: lock order)."""
-    ids: dict[tuple[str, str], int] = {}
-    cols = (T_PAIR.c.subscriber_id, T_PAIR.c.group_id)
-    for part in chunks(pairs, 400):
-        existing = select(T_PAIR.c.id, *cols).where(tuple_(*cols).in_(list(part)))
-        ids.update({(s, g): i for i, s, g in session.execute(existing)})
+    ids = existing_pairs(session, set(pairs))
     missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
     if missing:
-        stmt = insert(session, T_PAIR).values(missing).on_conflict_do_nothing()
-        session.execute(stmt)
-        for part in chunks([(m["subscriber_id"], m["group_id"]) for m in missing], 400):
-            again = select(T_PAIR.c.id, *cols).where(tuple_(*cols).in_(list(part)))
-            ids.update({(s, g): i for i, s, g in session.execute(again)})
+        session.execute(insert(session, T_PAIR).on_conflict_do_nothing(), missing)
+        ids.update(existing_pairs(session, {(m["subscriber_id"], m["group_id"]) for m in missing}))
+    return ids
+
+
+def existing_pairs(session: Session, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The ids of the ``wanted`` pairs that exist, looked up by subscriber_id.
+
+    subscriber_id leads the unique index, so ``IN`` on it is an index scan; a row-value
+    ``(subscriber_id, group_id) IN (...)`` list made Postgres scan the whole table per batch.
+    """
+    ids: dict[tuple[str, str], int] = {}
+    cols = (T_PAIR.c.id, T_PAIR.c.subscriber_id, T_PAIR.c.group_id)
+    for part in chunks(sorted({s for s, _ in wanted})):
+        query = select(*cols).where(T_PAIR.c.subscriber_id.in_(part))
+        ids.update({(s, g): i for i, s, g in session.execute(query) if (s, g) in wanted})
     return ids
 
 
@@ -251,14 +258,13 @@ def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: 
         row.update(pair_id=pairs[(key[0], key[1])], change_seq=1, dirty_since=now, updated_at=now)
         row.update({c: delta.get(c, 0) for c in COLUMNS})
         rows.append(row)
-    for part in chunks(rows, 200):
-        stmt = insert(session, T_ACCUM).values(list(part))
-        acc, new = T_ACCUM.c, stmt.excluded
-        update: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
-        update["change_seq"] = acc.change_seq + 1
-        update["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
-        update["updated_at"] = new.updated_at
-        session.execute(stmt.on_conflict_do_update(index_elements=list(KEY_COLS), set_=update))
+    stmt = insert(session, T_ACCUM)
+    acc, new = T_ACCUM.c, stmt.excluded
+    update: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
+    update["change_seq"] = acc.change_seq + 1
+    update["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
+    update["updated_at"] = new.updated_at
+    session.execute(stmt.on_conflict_do_update(index_elements=list(KEY_COLS), set_=update), rows)
 
 
 def dead_letter(
