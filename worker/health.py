@@ -117,7 +117,7 @@ def queue_length(settings: Settings | None = None) -> int:
         try:
             ok = channel.queue_declare(queue=settings.queue, passive=True)
         except ChannelError as exc:
-            if getattr(exc, "reply_code", None) == 404:  # never declared: nothing waits
+            if str(getattr(exc, "reply_code", "")) == "404":  # never declared: nothing waits
                 return 0
             raise
         return int(ok.message_count)
