@@ -48,7 +48,9 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:  # the logs go with the temp dir: show their tails first
+            print(self.logs(), file=sys.stderr)
         for child in self.children:
             child.stop(grace=15)
         self._stack.close()
@@ -108,6 +110,21 @@ class Run:
 
     def logs(self) -> str:
         return "\n".join(c.output()[-3000:] for c in self.children)
+
+
+def producer_app(env: dict[str, str]) -> Any:
+    """This process's Celery app, pointed at a run's broker and queue (``env`` of ``Run.env``).
+
+    ``worker.app`` configures itself from the environment when first imported, which any
+    ``worker`` import does; so the run's settings are applied again before anything is sent.
+    """
+    from worker.app import app, configure
+    from worker.settings import get_settings
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ACCUMSYNC_")})
+    get_settings.cache_clear()
+    configure(get_settings())
+    return app
 
 
 def pool_pids(parent: int) -> list[int]:
