@@ -65,7 +65,7 @@ def test_health_red_while_vba_down_green_after(
     assert (code, report["healthy"]) == (0, True), report
 
     sandbox.stop()
-    publish(stack, tmp_path, events[300:], "second")
+    publish(stack, tmp_path, events[300:400], "second")
     assert wait_for(lambda: health(stack)[0] == 1, 30, 1)
     code, report = health(stack)
     failed = {c["name"]: c for c in report["checks"] if not c["ok"]}
