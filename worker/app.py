@@ -25,9 +25,21 @@ TASK_MODULES = ["tasks.ingest", "tasks.flush"]
 app = Celery("accumsync")
 
 
-def transport_options(broker_url: str, visibility_timeout: float = 300.0) -> dict[str, Any]:
+def transport_options(
+    broker_url: str, visibility_timeout: float = 300.0, health_check_interval: float = 10.0
+) -> dict[str, Any]:
     """Per-transport options: kombu passes SQLAlchemy's straight to ``create_engine``."""
     if broker_url.startswith(("redis", "rediss")):
+        # A connection that goes silent (NAT entry dropped, failover, partition: no FIN, no RST)
+        # must fail, not hang: without a socket timeout a worker waits on it forever, up but not
+        # consuming. kombu checks the BRPOP link every ``health_check_interval`` seconds and
+        # reconnects; the socket timeout bounds every other command (ack, publish, events).
+        link = {
+            "health_check_interval": health_check_interval,
+            "socket_timeout": health_check_interval + 5,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+        }
         # Redis redelivers an unacked message (its worker was SIGKILLed, or lost the broker)
         # after ``visibility_timeout``; no countdown of ours is longer, and every task is
         # idempotent, so an early redelivery of a slow task costs time, not correctness.
@@ -37,7 +49,7 @@ def transport_options(broker_url: str, visibility_timeout: float = 300.0) -> dic
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
             "unacked_restore_throttle": 1,
-        }
+        } | link
     return {}
 
 
@@ -47,8 +59,13 @@ def configure(settings: Settings) -> None:
         broker_url=settings.effective_broker_url,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options(
-            settings.effective_broker_url, settings.broker_visibility_timeout
+            settings.effective_broker_url,
+            settings.broker_visibility_timeout,
+            settings.broker_health_check_interval,
         ),
+        # On a lost broker connection, running tasks are cancelled rather than finished
+        # unacknowledgeable: their messages come back (acks_late) and every task is idempotent.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=settings.queue,
         task_serializer="json",
         accept_content=["json"],

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         ge=2,
         description="Redis broker: seconds before a dead worker's unacked message is redelivered",
     )
+    broker_health_check_interval: float = Field(
+        default=10.0, gt=0, description="Redis broker: seconds between checks of a silent link"
+    )
     vba_breaker_threshold: int = Field(
         default=3, ge=1, description="consecutive VBA failures that pause every worker's calls"
     )

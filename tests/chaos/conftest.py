@@ -149,6 +149,7 @@ class ChaosStack(Stack):
         self.outputs: list[str] = []
         self._engine: Engine | None = None
         self._producer: Celery | None = None
+        self.producer_url = ""  # the test's own publishing may bypass a relay under test
 
     def cli(
         self, *args: str, stdin: str | None = None, check: bool = True
@@ -195,7 +196,7 @@ class ChaosStack(Stack):
         if self._producer is None:
             self._producer = Celery("chaos-producer", set_as_current=False)
             self._producer.conf.update(
-                broker_url=self.env["ACCUMSYNC_BROKER_URL"],
+                broker_url=self.producer_url or self.env["ACCUMSYNC_BROKER_URL"],
                 broker_connection_retry_on_startup=True,
                 task_serializer="json",
                 task_send_sent_event=True,

@@ -42,6 +42,7 @@ def _version() -> str:
 VERSION: Final = _version()
 USER_AGENT: Final = f"accumsync/{VERSION}"
 CONNECT_RETRY_DELAY = 0.25
+REDIS_TIMEOUT = 5.0  # seconds: the shared token, bucket and breaker answer in milliseconds
 
 log = Log("vba.client")
 
@@ -73,7 +74,7 @@ class VbaClient:
             headers={"User-Agent": USER_AGENT},
         )
         url = settings.effective_redis_url
-        self.redis = redis if redis is not None else (Redis.from_url(url) if url else None)
+        self.redis = redis if redis is not None else (shared_redis(url) if url else None)
         self.limiter = self._limiter()
         self.breaker = self._breaker()
         store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
@@ -300,6 +301,20 @@ class VbaClient:
         if has_body:
             headers["Content-Type"] = "application/json"
         return headers
+
+
+def shared_redis(url: str) -> Redis:
+    """The Redis holding the token, the bucket and the breaker; a silent link fails in seconds.
+
+    Without timeouts a partitioned connection hangs the flush task (and its pool slot) forever.
+    """
+    return Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
 
 
 def subscriber_accum(record: SubscriberRecord) -> SubscriberAccum:
