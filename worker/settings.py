@@ -29,7 +29,12 @@ class Settings(BaseSettings):
     """accumsync's configuration. Secrets are ``SecretStr`` so nothing prints them by accident."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ACCUMSYNC_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="ACCUMSYNC_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        # A settings error must not print its input: that is every ACCUMSYNC_* value, secrets too.
+        hide_input_in_errors=True,
     )
 
     home: Path = Field(default=DEFAULT_HOME, description="where the embedded defaults keep files")
