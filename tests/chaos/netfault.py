@@ -23,6 +23,8 @@ class Relay:
         self.generation = 0
         self.partitioned = False
         self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -34,12 +36,11 @@ class Relay:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
+        self._server = self.loop.run_until_complete(
             asyncio.start_server(self._accept, "127.0.0.1", self.port)
         )
         self._ready.set()
         self.loop.run_forever()
-        server.close()
 
     def partition(self) -> None:
         """Every open connection goes silent (never closed); new ones are silent too."""
@@ -53,15 +54,24 @@ class Relay:
     def stop(self) -> None:
         """Close everything: cancel the relaying tasks, then stop the loop."""
 
-        async def cancel_all() -> None:
+        async def close_all() -> None:
+            assert self._server is not None
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for writer in self._writers:
+                with suppress(Exception):
+                    await writer.wait_closed()
+            await self._server.wait_closed()
 
-        asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
     def _live(self, generation: int) -> bool:
         return generation == self.generation and not self.partitioned
@@ -69,11 +79,13 @@ class Relay:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         generation = self.generation
         self.connections += 1
+        self._writers.append(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
+        self._writers.append(up_writer)
         await asyncio.gather(
             self._pump(reader, up_writer, generation), self._pump(up_reader, writer, generation)
         )
