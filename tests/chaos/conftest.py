@@ -222,7 +222,8 @@ class ChaosStack(Stack):
         )
 
     def close(self) -> None:
-        super().close()
+        for child in self.children:  # disposable: no warm shutdown to wait for
+            child.kill()
         if self._engine is not None:
             self._engine.dispose()
         if self._producer is not None:

@@ -61,7 +61,7 @@ class Terminator:
 
 
 def test_terminated_connections_retry_batches_without_partial_application(chaos: Chaos) -> None:
-    """Backends killed mid-transaction for 20 s: batches retried, nothing half-applied, exact."""
+    """Backends killed mid-transaction for 15 s: batches retried, nothing half-applied, exact."""
     chaos.vba()
     stack = chaos.stack()
     database = make_url(chaos.pg_url).database
@@ -71,8 +71,8 @@ def test_terminated_connections_retry_batches_without_partial_application(chaos:
     stack.worker("w2", concurrency=1)
     stack.beat()
     killer = Terminator(database, every=0.25).start()
-    for i in range(8):  # 20 s of intake and flushes under fire
-        stack.send(events[i::8], batch=125)
+    for i in range(6):  # 15 s of intake and flushes under fire
+        stack.send(events[i::6], batch=125)
         time.sleep(2.5)
     killed = killer.stop()
     chaos.drain(stack, len({e["event_id"] for e in events}), timeout=120)
@@ -85,7 +85,7 @@ def test_terminated_connections_retry_batches_without_partial_application(chaos:
         stack,
         events,
         fault="Postgres connections killed mid-transaction",
-        injected="pg_terminate_backend every 0.25 s for 20 s on the test database's backends "
+        injected="pg_terminate_backend every 0.25 s for 15 s on the test database's backends "
         "inside a transaction (2 workers, 3 processes, beat)",
         times=killed,
         events_in=len(events),
