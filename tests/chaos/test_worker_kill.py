@@ -81,6 +81,7 @@ def test_twenty_sigkills_during_ingest_and_flush(chaos: Chaos) -> None:
             victim.start()
             kinds["whole worker (process group)"] += 1
         else:  # otherwise one pool process, started again by its worker
+            assert wait_for(lambda v=victim: bool(pool_children(v.pid)), 30)  # being re-forked
             os.kill(chaos.rng.choice(pool_children(victim.pid)), signal.SIGKILL)
             kinds["one pool process"] += 1
     while waves:
