@@ -236,6 +236,9 @@ def health(
     max_flush_age: Annotated[
         float | None, typer.Option(help="seconds; default ACCUMSYNC_HEALTH_MAX_FLUSH_AGE")
     ] = None,
+    max_idle: Annotated[
+        float | None, typer.Option(help="seconds; default ACCUMSYNC_HEALTH_MAX_IDLE")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="queue length samples")] = 3,
     interval: Annotated[float, typer.Option(min=0.0, help="seconds between samples")] = 1.0,
     as_json: JsonFlag = False,
@@ -245,7 +248,7 @@ def health(
     from worker.settings import get_settings
 
     limits = Limits.of(get_settings(), max_dirty_age=max_dirty_age, max_flush_age=max_flush_age,
-                       samples=samples, interval=interval)  # fmt: skip
+                       max_idle=max_idle, samples=samples, interval=interval)  # fmt: skip
     report = check(limits)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))

@@ -4,7 +4,10 @@ Three checks, each with a reason an operator can act on:
 - the oldest accumulator waiting for its flush is younger than ``health_max_dirty_age``;
 - while work waits, a batch call to VBA succeeded within ``health_max_flush_age`` (measured from
   the later of the last success and the oldest waiting change, so an idle system stays green);
-- the broker queue's backlog is not growing across a few samples (workers keep up).
+- the broker queue's backlog is not growing across a few samples (workers keep up);
+- while messages wait in the queue, some task made progress (an ingested batch or a batch call)
+  within ``health_max_idle``: a worker that stays up but stopped consuming after a broker blip
+  (a known Celery failure mode) turns this red even when the backlog is flat.
 Dead-lettered accumulators are excluded: they wait for a person (``dead-letters``), not a flush.
 """
 
@@ -19,7 +22,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlmodel import Session, col
 
-from models.tables import Accumulator, DeadLetter, FlushAttempt
+from models.tables import Accumulator, DeadLetter, FlushAttempt, IngestBatch
 from worker.db import session_scope, utcnow
 from worker.settings import Settings, get_settings
 
@@ -32,6 +35,7 @@ class Limits:
 
     max_dirty_age: float
     max_flush_age: float
+    max_idle: float = 300.0
     samples: int = 3
     interval: float = 1.0
 
@@ -41,6 +45,7 @@ class Limits:
         defaults = {
             "max_dirty_age": settings.health_max_dirty_age,
             "max_flush_age": settings.health_max_flush_age,
+            "max_idle": settings.health_max_idle,
         }
         return cls(**(defaults | given))
 
@@ -97,6 +102,13 @@ def last_success(session: Session) -> datetime | None:
     return found
 
 
+def last_progress(session: Session) -> datetime | None:
+    """When a task last made progress: an ingested batch or any batch call to VBA."""
+    ingested = session.execute(select(func.max(IngestBatch.at))).scalar_one()
+    called = session.execute(select(func.max(FlushAttempt.started_at))).scalar_one()
+    return max((t for t in (ingested, called) if t is not None), default=None, key=_utc)
+
+
 def open_dead_letters(session: Session) -> int:
     query = (
         select(func.count()).select_from(DeadLetter).where(col(DeadLetter.replayed_at).is_(None))
@@ -151,6 +163,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
         )
     )
     report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
+    report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report
 
 
@@ -158,16 +171,32 @@ def _utc(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=utcnow().tzinfo)
 
 
-def backlog_check(limits: Limits, settings: Settings) -> Check:
-    """Sample the queue's length; growing at every sample means the workers fall behind."""
+def sample_queue(limits: Limits, settings: Settings) -> list[int]:
+    """The queue's length, ``limits.samples`` times, ``limits.interval`` seconds apart."""
     samples = []
     for i in range(limits.samples):
         if i:
             time.sleep(limits.interval)
         samples.append(queue_length(settings))
+    return samples
+
+
+def backlog_check(limits: Limits, settings: Settings, samples: list[int]) -> Check:
+    """Growing at every sample means the workers fall behind."""
     growing = len(samples) > 1 and all(b > a for a, b in pairwise(samples))
     reason = f"queue {settings.queue!r} length over {limits.samples} samples: {samples}"
     return Check("backlog", not growing, samples, None, reason + (" (growing)" if growing else ""))
+
+
+def consuming_check(limits: Limits, samples: list[int], progress_age: float | None) -> Check:
+    """Messages wait at every sample yet no task made progress lately: nobody is consuming."""
+    waiting_msgs = min(samples, default=0)
+    idle = progress_age if progress_age is not None else float("inf")
+    stalled = waiting_msgs > 0 and idle > limits.max_idle
+    since = "never" if progress_age is None else f"{progress_age:.0f}s ago"
+    reason = f"{waiting_msgs} messages wait; last task progress {since}"
+    return Check("consuming", not stalled, progress_age, limits.max_idle,
+                 reason + (" (workers are not consuming)" if stalled else ""))  # fmt: skip
 
 
 def check(limits: Limits, settings: Settings | None = None) -> Report:
@@ -179,7 +208,11 @@ def check(limits: Limits, settings: Settings | None = None) -> Report:
     except Exception as exc:
         report = Report([Check("store", False, None, None, f"store unreachable: {_name(exc)}")])
     try:
-        report.checks.append(backlog_check(limits, settings))
+        samples = sample_queue(limits, settings)
+        report.checks.append(backlog_check(limits, settings, samples))
+        if "last_progress_age_s" in report.info:
+            age = report.info["last_progress_age_s"]
+            report.checks.append(consuming_check(limits, samples, age))
     except Exception as exc:
         report.checks.append(
             Check("broker", False, None, None, f"broker unreachable: {_name(exc)}")

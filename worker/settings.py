@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     health_max_flush_age: float = Field(
         default=900.0, gt=0, description="seconds without a successful flush while work waits"
     )
+    health_max_idle: float = Field(
+        default=300.0, gt=0, description="seconds messages may wait with no task making progress"
+    )
 
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,29 @@ def test_health_red_while_the_queue_grows(
     assert backlog["reason"].endswith("(growing)")
     quiet = json.loads(stack.cli("health", "--json", "--samples", "2", "--interval", "0").stdout)
     assert quiet["healthy"], quiet
+
+
+def test_health_red_while_nobody_consumes(
+    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Messages wait with no task progress (a stalled consumer): red, however flat the backlog;
+    green again once a worker consumes them."""
+    stack = make_stack(broker_url=redis_url, database_url=pg_url, health_max_idle="1")
+    stack.cli("db", "upgrade")
+    events = generate(StreamSpec(events=200, members=10, seed=41))
+    path = tmp_path / "e.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    stack.cli("publish", str(path), "--batch-size", "50")
+    time.sleep(1.5)
+    proc = stack.cli("health", "--json", "--samples", "2", "--interval", "0.2", check=False)
+    report = json.loads(proc.stdout)
+    consuming = next(c for c in report["checks"] if c["name"] == "consuming")
+    assert proc.returncode == 1 and not consuming["ok"], report
+    assert (
+        consuming["reason"]
+        == "4 messages wait; last task progress never (workers are not consuming)"
+    )
+    stack.worker("w1")
+    assert wait_for(lambda: stack.status()["events_received"] == 200, 60)
+    report = json.loads(stack.cli("health", "--json", "--samples", "2", "--interval", "0").stdout)
+    assert next(c for c in report["checks"] if c["name"] == "consuming")["ok"], report
