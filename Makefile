@@ -32,5 +32,12 @@ test-fast: install
 demo: install
 	$(BIN)/accumsync demo
 
+# The four benchmarks (README, Performance): long, noisy on a busy machine, never run by CI.
+bench: install services
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.flush
+	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.freshness
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
