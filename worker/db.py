@@ -39,6 +39,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as aware UTC: SQLite hands timestamps back naive (they are stored as UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def age_seconds(since: datetime | None, now: datetime, places: int = 3) -> float | None:
+    """Seconds from ``since`` to ``now`` (never negative, rounded); None when ``since`` is."""
+    if since is None:
+        return None
+    return round(max(0.0, (now - as_utc(since)).total_seconds()), places)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # let BEGIN IMMEDIATE below own the transaction
     cur = dbapi_conn.cursor()

@@ -23,7 +23,7 @@ from sqlalchemy import func, or_, select
 from sqlmodel import Session, col
 
 from models.tables import Accumulator, DeadLetter, FlushAttempt, IngestBatch
-from worker.db import session_scope, utcnow
+from worker.db import age_seconds, as_utc, session_scope, utcnow
 from worker.settings import Settings, get_settings
 
 SUCCESS = ("ok", "partial", "recovered")
@@ -79,11 +79,7 @@ class Report:
 
 
 def _age(since: datetime | None, now: datetime) -> float | None:
-    if since is None:
-        return None
-    if since.tzinfo is None:  # SQLite hands back naive UTC
-        since = since.replace(tzinfo=now.tzinfo)
-    return round(max(0.0, (now - since).total_seconds()), 1)
+    return age_seconds(since, now, places=1)
 
 
 def waiting(session: Session) -> tuple[int, datetime | None]:
@@ -106,7 +102,7 @@ def last_progress(session: Session) -> datetime | None:
     """When a task last made progress: an ingested batch or any batch call to VBA."""
     ingested = session.execute(select(func.max(IngestBatch.at))).scalar_one()
     called = session.execute(select(func.max(FlushAttempt.started_at))).scalar_one()
-    return max((t for t in (ingested, called) if t is not None), default=None, key=_utc)
+    return max((t for t in (ingested, called) if t is not None), default=None, key=as_utc)
 
 
 def open_dead_letters(session: Session) -> int:
@@ -150,7 +146,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
         )
     )
     last = last_success(session)
-    since = max((t for t in (last, oldest) if t is not None), default=None, key=_utc)
+    since = max((t for t in (last, oldest) if t is not None), default=None, key=as_utc)
     flush_age = (_age(since, now) or 0.0) if count else 0.0
     what = f"last successful batch call {_age(last, now)}s ago" if last else "no successful call"
     report.checks.append(
@@ -165,10 +161,6 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
     report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report
-
-
-def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=utcnow().tzinfo)
 
 
 def sample_queue(limits: Limits, settings: Settings) -> list[int]:

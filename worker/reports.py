@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session, col
 
 from models.tables import Accumulator, DeadLetter, IngestBatch, Pair
-from worker.db import utcnow
+from worker.db import age_seconds, utcnow
 
 STATUS_KEYS = (
     "events_received",
@@ -24,14 +24,6 @@ STATUS_KEYS = (
     "oldest_dirty_age_s",
     "pairs",
 )
-
-
-def _age(since: datetime | None, now: datetime) -> float:
-    if since is None:
-        return 0.0
-    if since.tzinfo is None:  # SQLite hands back naive UTC
-        since = since.replace(tzinfo=now.tzinfo)
-    return round(max(0.0, (now - since).total_seconds()), 3)
 
 
 def status(session: Session, now: datetime | None = None) -> dict[str, Any]:
@@ -58,7 +50,8 @@ def status(session: Session, now: datetime | None = None) -> dict[str, Any]:
         select(func.count()).select_from(DeadLetter).where(open_dead)
     ).scalar_one()
     pairs = session.execute(select(func.count()).select_from(Pair)).scalar_one()
-    values = [*map(int, sums), int(dead), int(accums), int(n_dirty), _age(oldest, now), int(pairs)]
+    oldest_age = age_seconds(oldest, now) or 0.0
+    values = [*map(int, sums), int(dead), int(accums), int(n_dirty), oldest_age, int(pairs)]
     return dict(zip(STATUS_KEYS, values, strict=True))
 
 
