@@ -51,7 +51,9 @@ def member_data(events: list[dict[str, Any]]) -> set[str]:
 
 
 def tokens(text: str) -> set[str]:
-    """Words and whole decimal numbers of ``text`` (a timestamp's digits are not an amount)."""
+    """Words and whole decimal numbers of ``text``; a timestamp's digits and the task runtimes
+    Flower renders (``133.16 ms``) are not amounts, however alike they look."""
+    text = re.sub(r"\d+\.\d+ ms\b", "", text)
     return set(re.findall(r"\w+", text)) | set(re.findall(r"(?<![\d.])\d+\.\d+(?![\d.])", text))
 
 
