@@ -31,8 +31,8 @@ NAMES = ("vba_token_refreshes", "vba_logins", "vba_429", "vba_401")
 
 def bump(name: str, n: int = 1) -> None:
     """Add ``n`` to counter ``name`` in its own short transaction (never fails the caller)."""
+    from worker.bulk import insert
     from worker.db import session_scope, utcnow
-    from worker.store import insert
 
     with session_scope() as s:
         stmt = insert(s, T_COUNTER).values(name=name, value=n, updated_at=utcnow())

@@ -33,10 +33,11 @@ from models.sync import Cents, backoff, cents_of_vba, landed, target, vba_of_cen
 from models.tables import PUSHED, FlushAttempt
 from models.vba import SubscriberAccum
 from worker import failpoints
+from worker.bulk import insert
 from worker.db import session_scope, utcnow
 from worker.logs import Log
 from worker.settings import Settings, get_settings
-from worker.store import KEY_COLS, T_ACCUM, T_PAIR, dead_letter, insert
+from worker.store import KEY_COLS, T_ACCUM, T_PAIR, dead_letter
 from worker.vba import BatchResult, VbaAuthError, VbaClient, VbaRejected, VbaUnavailable
 
 log = Log("flush")

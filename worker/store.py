@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Table, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -34,6 +33,7 @@ from models.tables import (
     Pair,
     ReceivedEvent,
 )
+from worker.bulk import insert, upsert
 from worker.db import utcnow
 
 T_CLAIM: Table = Claim.__table__  # type: ignore[attr-defined]
@@ -61,13 +61,6 @@ class BatchResult:
 
     def summary(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}
-
-
-def insert(session: Session, table: Table) -> postgresql.Insert:
-    """The dialect's INSERT, which knows ON CONFLICT (SQLite's has the same API as Postgres')."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return cast(postgresql.Insert, sqlite.insert(table))
 
 
 Valid = list[tuple[ClaimEvent, str, dict[str, Any]]]
@@ -133,18 +126,19 @@ def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any]
 def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]:
     """Lock every claim of the batch, in claim_id order, and return their current states.
 
-    An upsert that touches existing rows locks them as they come, in the order given; new claims
+    An upsert that touches existing rows locks them as they come, in claim_id order; new claims
     get a placeholder row (version -1) so the next batch on the same claim waits for this one.
-    One statement with a list of parameter sets: SQLAlchemy compiles it once per process and
-    sends it as multi-row VALUES pages ("insertmanyvalues"), in the order given.
+    One statement for the whole batch (``worker.bulk``).
     """
-    if not claim_ids:
-        return {}
-    stmt = insert(session, T_CLAIM)
-    upsert = stmt.on_conflict_do_update(
-        index_elements=["claim_id"], set_={"claim_id": stmt.excluded.claim_id}
-    ).returning(T_CLAIM)
-    rows = session.execute(upsert, [{"claim_id": c} for c in claim_ids]).mappings()
+    rows = upsert(
+        session,
+        T_CLAIM,
+        [{"claim_id": c} for c in claim_ids],
+        conflict=["claim_id"],
+        set_=lambda _, new: {"claim_id": new.claim_id},
+        order_by=["claim_id"],
+        returning=True,
+    )
     return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
 
 
@@ -191,9 +185,7 @@ def write_received(session: Session, received: list[tuple[ClaimEvent, str]], now
         }
         for e, h in received
     ]
-    if rows:
-        stmt = insert(session, T_EVENT).on_conflict_do_nothing(index_elements=["event_id"])
-        session.execute(stmt, rows)
+    upsert(session, T_EVENT, rows, conflict=["event_id"])
 
 
 def write_claims(
@@ -215,10 +207,12 @@ def write_claims(
         row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
         row.update({c: cents.get(a, 0) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True)})
         rows.append(row)
-    if rows:
-        stmt = insert(session, T_CLAIM)
-        update = {c.name: stmt.excluded[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
-        session.execute(stmt.on_conflict_do_update(index_elements=["claim_id"], set_=update), rows)
+    upsert(session, T_CLAIM, rows, conflict=["claim_id"], set_=replace_claim)
+
+
+def replace_claim(_: Any, new: Any) -> dict[str, Any]:
+    """A claim's upsert: every column takes the new row's value."""
+    return {c.name: new[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
 
 
 def pair_ids(
@@ -228,7 +222,7 @@ def pair_ids(
     ids = existing_pairs(session, set(pairs))
     missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
     if missing:
-        session.execute(insert(session, T_PAIR).on_conflict_do_nothing(), missing)
+        upsert(session, T_PAIR, missing, conflict=["subscriber_id", "group_id"])
         ids.update(existing_pairs(session, {(m["subscriber_id"], m["group_id"]) for m in missing}))
     return ids
 
@@ -248,7 +242,7 @@ def existing_pairs(session: Session, wanted: set[tuple[str, str]]) -> dict[tuple
 
 
 def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: datetime) -> None:
-    """Add each key's column deltas to its accumulator row and mark it dirty, in key order."""
+    """Add each key's column deltas to its accumulator row and mark it dirty (in key order)."""
     if not deltas:
         return
     pairs = pair_ids(session, sorted({(k[0], k[1]) for k in deltas}), now)
@@ -258,13 +252,16 @@ def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: 
         row.update(pair_id=pairs[(key[0], key[1])], change_seq=1, dirty_since=now, updated_at=now)
         row.update({c: delta.get(c, 0) for c in COLUMNS})
         rows.append(row)
-    stmt = insert(session, T_ACCUM)
-    acc, new = T_ACCUM.c, stmt.excluded
-    update: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
-    update["change_seq"] = acc.change_seq + 1
-    update["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
-    update["updated_at"] = new.updated_at
-    session.execute(stmt.on_conflict_do_update(index_elements=list(KEY_COLS), set_=update), rows)
+    upsert(session, T_ACCUM, rows, conflict=KEY_COLS, set_=add_delta, order_by=KEY_COLS)
+
+
+def add_delta(acc: Any, new: Any) -> dict[str, Any]:
+    """An accumulator's upsert: add the delta row to the stored row and keep it dirty."""
+    changes: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
+    changes["change_seq"] = acc.change_seq + 1
+    changes["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
+    changes["updated_at"] = new.updated_at
+    return changes
 
 
 def dead_letter(

@@ -1,0 +1,61 @@
+"""The ledger's central property on the Postgres store, whose bulk writes are its own code path.
+
+The same random deliveries as ``tests/unit/test_ledger_properties.py`` (SQLite), cut into random
+batches and ingested into a real Postgres database, emptied between examples: the accumulators
+equal the independent oracle to the cent, whatever the order, duplication and batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+from sqlmodel import Session
+
+from tests.services import create_database, drop_database
+from tests.stack import Stack, same_totals
+from tests.unit.test_ledger_properties import deliveries
+from worker.db import make_engine, upgrade
+from worker.store import ingest
+from worker.streams import expected_totals
+
+TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch"
+
+
+@pytest.fixture(scope="module")
+def pg_store(postgres: str) -> Iterator[tuple[str, Engine]]:
+    name, url = create_database()
+    upgrade(url)
+    engine = make_engine(url)
+    yield url, engine
+    engine.dispose()
+    drop_database(name)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=deliveries(), cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6))
+def test_postgres_store_equals_the_oracle_across_batches(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_store: tuple[str, Engine],
+    case: Any,
+    cuts: list[int],
+) -> None:
+    url, engine = pg_store
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    events, delivered = case
+    i, n = 0, 0
+    while i < len(delivered):
+        size = cuts[n % len(cuts)]
+        with Session(engine) as session:
+            ingest(session, delivered[i : i + size])
+            session.commit()
+        i, n = i + size, n + 1
+    stack = Stack(tmp_path_factory.mktemp("props"), database_url=url)
+    assert same_totals(stack.totals(), expected_totals(events)) == []
