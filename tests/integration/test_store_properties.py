@@ -14,13 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
-from sqlmodel import Session
 
 from tests.services import create_database, drop_database
 from tests.stack import Stack, same_totals
-from tests.unit.test_ledger_properties import deliveries
+from tests.unit.test_ledger_properties import deliveries, ingest_in_batches
 from worker.db import make_engine, upgrade
-from worker.store import ingest
 from worker.streams import expected_totals
 
 TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch"
@@ -50,12 +48,6 @@ def test_postgres_store_equals_the_oracle_across_batches(
     with engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     events, delivered = case
-    i, n = 0, 0
-    while i < len(delivered):
-        size = cuts[n % len(cuts)]
-        with Session(engine) as session:
-            ingest(session, delivered[i : i + size])
-            session.commit()
-        i, n = i + size, n + 1
+    ingest_in_batches(engine, delivered, cuts)
     stack = Stack(tmp_path_factory.mktemp("props"), database_url=url)
     assert same_totals(stack.totals(), expected_totals(events)) == []

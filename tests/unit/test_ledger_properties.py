@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from models.buckets import AMOUNTS, BUCKETS
@@ -96,6 +97,14 @@ def test_store_equals_the_oracle_across_batches(tmp_path: Path, case: Any, cuts:
     url = f"sqlite:///{db}"
     upgrade(url)
     engine = make_engine(url)
+    ingest_in_batches(engine, delivered, cuts)
+    engine.dispose()
+    assert same_totals(Stack(tmp_path, database_url=url).totals(), expected_totals(events)) == []
+    db.unlink()
+
+
+def ingest_in_batches(engine: Engine, delivered: list[dict[str, Any]], cuts: list[int]) -> None:
+    """Ingest ``delivered`` through the real store, one transaction per batch of the cut sizes."""
     i, n = 0, 0
     while i < len(delivered):
         size = cuts[n % len(cuts)]
@@ -103,6 +112,3 @@ def test_store_equals_the_oracle_across_batches(tmp_path: Path, case: Any, cuts:
             ingest(session, delivered[i : i + size])
             session.commit()
         i, n = i + size, n + 1
-    engine.dispose()
-    assert same_totals(Stack(tmp_path, database_url=url).totals(), expected_totals(events)) == []
-    db.unlink()
