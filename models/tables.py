@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -27,6 +27,10 @@ PUSHED: tuple[str, ...] = tuple(f"pushed_{c}" for c in COLUMNS)
 
 CLAIM_CENTS: tuple[str, ...] = tuple(f"{a}_cents" for a in AMOUNTS)
 """A claim's ten amounts, in cents."""
+
+
+BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
+"""A 64-bit id; on SQLite plain INTEGER, which is 64-bit there and keeps the rowid alias."""
 
 
 def _cents_columns(names: tuple[str, ...], ns: dict[str, Any]) -> None:
@@ -90,7 +94,7 @@ class Accumulator(SQLModel, table=True):
         ),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT_ID)
     pair_id: int = Field(foreign_key="pair.id", index=True)
     subscriber_id: str = Field(max_length=9)
     group_id: str = Field(max_length=20)
@@ -116,12 +120,12 @@ class Accumulator(SQLModel, table=True):
 class DeadLetter(SQLModel, table=True):
     __tablename__ = "dead_letter"
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT_ID)
     source: str = Field(max_length=16, description="ingest | flush | plans")
     fingerprint: str = Field(max_length=64, unique=True)
     reason: str = Field(sa_type=Text)
     event_id: str | None = Field(default=None, max_length=128, index=True)
-    accumulator_id: int | None = Field(default=None, index=True)
+    accumulator_id: int | None = Field(default=None, index=True, sa_type=BIGINT_ID)
     activity_id: str | None = Field(default=None, max_length=128)
     payload: str = Field(sa_column=Column(Text, nullable=False))
     first_seen: datetime
