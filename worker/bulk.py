@@ -18,9 +18,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import JSON, Executable, Table, Text, bindparam, func, literal_column, select
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Executable,
+    Select,
+    Table,
+    Text,
+    bindparam,
+    func,
+    literal,
+    literal_column,
+    select,
+    true,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import TableValuedAlias
@@ -37,7 +50,11 @@ def is_postgres(session: Session) -> bool:
 
 def insert(session: Session, table: Table) -> postgresql.Insert:
     """The dialect's INSERT, which knows ON CONFLICT (SQLite's has the same API as Postgres')."""
-    if is_postgres(session):
+    return _insert(table, is_postgres(session))
+
+
+def _insert(table: Table, postgres: bool) -> postgresql.Insert:
+    if postgres:
         return postgresql.insert(table)
     return cast(postgresql.Insert, sqlite.insert(table))
 
@@ -62,6 +79,27 @@ def _iso(value: Any) -> str:
     raise TypeError(f"cannot store a {type(value).__name__} in a bulk row")
 
 
+def rows_where_in(
+    session: Session, columns: Sequence[ColumnElement[Any]], key: ColumnElement[Any], values: Any
+) -> Select[Any]:
+    """``SELECT columns WHERE key IN (values)``, the values bound as one JSON array.
+
+    One parameter whatever the count, so the statement text never changes and Postgres
+    prepares it once (an ``IN (:v1, ..., :vN)`` list is a new statement for every N). On
+    Postgres each value is looked up by ``key``'s index (``CROSS JOIN LATERAL``): a plain
+    semi-join left the choice to table statistics, which lag behind a fast-growing table and
+    picked a full scan of it per batch.
+    """
+    array = bindparam(None, json.dumps(list(values)), type_=Text)
+    if not is_postgres(session):
+        each = func.json_each(array).table_valued("value")
+        return select(*columns).where(key.in_(select(each.c.value)))
+    wanted = func.json_array_elements_text(array.cast(JSON)).table_valued("value").alias("v")
+    # OFFSET 0 keeps the planner from flattening the lateral subquery into that semi-join.
+    found = select(*columns).where(key == wanted.c.value).offset(0).lateral("found")
+    return select(*found.c).select_from(wanted).join(found, true())
+
+
 def upsert(
     session: Session,
     table: Table,
@@ -71,32 +109,77 @@ def upsert(
     set_: Changes | None = None,
     order_by: Sequence[str] = (),
     returning: bool = False,
+    columns: Sequence[str] | None = None,
+    fill: Mapping[str, Any] | None = None,
+    same: Mapping[str, Any] | None = None,
 ) -> Sequence[Any]:
     """Insert ``rows``; on a ``conflict`` key, update the stored row with ``set_``, or skip it.
 
     ``set_(stored, new)`` gets the table's columns and the conflicting new row's (``excluded``)
-    and returns the changes, column name -> expression.
-    ``order_by`` fixes the order rows are inserted (and their row locks taken) on Postgres;
-    on SQLite rows go in the order given. With ``returning``, the stored rows come back.
+    and returns the changes, column name -> expression. ``columns`` are the columns written
+    (default: the first row's keys); a row may leave out those in ``fill``, which gives their
+    value (so a sparse row carries only what it changes); ``same`` holds values every row shares,
+    bound once per statement instead of once per row. ``order_by`` fixes the order rows are
+    inserted (and their row locks taken) on Postgres; on SQLite rows go in the order given.
+    With ``returning``, the stored rows come back.
     """
     if not rows:
         return []
-    names = list(rows[0])
-    stmt = insert(session, table)
-    if is_postgres(session):
-        source = recordset(table)
-        query = select(*[source.c[n] for n in names]).order_by(*[source.c[n] for n in order_by])
-        stmt = stmt.from_select(names, query)
-    changes = set_(table.c, stmt.excluded) if set_ else {}
-    final: Executable = (
-        stmt.on_conflict_do_update(index_elements=list(conflict), set_=changes)
-        if changes
-        else stmt.on_conflict_do_nothing(index_elements=list(conflict))
-    )
-    if returning:
-        final = cast(postgresql.Insert, final).returning(table)
-    if is_postgres(session):
-        result = session.execute(final, {"rows": as_json(rows)})
+    names = tuple(columns or rows[0])
+    fill, same = fill or {}, dict(same or {})
+    postgres = is_postgres(session)
+    shape = Shape(
+        table, postgres, names, tuple(fill.items()), tuple(same), tuple(conflict), set_,
+        tuple(order_by), returning,
+    )  # fmt: skip
+    stmt = _STATEMENTS.get(shape)
+    if stmt is None:
+        stmt = _STATEMENTS[shape] = statement(shape)
+    if postgres:
+        params = {"rows": as_json(rows)} | {f"same_{k}": v for k, v in same.items()}
+        result = session.execute(stmt, params)
     else:
-        result = session.execute(final, list(rows))
+        dense = [{n: r.get(n, fill.get(n)) for n in names} | same for r in rows]
+        result = session.execute(stmt, dense)
     return result.mappings().all() if returning else []
+
+
+class Shape(NamedTuple):
+    """Everything an upsert statement depends on: statements are built once per shape."""
+
+    table: Table
+    postgres: bool
+    names: tuple[str, ...]
+    fill: tuple[tuple[str, Any], ...]
+    same: tuple[str, ...]
+    conflict: tuple[str, ...]
+    set_: Changes | None
+    order_by: tuple[str, ...]
+    returning: bool
+
+
+_STATEMENTS: dict[Shape, Executable] = {}
+
+
+def statement(shape: Shape) -> Executable:
+    """The upsert statement of ``shape``."""
+    table, fill = shape.table, dict(shape.fill)
+    stmt = _insert(table, shape.postgres)
+    if shape.postgres:
+        rows = recordset(table)
+        values = [
+            func.coalesce(rows.c[n], literal(fill[n], table.c[n].type)) if n in fill else rows.c[n]
+            for n in shape.names
+        ]
+        values += [bindparam(f"same_{n}", type_=table.c[n].type) for n in shape.same]
+        query = select(*values).order_by(*[rows.c[n] for n in shape.order_by])
+        stmt = stmt.from_select([*shape.names, *shape.same], query)
+    changes = shape.set_(table.c, stmt.excluded) if shape.set_ else {}
+    final: Executable = (
+        stmt.on_conflict_do_update(index_elements=list(shape.conflict), set_=changes)
+        if changes
+        else stmt.on_conflict_do_nothing(index_elements=list(shape.conflict))
+    )
+    if shape.returning:
+        final = cast(postgresql.Insert, final).returning(table)
+    return final

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, literal, union_all
 from sqlmodel import Session
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -33,7 +33,7 @@ from models.tables import (
     Pair,
     ReceivedEvent,
 )
-from worker.bulk import insert, upsert
+from worker.bulk import insert, rows_where_in, upsert
 from worker.db import utcnow
 
 T_CLAIM: Table = Claim.__table__  # type: ignore[attr-defined]
@@ -43,7 +43,6 @@ T_ACCUM: Table = Accumulator.__table__  # type: ignore[attr-defined]
 T_DEAD: Table = DeadLetter.__table__  # type: ignore[attr-defined]
 T_BATCH: Table = IngestBatch.__table__  # type: ignore[attr-defined]
 KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
-IN_CHUNK = 900  # ids per IN (...) list: under SQLite's and psycopg's parameter limits
 MAX_DEAD_PAYLOAD = 65_536  # characters of a refused item kept (a valid event is ~1 KB)
 
 
@@ -118,11 +117,6 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     return result
 
 
-def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]:
     """Lock every claim of the batch, in claim_id order, and return their current states.
 
@@ -160,32 +154,28 @@ def claim_state(row: Any) -> ClaimState:
 def load_seen(
     session: Session, event_ids: list[str], claim_ids: list[str]
 ) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
-    """Content hashes already recorded, by event_id and by (claim_id, version)."""
+    """Content hashes already recorded, by event_id and by (claim_id, version): one query."""
     by_event: dict[str, str] = {}
     by_version: dict[tuple[str, int], str] = {}
     cols = (T_EVENT.c.event_id, T_EVENT.c.claim_id, T_EVENT.c.version, T_EVENT.c.content_hash)
-    for part in chunks(sorted(set(event_ids))):
-        for eid, _, _, h in session.execute(select(*cols).where(T_EVENT.c.event_id.in_(part))):
+    tagged = [literal(True).label("by_id"), *cols]
+    same_event = rows_where_in(session, tagged, T_EVENT.c.event_id, event_ids)
+    tagged[0] = literal(False).label("by_id")
+    same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids)
+    for by_id, eid, cid, version, h in session.execute(union_all(same_event, same_claim)):
+        if by_id:
             by_event[eid] = h
-    for part in chunks(claim_ids):
-        rows = session.execute(select(*cols).where(T_EVENT.c.claim_id.in_(part)))
-        for _, cid, version, h in rows:
+        else:
             by_version.setdefault((cid, version), h)
     return by_event, by_version
 
 
 def write_received(session: Session, received: list[tuple[ClaimEvent, str]], now: datetime) -> None:
     rows = [
-        {
-            "event_id": e.event_id,
-            "claim_id": e.claim_id,
-            "version": e.version,
-            "content_hash": h,
-            "received_at": now,
-        }
+        {"event_id": e.event_id, "claim_id": e.claim_id, "version": e.version, "content_hash": h}
         for e, h in received
     ]
-    upsert(session, T_EVENT, rows, conflict=["event_id"])
+    upsert(session, T_EVENT, rows, conflict=["event_id"], same={"received_at": now})
 
 
 def write_claims(
@@ -194,7 +184,7 @@ def write_claims(
     """Store each changed claim's new highest version, its details and its contribution."""
     rows = []
     for claim_id, state in sorted(states.items()):
-        event, cents = events[(claim_id, state.content_hash)], dict(state.cents)
+        event = events[(claim_id, state.content_hash)]
         row: dict[str, Any] = {
             "claim_id": claim_id,
             "version": state.version,
@@ -205,9 +195,22 @@ def write_claims(
             "adjudicated_at": event.adjudicated_at,
         }
         row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
-        row.update({c: cents.get(a, 0) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True)})
+        row.update({CENTS_OF[a]: v for a, v in state.cents})  # nonzero only; the rest fill 0
         rows.append(row)
-    upsert(session, T_CLAIM, rows, conflict=["claim_id"], set_=replace_claim)
+    columns, fill = [c.name for c in T_CLAIM.c], dict.fromkeys(CLAIM_CENTS, 0)
+    upsert(
+        session,
+        T_CLAIM,
+        rows,
+        conflict=["claim_id"],
+        set_=replace_claim,
+        columns=columns,
+        fill=fill,
+    )
+
+
+CENTS_OF = dict(zip(AMOUNTS, CLAIM_CENTS, strict=True))
+"""Amount name -> its claim column."""
 
 
 def replace_claim(_: Any, new: Any) -> dict[str, Any]:
@@ -215,15 +218,17 @@ def replace_claim(_: Any, new: Any) -> dict[str, Any]:
     return {c.name: new[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
 
 
-def pair_ids(
-    session: Session, pairs: list[tuple[str, str]], now: datetime
-) -> dict[tuple[str, str], int]:
+def pair_ids(session: Session, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
     """The id of each (subscriber, group) pair, creating the missing ones (sorted: lock order)."""
     ids = existing_pairs(session, set(pairs))
     missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
     if missing:
-        upsert(session, T_PAIR, missing, conflict=["subscriber_id", "group_id"])
-        ids.update(existing_pairs(session, {(m["subscriber_id"], m["group_id"]) for m in missing}))
+        made = upsert(
+            session, T_PAIR, missing, conflict=["subscriber_id", "group_id"], returning=True
+        )
+        ids.update({(r["subscriber_id"], r["group_id"]): r["id"] for r in made})
+    if len(ids) < len(pairs):  # another batch created some of them meanwhile
+        ids.update(existing_pairs(session, {p for p in pairs if p not in ids}))
     return ids
 
 
@@ -233,26 +238,33 @@ def existing_pairs(session: Session, wanted: set[tuple[str, str]]) -> dict[tuple
     subscriber_id leads the unique index, so ``IN`` on it is an index scan; a row-value
     ``(subscriber_id, group_id) IN (...)`` list made Postgres scan the whole table per batch.
     """
-    ids: dict[tuple[str, str], int] = {}
     cols = (T_PAIR.c.id, T_PAIR.c.subscriber_id, T_PAIR.c.group_id)
-    for part in chunks(sorted({s for s, _ in wanted})):
-        query = select(*cols).where(T_PAIR.c.subscriber_id.in_(part))
-        ids.update({(s, g): i for i, s, g in session.execute(query) if (s, g) in wanted})
-    return ids
+    query = rows_where_in(session, cols, T_PAIR.c.subscriber_id, {s for s, _ in wanted})
+    return {(s, g): i for i, s, g in session.execute(query) if (s, g) in wanted}
 
 
 def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: datetime) -> None:
     """Add each key's column deltas to its accumulator row and mark it dirty (in key order)."""
     if not deltas:
         return
-    pairs = pair_ids(session, sorted({(k[0], k[1]) for k in deltas}), now)
+    pairs = pair_ids(session, sorted({(k[0], k[1]) for k in deltas}))
     rows = []
     for key, delta in deltas.items():
         row: dict[str, Any] = dict(zip(KEY_COLS, key, strict=True))
-        row.update(pair_id=pairs[(key[0], key[1])], change_seq=1, dirty_since=now, updated_at=now)
-        row.update({c: delta.get(c, 0) for c in COLUMNS})
+        row["pair_id"] = pairs[(key[0], key[1])]
+        row.update(delta)  # nonzero columns only; the rest fill 0
         rows.append(row)
-    upsert(session, T_ACCUM, rows, conflict=KEY_COLS, set_=add_delta, order_by=KEY_COLS)
+    upsert(
+        session,
+        T_ACCUM,
+        rows,
+        conflict=KEY_COLS,
+        set_=add_delta,
+        order_by=KEY_COLS,
+        columns=[*KEY_COLS, "pair_id", *COLUMNS],
+        fill=dict.fromkeys(COLUMNS, 0),
+        same={"change_seq": 1, "dirty_since": now, "updated_at": now},
+    )
 
 
 def add_delta(acc: Any, new: Any) -> dict[str, Any]:
