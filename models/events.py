@@ -22,6 +22,8 @@ from models.buckets import AMOUNTS, Network
 
 MAX_AMOUNT: Final = Decimal("999999999999.99")
 CENT: Final = Decimal("0.01")
+CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""The content hash's JSON form (one encoder, not one per call)."""
 
 
 def _no_float_artifacts(value: Any) -> Any:
@@ -37,15 +39,14 @@ def _no_float_artifacts(value: Any) -> Any:
     return value
 
 
-# Constraints listed before the BeforeValidator are compiled into pydantic-core's decimal
-# validator; those after it run as Python functions, in order. Only the first two can move into
-# the core without changing which rule a value breaking several is reported under (the core
-# checks decimals before bounds), so ``le`` and ``decimal_places`` stay after: half the calls.
+# Every constraint sits in the Field before the BeforeValidator, so pydantic-core checks them all
+# in Rust; constraints listed after it would run as Python functions (a quarter of validation's
+# time). A value breaking several rules is reported under the first the core checks (decimals
+# before bounds): still a true reason.
 Money = Annotated[
     Decimal,
-    Field(ge=0, allow_inf_nan=False),
+    Field(ge=0, le=MAX_AMOUNT, decimal_places=2, allow_inf_nan=False),
     BeforeValidator(_no_float_artifacts),
-    Field(le=MAX_AMOUNT, decimal_places=2),
 ]
 
 
@@ -119,9 +120,8 @@ class ClaimEvent(BaseModel):
         """
         # The amounts are not dumped only to be replaced: they were most of the dump's cost.
         body = self.model_dump(mode="json", exclude={"event_id", "amounts"})
-        body["amounts"] = {k: str(v.quantize(CENT)) for k, v in self.amounts}
-        raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(raw.encode()).hexdigest()
+        body["amounts"] = {k: str(v.quantize(CENT)) for k, v in self.amounts.__dict__.items()}
+        return hashlib.sha256(CANONICAL.encode(body).encode()).hexdigest()
 
 
 AccumKey = tuple[str, str, str, str, str]

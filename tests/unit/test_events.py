@@ -161,3 +161,21 @@ def test_content_hash_ignores_event_id_and_number_spelling() -> None:
     b = ClaimEvent.model_validate({**BASE, "event_id": "other", "amounts": {"copay": 5.00}})
     c = ClaimEvent.model_validate({**BASE, "amounts": {"copay": "5.01"}})
     assert a.content_hash() == b.content_hash() != c.content_hash()
+
+
+def test_content_hash_is_stable_across_releases() -> None:
+    """Hashes are stored (dedup and conflict checks): a change to them would turn every
+    redelivery of an already-received event into a conflict. Pinned values of release 0.1."""
+    full = {
+        **BASE,
+        "member_seq": "01",
+        "service_date": "2026-03-04",
+        "adjudicated_at": "2026-03-05T10:11:12.345678+02:00",
+        "amounts": {"copay": "25.5", "deductible": 100, "out_of_pocket": "0.07"},
+    }
+    assert ClaimEvent.model_validate(BASE).content_hash() == (
+        "a49f20b14b99d7f76716a141e86d645b94030c2473d0e3d4b0f1125fb78e023f"
+    )
+    assert ClaimEvent.model_validate(full).content_hash() == (
+        "28b0a1b1694ee6c2013aabb2b35de712d5fe738059c756c0bcbe3851a2b09f9e"
+    )
