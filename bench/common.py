@@ -145,6 +145,60 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return round(fields["VmRSS"], 1), round(fields["VmHWM"], 1)
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 if it is gone), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def pids_named(*names: str) -> list[int]:
+    """Every process whose command name is one of ``names`` (e.g. postgres, redis-server)."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in names:
+                found.append(int(comm.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the system between ``start()`` and ``stop()``.
+
+    Postgres and Redis count every process of theirs (backends, WAL writer, checkpointer):
+    all of it is work the run causes, as nothing else runs on the machine meanwhile.
+    """
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self.before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def sample(self) -> dict[str, float]:
+        pool = pool_pids(self.worker_pid)
+        return {
+            "worker pool": sum(cpu_seconds(p) for p in pool),
+            "worker main (broker I/O)": cpu_seconds(self.worker_pid),
+            "postgres": sum(cpu_seconds(p) for p in pids_named("postgres")),
+            "redis": sum(cpu_seconds(p) for p in pids_named("redis-server")),
+        }
+
+    def start(self) -> None:
+        self.before = self.sample()
+
+    def stop(self) -> dict[str, float]:
+        after = self.sample()
+        self.used = {k: after[k] - self.before[k] for k in after}
+        return self.used
+
+
 def wait_until(
     check: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = ""
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from bench.common import Report, Run, events_ingested, store, wait_until
+from bench.common import CpuMeter, Report, Run, events_ingested, store, wait_until
 from bench.naive import TASK as NAIVE_TASK
 from tests.stack import Stack, same_totals
 from worker.streams import StreamSpec, expected_totals, generate
@@ -37,10 +38,16 @@ class Phase:
     events: int
     seconds: float
     totals_ok: bool
+    cpu: dict[str, float]
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
+
+    def cpu_us_per_event(self) -> dict[str, float]:
+        """CPU microseconds each part spent per event, and their total."""
+        per = {k: round(v * 1e6 / self.events, 1) for k, v in self.cpu.items()}
+        return per | {"total": round(sum(per.values()), 1)}
 
 
 def stream(n: int, members: int, seed: int) -> list[dict[str, Any]]:
@@ -62,6 +69,8 @@ def run_phase(
     """Start a worker, publish ``events`` from a producer process, wait for the last commit."""
     env = run.env(database_url, broker_url)
     child = run.worker(env, concurrency, include=["bench.naive"], name=name)
+    meter = CpuMeter(child.pid)
+    meter.start()
     path = run.tmp / f"{name}.json"
     path.write_text(json.dumps(events))
     producer = subprocess.Popen(
@@ -74,12 +83,14 @@ def run_phase(
         done = done_check(engine, task, events)
         wait_until(done, timeout=3600, interval=0.05, what=f"{name}: all events committed")
         finished = time.time()
+    cpu = meter.stop()
     out, _ = producer.communicate(timeout=600)
-    t0 = float(out.split()[0].removeprefix("t0="))
+    printed = dict(field.split("=") for field in out.split())
+    cpu["publisher"] = float(printed["cpu"])
     run.stop(child)
     ok = same_totals(Stack(run.tmp, database_url=database_url).totals(), expected_totals(events))
     setup = f"{broker_name(env)} -> {concurrency} process(es) -> {store_name(database_url)}"
-    return Phase(name, setup, len(events), finished - t0, ok == [])
+    return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
 
 
 def done_check(engine: Any, task: str, events: list[dict[str, Any]]) -> Any:
@@ -141,6 +152,15 @@ def main() -> None:
             events_per_s=round(p.rate),
             vs_naive=f"{p.rate / naive.rate:.1f}x",
             totals_exact="yes" if p.totals_ok else "NO",
+        )
+    for p in phases:
+        per = p.cpu_us_per_event()
+        ceiling = os.cpu_count() or 1
+        report.note(
+            f"{p.name}: CPU per event, us: "
+            + ", ".join(f"{k} {v:,.1f}" for k, v in per.items())
+            + f"; {ceiling} cores at 100% for that total would allow "
+            + f"{ceiling * 1e6 / per['total']:,.0f} events/s"
         )
     batched = phases[0]
     report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
