@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
@@ -132,9 +133,7 @@ def upsert(
         table, postgres, names, tuple(fill.items()), tuple(same), tuple(conflict), set_,
         tuple(order_by), returning,
     )  # fmt: skip
-    stmt = _STATEMENTS.get(shape)
-    if stmt is None:
-        stmt = _STATEMENTS[shape] = statement(shape)
+    stmt = statement(shape)
     if postgres:
         params = {"rows": as_json(rows)} | {f"same_{k}": v for k, v in same.items()}
         result = session.execute(stmt, params)
@@ -158,11 +157,13 @@ class Shape(NamedTuple):
     returning: bool
 
 
-_STATEMENTS: dict[Shape, Executable] = {}
-
-
+@lru_cache(maxsize=64)
 def statement(shape: Shape) -> Executable:
-    """The upsert statement of ``shape``."""
+    """The upsert statement of ``shape``, built once per process.
+
+    Bounded: a caller passing a new ``set_`` function per call (a lambda) would otherwise grow
+    the cache with every batch (the memory benchmark caught exactly that: +230 MB over 1M events).
+    """
     table, fill = shape.table, dict(shape.fill)
     stmt = _insert(table, shape.postgres)
     if shape.postgres:

@@ -129,11 +129,16 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
         T_CLAIM,
         [{"claim_id": c} for c in claim_ids],
         conflict=["claim_id"],
-        set_=lambda _, new: {"claim_id": new.claim_id},
+        set_=touch_claim,
         order_by=["claim_id"],
         returning=True,
     )
     return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
+
+
+def touch_claim(_: Any, new: Any) -> dict[str, Any]:
+    """The claim lock's upsert: write the row unchanged (which locks it)."""
+    return {"claim_id": new.claim_id}
 
 
 def claim_state(row: Any) -> ClaimState:
