@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -50,14 +51,22 @@ Money = Annotated[
 ]
 
 
-Str2 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=2)]
-Str6 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=6)]
-Str8 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=8)]
-Str9 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=9)]
-Str10 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=10)]
-Str20 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=20)]
-Str64 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
-Str128 = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=128)]
+PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
+"""No control characters: Postgres refuses NUL in text, and none belongs in an id or a code."""
+
+
+def _text(max_length: int) -> StringConstraints:
+    return StringConstraints(strict=True, min_length=1, max_length=max_length, pattern=PRINTABLE)
+
+
+Str2 = Annotated[str, _text(2)]
+Str6 = Annotated[str, _text(6)]
+Str8 = Annotated[str, _text(8)]
+Str9 = Annotated[str, _text(9)]
+Str10 = Annotated[str, _text(10)]
+Str20 = Annotated[str, _text(20)]
+Str64 = Annotated[str, _text(64)]
+Str128 = Annotated[str, _text(128)]
 
 
 class Amounts(BaseModel):
@@ -98,7 +107,7 @@ class ClaimEvent(BaseModel):
     network: Network
     member_seq: Str2 | None = None
     service_date: date | None = None
-    adjudicated_at: datetime | None = None
+    adjudicated_at: AwareDatetime | None = None
     amounts: Amounts = Amounts()
 
     @property
@@ -148,5 +157,7 @@ def _rule(e: Any) -> str:
         "greater_than_equal": f"must be >= {ctx.get('ge')}",
         "less_than_equal": f"must be <= {ctx.get('le')}",
         "literal_error": f"must be one of {ctx.get('expected')}",
+        "string_pattern_mismatch": "must not contain control characters (U+0000-U+001F, U+007F)",
+        "timezone_aware": "must carry a UTC offset (RFC 3339: ...Z or ...+HH:MM)",
     }
     return rules.get(kind, str(e["msg"]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, StatementError
 from sqlmodel import Session
 
 from worker import failpoints
@@ -18,7 +18,7 @@ from worker.app import app
 from worker.db import in_transaction
 from worker.logs import Log
 from worker.producer import argsrepr
-from worker.store import BatchResult
+from worker.store import BatchResult, refuse
 from worker.store import ingest as ingest_batch
 
 log = Log("ingest")
@@ -31,7 +31,7 @@ def ingest(self: Task[Any, Any], events: list[Any]) -> dict[str, int]:
     # dead-lettered as one item, not iterated key by key (or character by character).
     batch = events if isinstance(events, list) else [events]
     try:
-        result = in_transaction(lambda session: applied(session, batch))
+        result = isolating(batch)
     except DBAPIError as exc:
         delay = min(60, 2 ** min(self.request.retries, 6))
         log.warning("ingest.db_unavailable", retry_in_s=delay, error=type(exc.orig).__name__)
@@ -40,6 +40,41 @@ def ingest(self: Task[Any, Any], events: list[Any]) -> dict[str, int]:
     failpoints.hit("ingest.after_commit")
     log.info("ingest.batch", **result.summary())
     return result.summary()
+
+
+def isolating(batch: list[Any]) -> BatchResult:
+    """Apply ``batch`` in one transaction; if the store refuses an event's data, find it.
+
+    Validation should leave the store nothing to refuse, but if a value still gets past it (a
+    new rule of Postgres, a producer bug no rule foresaw), bisect: each half in its own
+    transaction, down to the single events the store refuses, which become dead letters with
+    its reason. The rest of the batch lands; nothing loops forever as "database unavailable".
+    """
+    try:
+        return in_transaction(lambda session: applied(session, batch))
+    except StatementError as exc:
+        if not refused_by_store(exc):
+            raise
+        if len(batch) > 1:
+            log.warning("ingest.store_refused_batch", events=len(batch), error=error_name(exc))
+            half = len(batch) // 2
+            return isolating(batch[:half]).merged(isolating(batch[half:]))
+        reason = f"event: the store refused it ({error_name(exc)}: {first_line(exc)})"
+        return in_transaction(lambda session: refuse(session, batch[0], reason))
+
+
+def refused_by_store(exc: StatementError) -> bool:
+    """The data was refused (a bad value), as opposed to the database being unreachable."""
+    return isinstance(exc, DataError) or not isinstance(exc, DBAPIError)
+
+
+def error_name(exc: StatementError) -> str:
+    return type(exc.orig).__name__
+
+
+def first_line(exc: StatementError) -> str:
+    """The error's own first line: never the statement, its parameters or the JSON context."""
+    return (str(exc.orig).strip().splitlines() or ["no message"])[0][:200]
 
 
 def applied(session: Session, events: list[Any]) -> BatchResult:

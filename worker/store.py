@@ -58,6 +58,11 @@ class BatchResult:
     invalid: int = 0
     reasons: list[str] = field(default_factory=list)
 
+    def merged(self, other: BatchResult) -> BatchResult:
+        """The outcome of two parts of one message, summed."""
+        counts = {k: v + getattr(other, k) for k, v in self.summary().items()}
+        return BatchResult(**counts, reasons=self.reasons + other.reasons)
+
     def summary(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}
 
@@ -325,6 +330,15 @@ def dead_letter(
             },
         )
     )
+
+
+def refuse(session: Session, item: Any, reason: str, now: datetime | None = None) -> BatchResult:
+    """Dead-letter one raw event the store refused, and count it as an invalid event."""
+    started, now = time.perf_counter(), now or utcnow()
+    dead_letter(session, "ingest", item, reason, now)
+    result = BatchResult(events=1, invalid=1, reasons=[reason])
+    record_batch(session, result, now, started)
+    return result
 
 
 def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from tests.stack import Stack, same_totals
+from worker.db import make_engine
 from worker.procs import wait_for
 from worker.streams import StreamSpec, expected_totals, generate
 
@@ -113,3 +115,58 @@ def test_worker_refuses_an_unmigrated_database(
     stack = make_stack(database_url=pg_url, broker_url=redis_url)
     with pytest.raises(Exception, match="accumsync db upgrade"):
         stack.worker("w1")
+
+
+NEW_PAIR = "INSERT INTO pair (subscriber_id, group_id, attempts) VALUES (:s, :g, 0) RETURNING id"
+
+
+def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
+    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Validation cannot see everything: an event that would push its accumulator past BIGINT
+    passes every ClaimEvent rule, and Postgres refuses the statement (and so the whole batch).
+    The task bisects the batch down to that event, dead-letters it with the store's reason and
+    applies the other 199; before, the message was retried forever as "database unavailable"."""
+    events = generate(StreamSpec(events=200, duplicate_rate=0, replace_rate=0, seed=15))
+    first = events[0]
+    key = {k: first[k] for k in ("subscriber_id", "group_id", "plan_year", "plan_type")}
+    rest = [e for e in events[1:] if {k: e[k] for k in key} != key]
+    stack = make_stack(database_url=pg_url, broker_url=redis_url)
+    stack.cli("db", "upgrade")
+    near_max = 2**63 - 1
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:  # the pair and accumulator the first event lands in, nearly full
+        pair_id = conn.execute(
+            text(NEW_PAIR),
+            {"s": key["subscriber_id"], "g": key["group_id"]},
+        ).scalar()
+        conn.execute(
+            text(
+                "INSERT INTO accumulator (pair_id, subscriber_id, group_id, plan_year, plan_type,"
+                " benefit_code, change_seq, pushed_seq, attempts, held, allowed_total)"
+                " VALUES (:p, :s, :g, :y, :t, :b, 0, 0, 0, false, :m)"
+            ),
+            {"p": pair_id, "s": key["subscriber_id"], "g": key["group_id"],
+             "y": key["plan_year"], "t": key["plan_type"], "b": first["benefit_code"],
+             "m": near_max},
+        )  # fmt: skip
+    engine.dispose()
+    batch = [first, *rest]
+    stack.worker("w1")
+    stack.cli("publish", str(write_jsonl(tmp_path / "e.jsonl", batch)), "--batch-size", "500")
+    status = drained(stack, len(batch))
+    assert (status["events_applied"], status["invalid"], status["dead_letters"]) == (
+        len(rest), 1, 1,
+    )  # fmt: skip
+    (letter,) = json.loads(stack.cli("dead-letters", "list", "--json").stdout)
+    assert letter["reason"] == (
+        "event: the store refused it (NumericValueOutOfRange: bigint out of range)"
+    )
+    assert letter["event_id"] == first["event_id"]
+    assert (
+        same_totals(
+            {k: v for k, v in stack.totals().items() if k[:4] != tuple(key.values())},
+            expected_totals(rest),
+        )
+        == []
+    )

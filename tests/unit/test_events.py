@@ -61,6 +61,24 @@ def test_string_lengths(field: str, limit: int) -> None:
     assert reason(**{field: ""}) == f"{field}: must be at least 1 characters"
 
 
+@pytest.mark.parametrize("field", ["event_id", "claim_id", "subscriber_id", "member_seq"])
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1f", "\x7f"])
+def test_control_characters_are_refused(field: str, char: str) -> None:
+    """NUL made Postgres refuse the whole batch; no control character belongs in an id."""
+    assert reason(**{field: f"{char}1"}) == (
+        f"{field}: must not contain control characters (U+0000-U+001F, U+007F)"
+    )
+
+
+def test_adjudicated_at_needs_an_offset() -> None:
+    """A timestamp without an offset is ambiguous (and was refused by the store, batch and all)."""
+    assert reason(adjudicated_at="2026-03-05T10:11:12") == (
+        "adjudicated_at: must carry a UTC offset (RFC 3339: ...Z or ...+HH:MM)"
+    )
+    aware = ClaimEvent.model_validate({**BASE, "adjudicated_at": "2026-03-05T10:11:12Z"})
+    assert aware.adjudicated_at is not None and aware.adjudicated_at.utcoffset() is not None
+
+
 @pytest.mark.parametrize(
     "field",
     [
