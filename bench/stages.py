@@ -1,0 +1,87 @@
+"""Where one batch's time goes: the store's ingest stages, timed in-process on Postgres.
+
+``python -m bench.stages [--events 40000] [--batch 500]`` ingests a realistic stream into a fresh
+Postgres database from this process (no broker, no Celery), one transaction per batch, and times
+each stage of ``worker.store.ingest`` per event: validation, the claim lock, the seen-hash lookup,
+each table's write. It is the profile the README's findings quote as "in-process"; the end-to-end
+figure is ``bench.ingest``'s. Baseline: the whole ingest's own time per event (the stages' share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import Session
+
+import worker.store as store
+from bench.common import Report, Run
+from worker.db import make_engine
+from worker.streams import StreamSpec, generate
+
+STAGES = (
+    "validate",
+    "lock_claims",
+    "load_seen",
+    "write_received",
+    "write_claims",
+    "pair_ids",
+    "write_deltas",
+    "record_batch",
+)
+
+
+def timed(name: str, spent: Counter[str]) -> Callable[..., Any]:
+    """``worker.store``'s stage ``name``, adding its wall time to ``spent``."""
+    stage = getattr(store, name)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - started
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--members", type=int, default=20_000)
+    args = parser.parse_args()
+    report = Report("stages", vars(args))
+    events = generate(StreamSpec(events=args.events, members=args.members, groups=5, seed=1))
+    spent: Counter[str] = Counter()
+    for name in STAGES:
+        setattr(store, name, timed(name, spent))
+    with Run("stages") as run:
+        engine = make_engine(run.database())
+        started = time.perf_counter()
+        for i in range(0, len(events), args.batch):
+            with Session(engine) as session:
+                store.ingest(session, events[i : i + args.batch])
+                commit = time.perf_counter()
+                session.commit()
+                spent["commit"] += time.perf_counter() - commit
+        total = time.perf_counter() - started
+        engine.dispose()
+    n = len(events)
+    for name, seconds in spent.most_common():
+        nested = " (inside write_deltas)" if name == "pair_ids" else ""
+        report.row(
+            stage=name + nested,
+            us_per_event=round(seconds * 1e6 / n, 1),
+            share_of_ingest=f"{seconds / total:.0%}",
+        )
+    report.row(stage="whole ingest", us_per_event=round(total * 1e6 / n, 1), share_of_ingest="100%")
+    report.note(f"{n:,} events in {total:.2f} s: {n / total:,.0f} events/s in one process")
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
