@@ -70,9 +70,11 @@ def test_terminated_connections_retry_batches_without_partial_application(chaos:
     stack.worker("w1", concurrency=2)
     stack.worker("w2", concurrency=1)
     stack.beat()
-    killer = Terminator(database, every=0.25).start()
+    # A batch of 250 is in its transaction for ~40 ms: polls every 20 ms catch several. (At
+    # every 0.25 s and batches of 125, ingest became fast enough to slip through all of them.)
+    killer = Terminator(database, every=0.02).start()
     for i in range(6):  # 15 s of intake and flushes under fire
-        stack.send(events[i::6], batch=125)
+        stack.send(events[i::6], batch=250)
         time.sleep(2.5)
     killed = killer.stop()
     chaos.drain(stack, len({e["event_id"] for e in events}), timeout=120)
@@ -85,7 +87,7 @@ def test_terminated_connections_retry_batches_without_partial_application(chaos:
         stack,
         events,
         fault="Postgres connections killed mid-transaction",
-        injected="pg_terminate_backend every 0.25 s for 15 s on the test database's backends "
+        injected="pg_terminate_backend every 0.02 s for 15 s on the test database's backends "
         "inside a transaction (2 workers, 3 processes, beat)",
         times=killed,
         events_in=len(events),
