@@ -18,7 +18,7 @@ from worker.app import app
 from worker.db import in_transaction
 from worker.logs import Log
 from worker.producer import argsrepr
-from worker.store import BatchResult, refuse
+from worker.store import BatchResult, refuse, storable
 from worker.store import ingest as ingest_batch
 
 log = Log("ingest")
@@ -52,7 +52,7 @@ def isolating(batch: list[Any]) -> BatchResult:
     """
     try:
         return in_transaction(lambda session: applied(session, batch))
-    except StatementError as exc:
+    except (StatementError, UnicodeError) as exc:
         if not refused_by_store(exc):
             raise
         if len(batch) > 1:
@@ -63,18 +63,22 @@ def isolating(batch: list[Any]) -> BatchResult:
         return in_transaction(lambda session: refuse(session, batch[0], reason))
 
 
-def refused_by_store(exc: StatementError) -> bool:
+def refused_by_store(exc: StatementError | UnicodeError) -> bool:
     """The data was refused (a bad value), as opposed to the database being unreachable."""
-    return isinstance(exc, DataError) or not isinstance(exc, DBAPIError)
+    return isinstance(exc, DataError | UnicodeError) or not isinstance(exc, DBAPIError)
 
 
-def error_name(exc: StatementError) -> str:
-    return type(exc.orig).__name__
+def error_name(exc: StatementError | UnicodeError) -> str:
+    return type(exc.orig if isinstance(exc, StatementError) else exc).__name__
 
 
-def first_line(exc: StatementError) -> str:
-    """The error's own first line: never the statement, its parameters or the JSON context."""
-    return (str(exc.orig).strip().splitlines() or ["no message"])[0][:200]
+def first_line(exc: StatementError | UnicodeError) -> str:
+    """The error's own first line: never the statement, its parameters or the JSON context.
+
+    A UnicodeError's message quotes the offending text, so only its reason is kept."""
+    if isinstance(exc, UnicodeError):
+        return str(getattr(exc, "reason", "not encodable as UTF-8"))
+    return storable((str(exc.orig).strip().splitlines() or ["no message"])[0][:200])
 
 
 def applied(session: Session, events: list[Any]) -> BatchResult:

@@ -298,13 +298,18 @@ def dead_letter(
 ) -> None:
     """Record a refused item with its reason; the same item and reason again bumps its count."""
     text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
+    text, reason = storable(text), storable(reason)
     fingerprint = hashlib.sha256(f"{source}\0{reason}\0{text}".encode()).hexdigest()
     if len(text) > MAX_DEAD_PAYLOAD:  # e.g. a 10 MB event: keep its head, size and hash
         reason += f"; oversized ({len(text)} characters): payload truncated, sha256 kept"
         head = {"truncated": text[:4096], "characters": len(text)}
         text = json.dumps(head | {"sha256": hashlib.sha256(text.encode()).hexdigest()})
     event_id = payload.get("event_id") if isinstance(payload, dict) else None
-    if not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
+    # The column is a lookup key: only a clean id goes there (an unstorable one stays, escaped,
+    # in the payload).
+    if not (
+        isinstance(event_id, str) and 0 < len(event_id) <= 128 and storable(event_id) == event_id
+    ):
         event_id = None
     row = {
         "source": source,
@@ -339,6 +344,14 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
     result = BatchResult(events=1, invalid=1, reasons=[reason])
     record_batch(session, result, now, started)
     return result
+
+
+def storable(text: str) -> str:
+    """``text`` as any store takes it: NUL (which Postgres refuses in text) and lone surrogates
+    (which no UTF-8 encoder takes) written as their escapes, ``\\u0000`` and ``\\ud800``."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:
