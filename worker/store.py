@@ -43,6 +43,12 @@ T_ACCUM: Table = Accumulator.__table__  # type: ignore[attr-defined]
 T_DEAD: Table = DeadLetter.__table__  # type: ignore[attr-defined]
 T_BATCH: Table = IngestBatch.__table__  # type: ignore[attr-defined]
 KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
+CENTS_OF = dict(zip(AMOUNTS, CLAIM_CENTS, strict=True))
+"""Amount name -> its claim column."""
+CLAIM_COLUMNS = tuple(c.name for c in T_CLAIM.c)
+"""A claim row as written: every column (the amounts sparse, a missing one is 0)."""
+ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
+"""An accumulator delta row as written (the cents sparse, a missing one is 0)."""
 MAX_DEAD_PAYLOAD = 65_536  # characters of a refused item kept (a valid event is ~1 KB)
 
 
@@ -157,7 +163,7 @@ def claim_state(row: Any) -> ClaimState:
         row["plan_type"],
         row["benefit_code"],
     )
-    cents = tuple(sorted((a, row[c]) for a, c in zip(AMOUNTS, CLAIM_CENTS, strict=True) if row[c]))
+    cents = tuple(sorted((a, row[c]) for a, c in CENTS_OF.items() if row[c]))
     return ClaimState(row["version"], row["content_hash"], key, row["network"], cents)
 
 
@@ -207,20 +213,15 @@ def write_claims(
         row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
         row.update({CENTS_OF[a]: v for a, v in state.cents})  # nonzero only; the rest fill 0
         rows.append(row)
-    columns, fill = [c.name for c in T_CLAIM.c], dict.fromkeys(CLAIM_CENTS, 0)
     upsert(
         session,
         T_CLAIM,
         rows,
         conflict=["claim_id"],
         set_=replace_claim,
-        columns=columns,
-        fill=fill,
+        columns=CLAIM_COLUMNS,
+        fill=dict.fromkeys(CLAIM_CENTS, 0),
     )
-
-
-CENTS_OF = dict(zip(AMOUNTS, CLAIM_CENTS, strict=True))
-"""Amount name -> its claim column."""
 
 
 def replace_claim(_: Any, new: Any) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: 
         conflict=KEY_COLS,
         set_=add_delta,
         order_by=KEY_COLS,
-        columns=[*KEY_COLS, "pair_id", *COLUMNS],
+        columns=ACCUM_COLUMNS,
         fill=dict.fromkeys(COLUMNS, 0),
         same={"change_seq": 1, "dirty_since": now, "updated_at": now},
     )
