@@ -25,8 +25,9 @@ from worker.streams import StreamSpec, generate
 STAGES = (
     "validate",
     "lock_claims",
+    "claim_event_ids",
     "load_seen",
-    "write_received",
+    "settle_received",
     "write_claims",
     "pair_ids",
     "write_deltas",

@@ -4,7 +4,12 @@ Zulip's ``consume_batch`` shape: validate and dedupe in memory, lock the batch's
 stable order, fold the events with the pure ledger law, then write everything back with a few
 bulk statements. Two workers on overlapping claims serialize on the claim rows and take every
 other row lock in sorted order, so they neither lose an update nor deadlock (a deadlock that
-still happens, e.g. on a reused event_id, is retried by ``db.in_transaction``).
+still happens is retried by ``db.in_transaction``).
+
+Batches on different claims run side by side, so the one thing they can share, an event id
+reused on another claim, is claimed before anything is decided: the batch inserts its event ids
+first (``claim_event_ids``), which waits on the unique index for any concurrent batch holding
+the same id, and only then reads what was already received.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, func, literal, union_all
+from sqlalchemy import Table, delete, func, literal, union_all, update
 from sqlmodel import Session
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -111,9 +116,11 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     result = BatchResult(events=len(raw), invalid=len(bad))
     claim_ids = sorted({e.claim_id for e, _, _ in good})
     current = lock_claims(session, claim_ids)
-    seen_events, seen_versions = load_seen(session, [e.event_id for e, _, _ in good], claim_ids)
+    firsts = first_of_each_id(good)
+    mine = claim_event_ids(session, firsts, now)
+    seen_events, seen_versions = load_seen(session, list(firsts), claim_ids, mine)
     fold = Fold(seen_events, seen_versions, current).apply((e, h) for e, h, _ in good)
-    write_received(session, fold.received, now)
+    settle_received(session, {e.event_id: (e, h) for e, h in fold.received}, firsts, mine)
     write_claims(session, {(e.claim_id, h): e for e, h, _ in good}, fold.states)
     write_deltas(session, fold.nonzero_deltas(), now)
     raw_of = {id(e): item for e, _, item in good}
@@ -167,10 +174,51 @@ def claim_state(row: Any) -> ClaimState:
     return ClaimState(row["version"], row["content_hash"], key, row["network"], cents)
 
 
+def first_of_each_id(good: Valid) -> dict[str, tuple[ClaimEvent, str]]:
+    """The first (event, content hash) of each event id in the batch, in event_id order."""
+    firsts: dict[str, tuple[ClaimEvent, str]] = {}
+    for event, content_hash, _ in good:
+        firsts.setdefault(event.event_id, (event, content_hash))
+    return dict(sorted(firsts.items()))
+
+
+def claim_event_ids(
+    session: Session, firsts: dict[str, tuple[ClaimEvent, str]], now: datetime
+) -> set[str]:
+    """Record the batch's event ids not yet received (in event_id order); the ids this
+    transaction inserted come back.
+
+    The insert waits on the unique index while a concurrent transaction holds an uncommitted
+    row for the same id, and skips it once that commits: a snapshot read instead let two
+    batches on different claims both apply one event id (and drop one of the two rows).
+    """
+    rows = [_received_row(e, h) for e, h in firsts.values()]
+    made = upsert(
+        session,
+        T_EVENT,
+        rows,
+        conflict=["event_id"],
+        order_by=["event_id"],
+        same={"received_at": now},
+        returning=True,
+    )
+    return {row["event_id"] for row in made}
+
+
+def _received_row(event: ClaimEvent, content_hash: str) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "claim_id": event.claim_id,
+        "version": event.version,
+        "content_hash": content_hash,
+    }
+
+
 def load_seen(
-    session: Session, event_ids: list[str], claim_ids: list[str]
+    session: Session, event_ids: list[str], claim_ids: list[str], mine: set[str]
 ) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
-    """Content hashes already recorded, by event_id and by (claim_id, version): one query."""
+    """Content hashes already recorded by earlier batches, by event_id and by (claim_id,
+    version): one query. Rows this batch inserted itself (``mine``) are not "already seen"."""
     by_event: dict[str, str] = {}
     by_version: dict[tuple[str, int], str] = {}
     cols = (T_EVENT.c.event_id, T_EVENT.c.claim_id, T_EVENT.c.version, T_EVENT.c.content_hash)
@@ -179,6 +227,8 @@ def load_seen(
     tagged[0] = literal(False).label("by_id")
     same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids)
     for by_id, eid, cid, version, h in session.execute(union_all(same_event, same_claim)):
+        if eid in mine:
+            continue
         if by_id:
             by_event[eid] = h
         else:
@@ -186,12 +236,21 @@ def load_seen(
     return by_event, by_version
 
 
-def write_received(session: Session, received: list[tuple[ClaimEvent, str]], now: datetime) -> None:
-    rows = [
-        {"event_id": e.event_id, "claim_id": e.claim_id, "version": e.version, "content_hash": h}
-        for e, h in received
-    ]
-    upsert(session, T_EVENT, rows, conflict=["event_id"], same={"received_at": now})
+def settle_received(
+    session: Session,
+    received: dict[str, tuple[ClaimEvent, str]],
+    firsts: dict[str, tuple[ClaimEvent, str]],
+    mine: set[str],
+) -> None:
+    """Make the rows this batch inserted say what the fold received: drop the ids it refused
+    (a conflict), rewrite the few whose received event is not the id's first in the batch."""
+    refused = sorted(mine - set(received))
+    if refused:
+        session.execute(delete(T_EVENT).where(T_EVENT.c.event_id.in_(refused)))
+    for event_id, (event, content_hash) in received.items():
+        if firsts[event_id][1] != content_hash:
+            row = _received_row(event, content_hash)
+            session.execute(update(T_EVENT).where(T_EVENT.c.event_id == event_id).values(row))
 
 
 def write_claims(

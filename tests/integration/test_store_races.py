@@ -1,0 +1,102 @@
+"""Concurrent batches on a real Postgres: two sessions, two transactions, one event id.
+
+Batches on the same claim serialize on the claim's row lock. Two batches on *different* claims
+run side by side, so anything they share (an event id reused across claims) must be claimed in
+a way that makes the second wait for the first and then see it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+from sqlmodel import Session
+
+from models.tables import DeadLetter, ReceivedEvent
+from tests.services import create_database, drop_database
+from tests.unit.test_events import BASE
+from worker.db import make_engine, upgrade
+from worker.store import T_ACCUM, BatchResult, ingest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def engine(postgres: str) -> Iterator[Engine]:
+    name, url = create_database()
+    upgrade(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+    drop_database(name)
+
+
+def event(claim_id: str, copay: str) -> dict[str, Any]:
+    """The same event id on ``claim_id``, with its own copay (so different content)."""
+    return {**BASE, "event_id": "evt-reused", "claim_id": claim_id, "amounts": {"copay": copay}}
+
+
+def blocked_on_a_lock(engine: Engine) -> bool:
+    """Some other backend of this database waits for a lock right now."""
+    with engine.connect() as conn:
+        waiting = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one()
+    return bool(waiting)
+
+
+def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
+    """The second batch waits for the first, sees its event id and dead-letters a conflict."""
+    first, second = Session(engine), Session(engine)
+    outcome: dict[str, BatchResult] = {}
+
+    def ingest_second() -> None:
+        outcome["second"] = ingest(second, [event("claim-b", "20.00")])
+        second.commit()
+
+    try:
+        outcome["first"] = ingest(first, [event("claim-a", "10.00")])  # not committed yet
+        thread = threading.Thread(target=ingest_second)
+        thread.start()
+        thread.join(timeout=3)
+        waited = thread.is_alive() and blocked_on_a_lock(engine)
+        first.commit()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        first.close()
+        second.close()
+    with Session(engine) as s:
+        copay = s.execute(select(T_ACCUM.c.copay_total)).scalars().all()
+        letters = s.execute(select(DeadLetter.reason)).scalars().all()  # type: ignore[call-overload]
+        received = s.execute(select(ReceivedEvent.claim_id)).scalars().all()  # type: ignore[call-overload]
+    assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
+    assert (outcome["first"].applied, outcome["second"].conflicts) == (1, 1)
+    assert letters == ["event_id: already received with different content"]
+    assert received == ["claim-a"]
+    assert waited, "the second batch did not wait for the first"
+
+
+def test_received_row_is_the_event_the_batch_applied_not_its_first_delivery(
+    engine: Engine,
+) -> None:
+    """An id whose first delivery in a batch is refused keeps the row of the one applied."""
+    stored = {**BASE, "event_id": "evt-0", "claim_id": "claim-c", "version": 1}
+    clash = {**stored, "event_id": "evt-1", "amounts": {"copay": "99.00"}}  # version 1 again
+    later = {**stored, "event_id": "evt-1", "version": 2, "amounts": {"copay": "5.00"}}
+    with Session(engine) as s:
+        ingest(s, [stored])
+        s.commit()
+    with Session(engine) as s:
+        result = ingest(s, [clash, later])
+        s.commit()
+    assert (result.conflicts, result.applied) == (1, 1)
+    with Session(engine) as s:
+        rows = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.version)).all()  # type: ignore[call-overload]
+    assert sorted(map(tuple, rows)) == [("evt-0", 1), ("evt-1", 2)]
