@@ -1,4 +1,4 @@
-"""The sandbox's own endpoints under /_admin/: read and seed rows, adjust, faults, counters."""
+"""The sandbox's own /_admin/ endpoints: rows, adjust, faults, intrusions, journal, counters."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from starlette.routing import Route
 from models.buckets import VBA_FIELDS
 from models.vba import PlanAccumulator, SubscriberAccum, dumps
 from worker.sandbox.emulator import Sandbox
-from worker.sandbox.routes import body_of, describe, stamp
-
-#: The user VBA's own adjudication writes rows as (seeded rows and adjustments).
-VBA_USER = "VBA"
+from worker.sandbox.intrusions import Intrusion
+from worker.sandbox.routes import body_of, describe
+from worker.sandbox.writes import VBA_USER, with_deltas
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -47,7 +46,7 @@ async def seed(request: Request, sb: Sandbox) -> Response:
     except ValidationError as exc:
         return _json({"error": describe(exc)}, 400)
     for row in [*subs, *plans]:
-        sb.state.put(stamp(row, sb.state.table(type(row)).get(row.key), VBA_USER))
+        sb.put(row, "admin.seed", user=VBA_USER)
     return _json({"subscriber": len(subs), "plans": len(plans)})
 
 
@@ -56,23 +55,36 @@ async def adjust(request: Request, sb: Sandbox) -> Response:
     payload = await body_of(request)
     key = tuple(str(payload["key"][f]) for f in SubscriberAccum.KEY)
     current = sb.state.subscriber.get(key)
-    base = current.to_wire() if current else dict(payload["key"]) | dict.fromkeys(VBA_FIELDS, 0)
-    deltas: dict[str, Any] = payload.get("deltas", {})
-    unknown = set(deltas) - set(VBA_FIELDS)
-    if unknown:
-        return _json({"error": f"unknown amount fields: {sorted(unknown)}"}, 400)
-    updated = base | {f: Decimal(base[f]) + Decimal(str(d)) for f, d in deltas.items()}
     try:
-        row = SubscriberAccum.model_validate(updated)
+        row = with_deltas(current, payload["key"], payload.get("deltas", {}))
     except ValidationError as exc:
         return _json({"error": describe(exc)}, 400)
-    row = stamp(row, current, VBA_USER)
-    sb.state.put(row)
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+    row = sb.put(row, "admin.adjust", user=VBA_USER)
     return _json(row.to_wire())
 
 
+async def intrude(request: Request, sb: Sandbox) -> Response:
+    """GET /_admin/intrude: pending intrusions; POST: queue one (see ``Intrusion``)."""
+    if request.method == "POST":
+        try:
+            intrusion = Intrusion.model_validate(await body_of(request))
+        except ValidationError as exc:
+            return _json({"error": describe(exc)}, 400)
+        return _json(sb.intrusions.add(intrusion))
+    return _json({"intrusions": [sb.intrusions.listed(i) for i in sb.intrusions.pending]})
+
+
+async def journal(request: Request, sb: Sandbox) -> Response:
+    """GET /_admin/journal?since=SEQ: every write after SEQ, oldest first (in memory only)."""
+    since = int(request.query_params.get("since", "0"))
+    writes = [w.to_wire() for w in sb.journal.since(since)]
+    return _json({"writes": writes, "dropped": sb.journal.dropped})
+
+
 async def reset(request: Request, sb: Sandbox) -> Response:
-    """POST /_admin/reset: no rows, no tokens, no counts, the start-up faults."""
+    """POST /_admin/reset: no rows, tokens, counts, writes or intrusions; the start-up faults."""
     sb.reset()
     return _json({"ok": True})
 
@@ -123,5 +135,7 @@ def admin_routes(sb: Sandbox) -> list[Route]:
         ("reset", reset, ["POST"]),
         ("counters", counters, ["GET"]),
         ("faults", faults, ["GET", "POST"]),
+        ("intrude", intrude, ["GET", "POST"]),
+        ("journal", journal, ["GET"]),
     ]
     return [Route(f"/_admin/{name}", _guard(sb, h), methods=m) for name, h, m in table]

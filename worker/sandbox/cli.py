@@ -37,6 +37,25 @@ def sandbox(
     timeout_rate: Share = 0.0,
     timeout_seconds: Annotated[float, typer.Option(help="how long a hung call hangs")] = 35.0,
     item_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="207 item 500s")] = 0.0,
+    item_written_error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="207 items written, then answered 500")
+    ] = 0.0,
+    item_written_errors: Annotated[
+        int, typer.Option(min=0, help="the next N 207 items written, then answered 500")
+    ] = 0,
+    lost_answer_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="batch calls written, then answer lost")
+    ] = 0.0,
+    lost_answers: Annotated[
+        int, typer.Option(min=0, help="the next N batch calls written, then answer lost")
+    ] = 0,
+    lost_answer: Annotated[
+        c.LostAnswer, typer.Option(help="how an answer is lost: 504, reset or hang")
+    ] = "504",
+    list_delay: Annotated[float, typer.Option(min=0.0, help="seconds before a list reads")] = 0.0,
+    slow_lists: Annotated[
+        int | None, typer.Option(min=0, help="how many lists wait --list-delay (default: all)")
+    ] = None,
     shuffle: Annotated[bool, typer.Option(help="shuffle a 207's data[]")] = False,
     token_ttl: Annotated[float, typer.Option(help="id token lifetime, seconds")] = 86400.0,
     down: Annotated[bool, typer.Option(help="answer 503 to every VBA call")] = False,
@@ -53,6 +72,13 @@ def sandbox(
         timeout_rate=timeout_rate,
         timeout_seconds=timeout_seconds,
         item_error_rate=item_error_rate,
+        item_written_error_rate=item_written_error_rate,
+        item_written_errors=item_written_errors,
+        lost_answer_rate=lost_answer_rate,
+        lost_answers=lost_answers,
+        lost_answer=lost_answer,
+        list_delay=list_delay,
+        slow_lists=slow_lists,
         shuffle=shuffle,
         token_ttl=token_ttl,
         down=down,

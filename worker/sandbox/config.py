@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +17,7 @@ CLIENT_ID = "accumsync"
 CLIENT_CODE = "SANDBOX"
 
 Share = float  # a probability, 0..1
+LostAnswer = Literal["504", "reset", "hang"]
 
 
 class Faults(BaseModel):
@@ -33,6 +35,27 @@ class Faults(BaseModel):
     timeout_rate: Share = Field(default=0.0, ge=0, le=1, description="share of calls that hang")
     timeout_seconds: float = Field(default=35.0, ge=0, description="how long a hung call hangs")
     item_error_rate: Share = Field(default=0.0, ge=0, le=1, description="207 items answered 500")
+    item_written_error_rate: Share = Field(
+        default=0.0, ge=0, le=1, description="share of 207 items written, then answered 500"
+    )
+    item_written_errors: int = Field(
+        default=0, ge=0, description="the next N 207 items are written, then answered 500"
+    )
+    lost_answer_rate: Share = Field(
+        default=0.0, ge=0, le=1, description="share of batch calls written, then answer lost"
+    )
+    lost_answers: int = Field(
+        default=0, ge=0, description="the next N batch calls are written, then answer lost"
+    )
+    lost_answer: LostAnswer = Field(
+        default="504", description="how: a 504, a connection reset, or a hang then a 504"
+    )
+    list_delay: float = Field(
+        default=0.0, ge=0, description="seconds a list waits before reading its rows"
+    )
+    slow_lists: int | None = Field(
+        default=None, ge=0, description="how many lists wait list_delay (None: all)"
+    )
     shuffle: bool = Field(default=False, description="shuffle data[] of a 207")
     token_ttl: float = Field(default=86400.0, gt=0, description="lifetime of new id tokens")
     down: bool = Field(default=False, description="answer 503 to every VBA call")

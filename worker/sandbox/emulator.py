@@ -9,17 +9,25 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, Final, Literal, TypeVar, cast
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from models.vba import dumps
+from models.vba import SUBSCRIBER_KEY, Record, dumps
 from worker.sandbox.config import Faults, SandboxConfig
-from worker.sandbox.state import State
+from worker.sandbox.intrusions import After, Intrusions
+from worker.sandbox.state import Key, State
+from worker.sandbox.writes import VBA_USER, Journal, Write, stamp, with_deltas
 
 Handler = Callable[[Request, "Sandbox"], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+W = TypeVar("W", bound=Record)
+Countdown = Literal["lost_answers", "item_written_errors"]
+
+#: The status a reset answer is counted under: the client got no status at all.
+RESET: Final = 0
 
 
 def envelope(
@@ -47,6 +55,30 @@ def problem(
         "instance": None,
     }
     return envelope(None, status=status, error=error, headers=headers)
+
+
+class Reset(Response):
+    """Half of ``answer`` under its full Content-Length, then the connection closes.
+
+    ASGI has no "abort"; uvicorn closes the connection when the app returns mid-body (and logs
+    "ASGI callable returned without completing response."), so the client reads a short body:
+    httpx raises RemoteProtocolError, a TransportError.
+    """
+
+    def __init__(self, answer: Response) -> None:
+        super().__init__(bytes(answer.body), answer.status_code)
+        self.raw_headers = answer.raw_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send(start | {"headers": self.raw_headers})
+        half = bytes(self.body[: len(self.body) // 2])
+        await send({"type": "http.response.body", "body": half, "more_body": True})
+
+
+def writes_of(request: Request) -> list[Write]:
+    """The journal entries a VBA call made, so its answer's fate can be written on them."""
+    return cast(list[Write], request.scope.setdefault("sandbox.writes", []))
 
 
 class Bucket:
@@ -77,17 +109,80 @@ class Sandbox:
         self.bucket = Bucket(config.rate, config.burst)
         self.rng = random.Random(config.seed)
         self.counters: Counter[tuple[str, int]] = Counter()
+        self.journal = Journal()
+        self.intrusions = Intrusions()
 
     def reset(self) -> None:
-        """Back to start-up: no rows, no tokens, no counts, the configured faults."""
+        """Back to start-up: no rows, tokens, counts, writes or intrusions; the start-up faults."""
         self.state.reset()
         self.faults = self.config.faults.model_copy()
         self.bucket = Bucket(self.config.rate, self.config.burst)
         self.counters.clear()
+        self.journal.clear()
+        self.intrusions.clear()
+
+    def put(
+        self,
+        row: W,
+        op: str,
+        *,
+        user: str | None = None,
+        status: int = 200,
+        call: Request | None = None,
+    ) -> W:
+        """Stamp, store and journal a write (``user``: the API user); ``call``: the VBA call."""
+        user = user or self.config.username
+        previous = self.state.table(type(row)).get(row.key)
+        row = stamp(row, previous, user)
+        self.state.put(row)
+        self._journal(self.journal.record(op, user, previous, row, status), call)
+        return row
+
+    def delete(self, key: Key, call: Request) -> bool:
+        """Delete and journal a subscriber row; False when there was none."""
+        previous = self.state.subscriber.get(key)
+        if previous is None:
+            return False
+        self.state.delete(key)
+        write = self.journal.record(
+            "accumulators.delete", self.config.username, previous, None, 204
+        )
+        self._journal(write, call)
+        return True
+
+    def _journal(self, write: Write, call: Request | None) -> None:
+        if call is not None:
+            writes_of(call).append(write)
+
+    def intrude(self, after: After, pair: tuple[str, str], touched: list[Key]) -> None:
+        """VBA's own writes waiting for this call: ``deltas`` added to their rows, as VBA."""
+        for intrusion in self.intrusions.due(after, pair):
+            for key in intrusion.rows(touched):
+                current = self.state.subscriber.get(key)
+                key_fields = dict(zip(SUBSCRIBER_KEY, key, strict=True))
+                row = with_deltas(current, key_fields, intrusion.deltas)
+                self.put(row, "intrusion", user=VBA_USER)
 
     def chance(self, share: float) -> bool:
         """True with probability ``share`` (seeded when the config says so)."""
         return share > 0 and self.rng.random() < share
+
+    def fires(self, countdown: Countdown, share: float) -> bool:
+        """A countdown fault fires (and is spent) while above 0; after that, the dice decide."""
+        left: int = getattr(self.faults, countdown)
+        if left > 0:
+            setattr(self.faults, countdown, left - 1)
+            return True
+        return self.chance(share)
+
+    def list_wait(self) -> float:
+        """Seconds this list call waits before reading its rows; spends one of ``slow_lists``."""
+        f = self.faults
+        if f.list_delay <= 0 or f.slow_lists == 0:
+            return 0.0
+        if f.slow_lists is not None:
+            f.slow_lists -= 1
+        return f.list_delay
 
     def retry_after(self) -> dict[str, str]:
         """The Retry-After header the faults ask for, as seconds or as an HTTP date."""
@@ -142,19 +237,43 @@ class Sandbox:
                 return problem(status, "Injected failure", f"sandbox fault {status}", headers)
         return None
 
-    def route(self, label: str, handler: Handler, bearer: bool = True) -> Endpoint:
-        """A VBA endpoint: gate, faults, then the handler; every answer is counted."""
+    def route(
+        self, label: str, handler: Handler, bearer: bool = True, batch: bool = False
+    ) -> Endpoint:
+        """A VBA endpoint: gate, faults, the handler, then (a batch) maybe a lost answer.
+
+        Every answer is counted under the status the client got: a lost answer under 504, or
+        under :data:`RESET` (0) when the connection was reset.
+        """
 
         async def endpoint(request: Request) -> Response:
             response = self.gate(request, bearer) or await self.inject()
             response = response or await handler(request, self)
+            applied = batch and response.status_code == 207  # only a written batch loses it
+            if applied and self.fires("lost_answers", self.faults.lost_answer_rate):
+                return await self.lose(request, label, response)
             self.counters[(label, response.status_code)] += 1
             return response
 
         return endpoint
 
+    async def lose(self, request: Request, label: str, answer: Response) -> Response:
+        """The batch is written; its answer is lost: a 504, a reset, or a hang then a 504."""
+        for write in writes_of(request):
+            write.answered = False
+        how, hang = self.faults.lost_answer, self.faults.timeout_seconds
+        # Counted before a hang, so a test sees it while the call still hangs.
+        self.counters[(label, RESET if how == "reset" else 504)] += 1
+        if how == "reset":
+            return Reset(answer)
+        if how == "hang":
+            await asyncio.sleep(hang)
+        return problem(
+            504, "Gateway Timeout", "The answer was lost after the write (sandbox fault)"
+        )
+
     def counts(self) -> dict[str, Any]:
-        """Requests per route and status, and per status overall."""
+        """Requests per route and status, and per status overall (0: connection reset)."""
         by_route: dict[str, dict[str, int]] = {}
         by_status: Counter[str] = Counter()
         for (label, status), n in sorted(self.counters.items()):

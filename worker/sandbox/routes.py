@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -18,24 +18,19 @@ from starlette.routing import Route
 
 from models.vba import PlanAccumulator, Record, SubscriberAccum, loads
 from worker.sandbox.emulator import Sandbox, envelope, problem
+from worker.sandbox.state import Key
 
 W = TypeVar("W", bound=Record)
+Item = tuple[dict[str, Any], Key | None]  # a 207 item and the row key it wrote, if any
 ACCUMS = "/subscribers/{subscriberID}/groups/{groupID}/accumulators"
 ROW = ACCUMS + "/{planYear}/{planType}/{benefitCode}"
 PLANS_BATCH = "/plans/{planID}/accumulators-batch"
+SAVE_FAILED: Final = (500, "An error occurred while saving the entity")
 
 
 def describe(error: ValidationError) -> str:
     """``field: message`` for each failure, like VBA's validation detail."""
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-
-
-def stamp(row: W, previous: Record | None, user: str) -> W:
-    """Set entry/update date and user as VBA does on a write."""
-    now = datetime.now(UTC)
-    entry_date, entry_user = (previous.entry_Date, previous.entry_User) if previous else (now, user)
-    audit = {"entry_Date": entry_date, "entry_User": entry_user}
-    return row.model_copy(update=audit | {"update_Date": now, "update_User": user})
 
 
 async def body_of(request: Request) -> Any:
@@ -97,8 +92,7 @@ async def create(request: Request, sb: Sandbox) -> Response:
         return problem(400, "Bad Request", "subscriber_ID and group_ID must match the path")
     if row.key in sb.state.subscriber:
         return problem(409, "Conflict", "The SubscriberAccum already exists")
-    row = stamp(row, None, sb.config.username)
-    sb.state.put(row)
+    row = sb.put(row, "accumulators.create", call=request)
     return envelope(row.to_wire())
 
 
@@ -122,18 +116,25 @@ async def list_rows(request: Request, sb: Sandbox) -> Response:
         page, size = int(q.get("page", "1")), int(q.get("pageSize", "100"))
         if page < 1 or not 1 <= size <= 1000:
             raise ValueError("page >= 1 and 1 <= pageSize <= 1000")
-        rows = [r for k, r in sorted(sb.state.subscriber.items()) if k[:2] == _pair(request)]
-        rows = sort_rows(rows, q.get("sortBy", ""))
+        specs = sort_specs(q.get("sortBy", ""))
     except ValueError as exc:
         return problem(400, "Bad Request", str(exc))
+    if wait := sb.list_wait():
+        await asyncio.sleep(wait)  # the rows are read after it: a late answer sees newer writes
+    rows = [r for k, r in sorted(sb.state.subscriber.items()) if k[:2] == _pair(request)]
+    shown = sort_rows(rows, specs)[(page - 1) * size : page * size]
     pages = math.ceil(len(rows) / size)
     info = {"TotalCount": len(rows), "TotalPages": pages, "CurrentPage": page, "PageSize": size}
-    data = [r.to_wire() for r in rows[(page - 1) * size : page * size]]
-    return envelope(data, headers={"X-Pagination": json.dumps(info)})
+    answer = envelope([r.to_wire() for r in shown], headers={"X-Pagination": json.dumps(info)})
+    sb.intrude("list", _pair(request), [r.key for r in shown])
+    return answer
 
 
-def sort_rows(rows: list[SubscriberAccum], sort_by: str) -> list[SubscriberAccum]:
-    """Sort by ``Field:desc,Other:asc`` (field names case-insensitive); ValueError if unknown."""
+def sort_specs(sort_by: str) -> list[tuple[str, bool]]:
+    """``Field:desc,Other:asc`` as (field, descending) pairs, names case-insensitive.
+
+    ValueError when a field or a direction is unknown.
+    """
     names = {name.casefold(): name for name in SubscriberAccum.model_fields}
     specs: list[tuple[str, bool]] = []
     for part in filter(None, (p.strip() for p in sort_by.split(","))):
@@ -143,6 +144,11 @@ def sort_rows(rows: list[SubscriberAccum], sort_by: str) -> list[SubscriberAccum
         if field is None or direction not in ("asc", "desc"):
             raise ValueError(f"Invalid sortBy: {part}")
         specs.append((field, direction == "desc"))
+    return specs
+
+
+def sort_rows(rows: list[SubscriberAccum], specs: list[tuple[str, bool]]) -> list[SubscriberAccum]:
+    """Sort in place by :func:`sort_specs`' pairs and return the list."""
     for field, desc in reversed(specs):  # stable sorts, last key first
         rows.sort(key=_by(field), reverse=desc)
     return rows
@@ -172,14 +178,13 @@ async def update_row(request: Request, sb: Sandbox) -> Response:
     previous = sb.state.subscriber.get(row.key)
     if previous is None:
         return problem(404, "Not Found", "No such SubscriberAccum")
-    row = stamp(row, previous, sb.config.username)
-    sb.state.put(row)
+    row = sb.put(row, "accumulators.update", call=request)
     return envelope(row.to_wire())
 
 
 async def delete_row(request: Request, sb: Sandbox) -> Response:
     """DELETE .../accumulators/{planYear}/{planType}/{benefitCode}: 204; 404 if absent."""
-    if not sb.state.delete(_row_key(request)):
+    if not sb.delete(_row_key(request), call=request):
         return problem(404, "Not Found", "No such SubscriberAccum")
     return Response(status_code=204)
 
@@ -187,44 +192,60 @@ async def delete_row(request: Request, sb: Sandbox) -> Response:
 async def subscriber_batch(request: Request, sb: Sandbox) -> Response:
     """PUT .../accumulators-batch: upsert each item; 207 with a status per item."""
     sid, gid = _pair(request)
-    return await _batch(request, sb, SubscriberAccum, {"subscriber_ID": sid, "group_ID": gid})
+    items = await _batch(request, sb, SubscriberAccum, {"subscriber_ID": sid, "group_ID": gid})
+    if isinstance(items, Response):
+        return items
+    answer = _multi_status(sb, items, "activityId")
+    sb.intrude("batch", (sid, gid), [key for _, key in items if key])
+    return answer
 
 
 async def plan_batch(request: Request, sb: Sandbox) -> Response:
     """PUT /plans/{planID}/accumulators-batch: upsert each Added Accumulator; 207."""
-    return await _batch(request, sb, PlanAccumulator, {"plan_ID": request.path_params["planID"]})
+    path = {"plan_ID": request.path_params["planID"]}
+    items = await _batch(request, sb, PlanAccumulator, path)
+    return items if isinstance(items, Response) else _multi_status(sb, items, "activityID")
 
 
-async def _batch(request: Request, sb: Sandbox, model: type[W], path: dict[str, str]) -> Response:
+async def _batch(
+    request: Request, sb: Sandbox, model: type[W], path: dict[str, str]
+) -> list[Item] | Response:
     try:
         payload = await body_of(request)
     except ValueError:
         return problem(400, "Bad Request", "The body is not JSON")
     if not isinstance(payload, list):
         return problem(400, "Bad Request", "The body must be an array")
-    items = [_upsert(sb, model, raw, path) for raw in payload]
+    return [_upsert(request, sb, model, raw, path) for raw in payload]
+
+
+def _multi_status(sb: Sandbox, items: list[Item], activity_key: str) -> Response:
+    """The 207 (seed 000 spells the plan batch's ``activityID``)."""
+    data = [item for item, _ in items]
     if sb.faults.shuffle:
-        sb.rng.shuffle(items)
-    aid = "activityID" if model is PlanAccumulator else "activityId"  # seed 000's spelling
-    return envelope(items, status=207, media_type="text/plain", activity_key=aid)
+        sb.rng.shuffle(data)
+    return envelope(data, status=207, media_type="text/plain", activity_key=activity_key)
 
 
-def _upsert(sb: Sandbox, model: type[W], raw: Any, path: dict[str, str]) -> dict[str, Any]:
+def _upsert(request: Request, sb: Sandbox, model: type[W], raw: Any, path: dict[str, str]) -> Item:
     """One 207 item: 200 Updated, 201 Created, 400 invalid, or an injected 500."""
     fields = raw if isinstance(raw, dict) else {}
     ident = [{"key": f, "value": fields.get(f)} for f in model.KEY]
     try:
         row = model.from_vba(fields)
     except ValidationError as exc:
-        return {"id": ident, "status": 400, "body": describe(exc)}
+        return {"id": ident, "status": 400, "body": describe(exc)}, None
     if any(getattr(row, f) != v for f, v in path.items()):
-        return {"id": ident, "status": 400, "body": "The record's ids must match the path"}
+        return {"id": ident, "status": 400, "body": "The record's ids must match the path"}, None
     if sb.chance(sb.faults.item_error_rate):
-        return {"id": ident, "status": 500, "body": "An error occurred while saving the entity"}
+        return {"id": ident, "status": SAVE_FAILED[0], "body": SAVE_FAILED[1]}, None
     previous = sb.state.table(model).get(row.key)
-    sb.state.put(stamp(row, previous, sb.config.username))
-    outcome = {"status": 200, "body": "Updated"} if previous else {"status": 201, "body": "Created"}
-    return {"id": ident, **outcome}
+    status, body = (200, "Updated") if previous else (201, "Created")
+    if sb.fires("item_written_errors", sb.faults.item_written_error_rate):
+        status, body = SAVE_FAILED  # saved all the same: VBA failed only to say so
+    op = "plans.batch" if model is PlanAccumulator else "accumulators.batch"
+    sb.put(row, op, status=status, call=request)
+    return {"id": ident, "status": status, "body": body}, row.key
 
 
 def vba_routes(sb: Sandbox) -> list[Route]:
@@ -238,6 +259,10 @@ def vba_routes(sb: Sandbox) -> list[Route]:
         Route(ROW, r("accumulators.get", get_row), methods=["GET"]),
         Route(ROW, r("accumulators.update", update_row), methods=["PUT"]),
         Route(ROW, r("accumulators.delete", delete_row), methods=["DELETE"]),
-        Route(ACCUMS + "-batch", r("accumulators.batch", subscriber_batch), methods=["PUT"]),
-        Route(PLANS_BATCH, r("plans.batch", plan_batch), methods=["PUT"]),
+        Route(
+            ACCUMS + "-batch",
+            r("accumulators.batch", subscriber_batch, batch=True),
+            methods=["PUT"],
+        ),
+        Route(PLANS_BATCH, r("plans.batch", plan_batch, batch=True), methods=["PUT"]),
     ]

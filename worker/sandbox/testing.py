@@ -32,7 +32,10 @@ def free_port() -> int:
 
 
 def _flag(name: str, value: Any) -> list[str]:
+    """``accumsync sandbox`` options for one flag; None leaves the option at its default."""
     opt = "--" + name.replace("_", "-")
+    if value is None:
+        return []
     if isinstance(value, bool):
         return [opt if value else "--no-" + opt[2:]]
     return [opt, str(value)]
@@ -77,13 +80,49 @@ class SandboxAdmin:
         result: dict[str, Any] = self._call("POST", "/faults", faults)
         return result
 
+    def intrude(
+        self,
+        after: str,
+        subscriber_ID: str,
+        group_ID: str,
+        deltas: dict[str, Any],
+        keys: Sequence[dict[str, str]] | None = None,
+        times: int = 1,
+        skip: int = 0,
+    ) -> dict[str, Any]:
+        """VBA adds ``deltas`` right after a matching call ("list" or "batch") of the pair.
+
+        ``keys`` (plan_Year, plan_Type, benefit_Code) default to the rows the call returned or
+        wrote; ``skip`` matching calls pass first; it fires ``times`` times, then is gone.
+        """
+        body: dict[str, Any] = {
+            "after": after,
+            "subscriber_ID": subscriber_ID,
+            "group_ID": group_ID,
+        }
+        body |= {"deltas": deltas, "times": times, "skip": skip}
+        if keys is not None:
+            body["keys"] = list(keys)
+        result: dict[str, Any] = self._call("POST", "/intrude", body)
+        return result
+
+    def intrusions(self) -> list[dict[str, Any]]:
+        """Pending intrusions, with the ``skip`` and ``times`` they have left."""
+        result: list[dict[str, Any]] = self._call("GET", "/intrude")["intrusions"]
+        return result
+
+    def journal(self, since: int = 0) -> list[dict[str, Any]]:
+        """Every write to a row after ``since`` (a seq), oldest first; amounts as Decimal."""
+        result: list[dict[str, Any]] = self._call("GET", f"/journal?since={since}")["writes"]
+        return result
+
     def counters(self) -> dict[str, Any]:
-        """Requests per route and status: ``{"total", "by_route", "by_status"}``."""
+        """Requests per route and status: ``{"total", "by_route", "by_status"}`` (0: reset)."""
         result: dict[str, Any] = self._call("GET", "/counters")
         return result
 
     def reset(self) -> None:
-        """No rows, tokens or counts; the start-up faults."""
+        """No rows, tokens, counts, writes or intrusions; the start-up faults."""
         self._call("POST", "/reset")
 
     def close(self) -> None:
