@@ -56,6 +56,9 @@ def sandbox(
     slow_lists: Annotated[
         int | None, typer.Option(min=0, help="how many lists wait --list-delay (default: all)")
     ] = None,
+    list_status: Annotated[
+        int | None, typer.Option(min=400, max=599, help="every list answers this error status")
+    ] = None,
     shuffle: Annotated[bool, typer.Option(help="shuffle a 207's data[]")] = False,
     token_ttl: Annotated[float, typer.Option(help="id token lifetime, seconds")] = 86400.0,
     down: Annotated[bool, typer.Option(help="answer 503 to every VBA call")] = False,
@@ -79,6 +82,7 @@ def sandbox(
         lost_answer=lost_answer,
         list_delay=list_delay,
         slow_lists=slow_lists,
+        list_status=list_status,
         shuffle=shuffle,
         token_ttl=token_ttl,
         down=down,

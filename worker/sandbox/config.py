@@ -56,6 +56,9 @@ class Faults(BaseModel):
     slow_lists: int | None = Field(
         default=None, ge=0, description="how many lists wait list_delay (None: all)"
     )
+    list_status: int | None = Field(
+        default=None, ge=400, le=599, description="every list answers this error status"
+    )
     shuffle: bool = Field(default=False, description="shuffle data[] of a 207")
     token_ttl: float = Field(default=86400.0, gt=0, description="lifetime of new id tokens")
     down: bool = Field(default=False, description="answer 503 to every VBA call")

@@ -119,6 +119,9 @@ async def list_rows(request: Request, sb: Sandbox) -> Response:
         specs = sort_specs(q.get("sortBy", ""))
     except ValueError as exc:
         return problem(400, "Bad Request", str(exc))
+    if sb.faults.list_status is not None:
+        status = sb.faults.list_status
+        return problem(status, "Injected failure", f"sandbox list fault {status}")
     if wait := sb.list_wait():
         await asyncio.sleep(wait)  # the rows are read after it: a late answer sees newer writes
     rows = [r for k, r in sorted(sb.state.subscriber.items()) if k[:2] == _pair(request)]
