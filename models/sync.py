@@ -1,23 +1,38 @@
-"""The flush's arithmetic (DESIGN.md section 4), pure: absolute targets from owned shares.
+"""The flush's decisions (DESIGN.md section 4), pure: absolute targets from owned shares, and the
+settle rule for writes whose outcome we never heard.
 
 VBA stores absolute totals and its own adjudication writes the same rows, so we never send an
 increment. Per key we know ``ours`` (the ledger's sum), ``pushed`` (our share as VBA last
-confirmed it) and, in shared ownership, ``remote`` (what VBA holds now). Everything is integer
-cents keyed by the 30 store columns of ``models.buckets``.
+confirmed it) and, in shared ownership, ``remote`` (VBA's row as just read; a row VBA does not
+have reads as zeros). Everything is integer cents keyed by the 30 store columns of
+``models.buckets``.
+
+A flush asks two questions per key, both answered here without I/O or clock:
+- :func:`plan`, before sending: settle any earlier write of unknown outcome, then send a target,
+  confirm the key clean, wait, hold it for a person, or refuse it;
+- :func:`after_send`, once VBA answered (or did not): confirm, retry, refuse, wait or hold.
+
+The settle rule (:func:`settle`) never guesses: VBA's row equal to the target means our write
+landed, equal to the value we computed it from means it did not; anything else means VBA wrote
+too, and only a person who reads VBA's claims can tell which total is right.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Literal
+from enum import StrEnum
+from typing import Any, Literal
 
-from models.buckets import COLUMN_TO_VBA, COLUMNS
+from models.buckets import COLUMN_TO_VBA, COLUMNS, unbalanced
 
 Cents = dict[str, int]
 Ownership = Literal["shared", "exclusive"]
 ZERO: Cents = dict.fromkeys(COLUMNS, 0)
+MAX_EXPONENT = 30
+"""Backoff doubles at most this often: 2**1024 overflows a float (about five days of failures)."""
 
 
 def target(
@@ -36,9 +51,246 @@ def target(
     return {c: remote[c] - pushed[c] + ours[c] for c in COLUMNS}
 
 
-def landed(remote: Mapping[str, int] | None, intent: Mapping[str, int]) -> bool:
-    """Whether a write of unknown outcome took effect: VBA's row equals the recorded target."""
-    return remote is not None and all(remote[c] == intent[c] for c in COLUMNS)
+def same(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    """Equal on all 30 columns."""
+    return all(a[c] == b[c] for c in COLUMNS)
+
+
+def minus(a: Mapping[str, int], b: Mapping[str, int]) -> Cents:
+    return {c: a[c] - b[c] for c in COLUMNS}
+
+
+class Verdict(StrEnum):
+    """What became of a write whose answer we never read."""
+
+    LANDED = "landed"
+    NOT_LANDED = "not_landed"
+    TOO_EARLY = "too_early"  # not there (yet): the request may still be on its way
+    AMBIGUOUS = "ambiguous"  # VBA wrote too: a person must tell
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A write recorded before it left: what we asked VBA to hold, and from what."""
+
+    target: Cents
+    ours: Cents
+    seq: int
+    before: Cents | None
+    """VBA's row the target was computed from (shared); None when nothing was read."""
+
+
+def settle(intent: Intent, remote: Mapping[str, int], *, may_still_land: bool) -> Verdict:
+    """The settle rule: ``remote == target`` landed; ``remote == before`` not landed (once the
+    request can no longer arrive); anything else is ambiguous. Never a guess."""
+    if same(remote, intent.target):
+        return Verdict.LANDED
+    if may_still_land:
+        return Verdict.TOO_EARLY
+    if intent.before is not None and same(remote, intent.before):
+        return Verdict.NOT_LANDED
+    return Verdict.AMBIGUOUS
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One accumulator as a flush loaded it (its row in the store)."""
+
+    id: int
+    key: tuple[str, ...]
+    seq: int
+    ours: Cents
+    pushed: Cents
+    intent: Intent | None = None
+    attempts: int = 0
+    intent_fresh: bool = False
+    """The intent's request may still reach VBA (recorded less than the settle grace ago)."""
+
+
+class Act(StrEnum):
+    """What a flush does with one key."""
+
+    SEND = "send"  # record the intent, then write the target
+    CONFIRM = "confirm"  # VBA holds our share as of ``confirmed``: record it
+    WAIT = "wait"  # a write of ours may still land: look again later, intent kept
+    RETRY = "retry"  # not written: send again after a backoff
+    HOLD = "hold"  # a person must settle it (a dead letter; health turns red)
+    REFUSE = "refuse"  # cannot or must not be sent as it is (a dead letter)
+
+
+class Kind(StrEnum):
+    """Why a key is held or refused: the dead letter's ``kind``."""
+
+    AMBIGUOUS = "ambiguous"
+    BELOW_SHARE = "below_share"
+    REFUSED = "refused"
+    INVARIANT = "invariant"
+    NEGATIVE = "negative"
+    GAVE_UP = "gave_up"
+    UNSENDABLE = "unsendable"
+
+
+HOLDS = frozenset({Kind.AMBIGUOUS, Kind.BELOW_SHARE})
+"""Kinds that wait for an operator's ``dead-letters resolve`` (and turn health red)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The decision for one key. ``confirmed`` (our share VBA holds, with its change_seq) is set
+    whenever the decision learned it, also under a hold or a refusal: it must be recorded."""
+
+    item: Item
+    act: Act
+    confirmed: tuple[Cents, int] | None = None
+    target: Cents | None = None
+    before: Cents | None = None
+    kind: Kind | None = None
+    reason: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+    keep_intent: bool = False
+    counted: bool = True
+    """A RETRY that spends one of the key's attempts (a whole-call outage backs the pair off
+    instead, and spends none)."""
+
+    @property
+    def pushed(self) -> Cents:
+        """Our confirmed share after this decision."""
+        return self.confirmed[0] if self.confirmed else self.item.pushed
+
+    def sent(self) -> Intent:
+        """The intent of a SEND (what the flush records before the request leaves)."""
+        assert self.target is not None
+        return Intent(self.target, self.item.ours, self.item.seq, self.before)
+
+
+def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> Plan:
+    """What to do with ``item`` now; ``remote`` is VBA's row (zeros if absent), None unread."""
+    confirmed: tuple[Cents, int] | None = None
+    if item.intent is not None and remote is not None:
+        verdict = settle(item.intent, remote, may_still_land=item.intent_fresh)
+        if verdict is Verdict.TOO_EARLY:
+            return Plan(item, Act.WAIT, keep_intent=True)
+        if verdict is Verdict.AMBIGUOUS:
+            return ambiguous(item, item.intent, remote, item.pushed)
+        if verdict is Verdict.LANDED:
+            confirmed = (item.intent.ours, item.intent.seq)
+    base = Plan(item, Act.CONFIRM, confirmed)
+    if broken := unbalanced(item.ours):
+        why = f"ledger invariant: total != in + out for {', '.join(broken)}"
+        return replace(base, act=Act.REFUSE, kind=Kind.INVARIANT, reason=why)
+    if same(item.ours, base.pushed):
+        return replace(base, confirmed=(item.ours, item.seq))
+    if ownership == "shared" and remote is not None:
+        share = minus(remote, base.pushed)
+        if below := [c for c in COLUMNS if share[c] < 0]:
+            return below_share(base, remote, below)
+    goal = target(item.ours, base.pushed, remote, ownership)
+    if negative := [COLUMN_TO_VBA[c] for c in COLUMNS if goal[c] < 0]:
+        why = f"never sent: negative amounts for {', '.join(negative)}"
+        return replace(base, act=Act.REFUSE, kind=Kind.NEGATIVE, reason=why)
+    before = dict(remote) if ownership == "shared" and remote is not None else None
+    return replace(base, act=Act.SEND, target=goal, before=before)
+
+
+class Fate(StrEnum):
+    """What VBA's answer says about one record we sent."""
+
+    CONFIRMED = "confirmed"  # a 2xx item
+    REFUSED = "refused"  # a 4xx item, or a whole-call refusal: nothing written
+    NOT_SENT = "not_sent"  # the request never reached VBA's handler
+    UNKNOWN = "unknown"  # an item 5xx, no item for it, or no answer at all
+
+
+def after_send(
+    sent: Plan,
+    fate: Fate,
+    remote: Mapping[str, int] | None,
+    *,
+    ownership: Ownership,
+    max_attempts: int,
+    reason: str = "",
+    counted: bool = True,
+) -> Plan:
+    """What a SEND became. ``remote`` is VBA's row read after the answer (None: not read, as
+    after a lost answer, whose request may still be on its way). ``counted`` is False for a
+    whole-call failure: the pair backs off, and the key spends none of its attempts."""
+    item, intent = sent.item, sent.sent()
+    done = Plan(item, Act.CONFIRM, sent.confirmed)
+    if fate is Fate.CONFIRMED:
+        return replace(done, confirmed=(item.ours, item.seq))
+    if fate is Fate.REFUSED:
+        return replace(done, act=Act.REFUSE, kind=Kind.REFUSED, reason=reason)
+    if not counted and (fate is Fate.NOT_SENT or ownership == "exclusive"):
+        return replace(done, act=Act.RETRY, reason=reason, counted=False)
+    if fate is Fate.UNKNOWN and ownership == "shared":
+        if remote is None:
+            return replace(done, act=Act.WAIT, keep_intent=True, reason=reason)
+        verdict = settle(intent, remote, may_still_land=False)
+        if verdict is Verdict.LANDED:
+            return replace(done, confirmed=(item.ours, item.seq))
+        if verdict is Verdict.AMBIGUOUS:
+            return ambiguous(item, intent, remote, sent.pushed)
+    # Not written (or, exclusive, an absolute resend is safe whatever happened): again later.
+    if item.attempts + 1 >= max_attempts:
+        why = f"gave up after {item.attempts + 1} attempts: {reason}"
+        return replace(done, act=Act.REFUSE, kind=Kind.GAVE_UP, reason=why)
+    return replace(done, act=Act.RETRY, reason=reason)
+
+
+def ambiguous(
+    item: Item, intent: Intent, remote: Mapping[str, int], pushed: Mapping[str, int]
+) -> Plan:
+    """Hold a key whose write of unknown outcome VBA's own write has since hidden."""
+    fields = [c for c in COLUMNS if remote[c] != intent.target[c]]
+    candidates = {
+        COLUMN_TO_VBA[c]: {
+            "vba_now": money(remote[c]),
+            "we_sent": money(intent.target[c]),
+            "we_read_before": None if intent.before is None else money(intent.before[c]),
+            "if_landed": split(remote[c], intent.ours[c]),
+            "if_not_landed": split(remote[c], pushed[c]),
+        }
+        for c in fields
+    }
+    why = (
+        f"ambiguous outcome: VBA changed the row after a write of ours whose answer was lost "
+        f"({len(fields)} fields match neither the value sent nor the value read before); the "
+        "candidate totals are in the payload. Check VBA's claims, then `accumsync dead-letters "
+        "resolve ID --landed` or `--not-landed`"
+    )
+    return Plan(
+        item,
+        Act.HOLD,
+        kind=Kind.AMBIGUOUS,
+        reason=why,
+        detail={"candidates": candidates},
+        keep_intent=True,
+    )
+
+
+def split(remote: int, ours: int) -> dict[str, str]:
+    """VBA's row as our share and VBA's own, if our share is ``ours``."""
+    return {"our_share": money(ours), "vba_own": money(remote - ours)}
+
+
+def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan:
+    """Hold a key whose VBA row holds less than our confirmed share (VBA reset or rebuilt it)."""
+    pushed = base.pushed
+    detail = {
+        COLUMN_TO_VBA[c]: {"vba_now": money(remote[c]), "our_confirmed_share": money(pushed[c])}
+        for c in below
+    }
+    why = (
+        f"VBA's row is below our confirmed share in {len(below)} fields (reset or rebuilt in "
+        "VBA?); nothing is sent. Check VBA, then `accumsync dead-letters resolve ID "
+        "--not-landed` to send our whole share again"
+    )
+    return replace(base, act=Act.HOLD, kind=Kind.BELOW_SHARE, reason=why, detail=detail)
+
+
+def money(cents: int) -> str:
+    """Cents as a 2-decimal string (dead-letter payloads)."""
+    return f"{Decimal(cents).scaleb(-2):.2f}"
 
 
 def cents_of_vba(amounts: Mapping[str, Decimal]) -> Cents:
@@ -63,7 +315,7 @@ def backoff(
 
     A server's Retry-After is a floor (we never come back sooner than asked), still capped.
     """
-    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    ceiling = min(cap, base * 2 ** min(max(0, attempt - 1), MAX_EXPONENT))
     delay = rng.uniform(0, ceiling)
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap))

@@ -80,7 +80,13 @@ class Pair(SQLModel, table=True):
     next_attempt_at: datetime | None = Field(default=None, index=True)
     attempts: int = 0
     lease_owner: str | None = Field(default=None, max_length=64)
-    lease_until: datetime | None = None
+    lease_until: datetime | None = Field(default=None, description="by the database's clock")
+    lease_gen: int = Field(
+        default=0,
+        sa_type=BigInteger,
+        sa_column_kwargs={"server_default": "0"},
+        description="bumped by every lease taken: a flush's writes are fenced on it",
+    )
     queued_until: datetime | None = Field(default=None, description="a flush task is queued")
     last_error: str | None = Field(default=None, sa_type=Text)
     last_flush_at: datetime | None = None
@@ -109,7 +115,10 @@ class Accumulator(SQLModel, table=True):
     intent_target: str | None = Field(default=None, sa_type=Text, description="JSON cents")
     intent_ours: str | None = Field(default=None, sa_type=Text, description="JSON cents")
     intent_seq: int | None = Field(default=None, sa_type=BigInteger)
-    intent_at: datetime | None = None
+    intent_before: str | None = Field(
+        default=None, sa_type=Text, description="JSON cents: VBA's row the target was computed from"
+    )
+    intent_at: datetime | None = Field(default=None, description="by the database's clock")
     attempts: int = 0
     next_attempt_at: datetime | None = Field(default=None, index=True)
     held: bool = Field(default=False, description="dead-lettered: not flushed until replayed")
@@ -122,6 +131,9 @@ class DeadLetter(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT_ID)
     source: str = Field(max_length=16, description="ingest | flush | plans")
+    kind: str | None = Field(
+        default=None, max_length=16, description="flush: refused | held kinds (ambiguous, ...)"
+    )
     fingerprint: str = Field(max_length=64, unique=True)
     reason: str = Field(sa_type=Text)
     event_id: str | None = Field(default=None, max_length=128, index=True)
@@ -131,7 +143,10 @@ class DeadLetter(SQLModel, table=True):
     first_seen: datetime
     last_seen: datetime
     count: int = 1
-    replayed_at: datetime | None = None
+    replayed_at: datetime | None = Field(default=None, description="closed: replayed/resolved")
+    resolution: str | None = Field(
+        default=None, max_length=16, description="how an operator settled a hold"
+    )
 
 
 class IngestBatch(SQLModel, table=True):
@@ -162,14 +177,30 @@ class FlushAttempt(SQLModel, table=True):
     outcome: str = Field(max_length=16, description="ok|partial|unavailable|rejected|recovered")
     activity_id: str | None = Field(default=None, max_length=128)
     error: str | None = Field(default=None, sa_type=Text)
+    read_to_put_ms: int | None = Field(
+        default=None, description="shared: from VBA's answer to our read until the PUT left"
+    )
 
 
 class PlanPush(SQLModel, table=True):
+    """One plan's accumulator definitions as last requested, and how far VBA got with them.
+
+    ``plans push`` requests (``pending``); the CLI, then the worker, send what is ``remaining``
+    with the accumulators' backoff until VBA accepted (``sent``) or refused (``refused``) every
+    record, or the attempts ran out (``failed``).
+    """
+
     __tablename__ = "plan_push"
 
     plan_id: str = Field(primary_key=True, max_length=64)
     content_hash: str = Field(max_length=64)
-    pushed_at: datetime
+    pushed_at: datetime | None = Field(default=None, description="last accepted in full")
+    records: str = Field(default="[]", sa_type=Text, description="JSON: the requested records")
+    remaining: str = Field(default="[]", sa_type=Text, description="JSON: accum_Names to send")
+    status: str = Field(default="sent", max_length=16, description="pending|sent|refused|failed")
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, index=True)
+    last_error: str | None = Field(default=None, sa_type=Text)
 
 
 class EventCounter(SQLModel, table=True):

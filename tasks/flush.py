@@ -7,23 +7,23 @@ lives in worker/flush.py. Results are counts, so Flower shows no member data.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from sqlmodel import Session
 
 from worker.app import app
-from worker.db import in_transaction, utcnow
+from worker.db import in_transaction
 from worker.flush import due_pairs, mark_queued, vba_paused
 from worker.flush import flush_pair as run_flush
 from worker.logs import Log
+from worker.plans import due_count as plans_due
+from worker.plans import push_due
 from worker.settings import get_settings
 
 log = Log("flush")
 
 
-def queued_for(interval: float) -> timedelta:
-    """How long a queued pair is not queued again: a lost task is re-queued after this."""
-    return timedelta(seconds=max(2 * interval, 5.0))
+def queued_for(interval: float) -> float:
+    """Seconds a queued pair is not queued again: a lost task is re-queued after this."""
+    return max(2 * interval, 5.0)
 
 
 @app.task(name="accumsync.flush_due")
@@ -33,14 +33,15 @@ def flush_due() -> dict[str, int]:
     if paused > 0:  # VBA is known down: the first beat after the pause queues the pairs
         log.info("flush.paused", retry_in_s=round(paused, 1))
         return {"pairs": 0}
-    now = utcnow()
 
     def pick(session: Session) -> list[int]:
-        ids = due_pairs(session, now)
-        mark_queued(session, ids, now + queued_for(get_settings().flush_interval))
+        ids = due_pairs(session)
+        mark_queued(session, ids, queued_for(get_settings().flush_interval))
         return ids
 
     pair_ids = in_transaction(pick)
+    if in_transaction(plans_due):
+        app.send_task("accumsync.push_plans")
     with app.producer_or_acquire() as producer:
         for pair_id in pair_ids:
             app.send_task(
@@ -57,3 +58,10 @@ def flush_due() -> dict[str, int]:
 def flush_pair(pair_id: int) -> dict[str, int | bool]:
     """Flush one (subscriber, group) pair to VBA; see worker/flush.py."""
     return run_flush(pair_id).summary()
+
+
+@app.task(name="accumsync.push_plans", acks_late=True)
+def push_plans() -> dict[str, int]:
+    """Send the plan pushes whose retry time has come; see worker/plans.py."""
+    report = push_due()
+    return {"plans": len(report.rows), "failed": report.failed, "pending": report.pending}

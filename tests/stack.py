@@ -16,7 +16,7 @@ from sqlalchemy import select
 from models.buckets import BUCKETS, VBA_FIELDS
 from models.tables import Accumulator
 from worker.db import make_engine
-from worker.procs import Child, beat_argv, worker_argv
+from worker.procs import Child, beat_argv, wait_for, worker_argv
 from worker.streams import Key
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
@@ -41,12 +41,16 @@ class Stack:
         self.database_url = database_url or f"sqlite:///{tmp / 'home' / 'accumsync.db'}"
 
     def cli(
-        self, *args: str, stdin: str | None = None, check: bool = True
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the real ``accumsync`` console script in this stack's environment."""
+        """Run the real ``accumsync`` console script in this stack's environment (plus ``env``)."""
         proc = subprocess.run(
             [ACCUMSYNC, *args],
-            env=self.env,
+            env=self.env | (env or {}),
             input=stdin,
             capture_output=True,
             text=True,
@@ -61,20 +65,47 @@ class Stack:
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("status", "--json").stdout))
 
+    def publish(
+        self, events: list[Any], wait: bool = True, env: dict[str, str] | None = None
+    ) -> None:
+        """``accumsync publish`` the events from a JSONL file; wait until all are received."""
+        path = self.tmp / f"events-{uuid.uuid4().hex[:8]}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(e) + "\n" for e in events))
+        received = self.status()["events_received"] if wait else 0
+        self.cli("publish", str(path), env=env)
+        if wait:
+            done = lambda: self.status()["events_received"] >= received + len(events)  # noqa: E731
+            assert wait_for(done, 120, 0.5), f"{len(events)} events not received in 120s"
+
+    def flush_wait(self, timeout: int = 180, expect: int = 0) -> str:
+        """``accumsync flush --wait``; asserts its exit code (0: nothing pending, no new dead
+        letter; 1: new dead letters; 2: still pending)."""
+        proc = self.cli("flush", "--wait", "--timeout", str(timeout), check=False)
+        assert proc.returncode == expect, proc.stdout + proc.stderr + self.logs()[-4000:]
+        return proc.stdout
+
     def worker(
-        self, name: str = "w1", concurrency: int = 1, pool: str = "prefork", **env: str
+        self,
+        name: str = "w1",
+        concurrency: int = 1,
+        pool: str = "prefork",
+        queue: str | None = None,
+        **env: str,
     ) -> Child:
-        """Start ``celery -A worker worker`` on this stack's queue and wait until it is ready."""
-        argv = worker_argv(f"{name}-{self.queue}", concurrency, self.queue, pool)
+        """Start ``celery -A worker worker`` on this stack's queue (or ``queue``) and wait
+        until it is ready."""
+        queue = queue or self.queue
+        argv = worker_argv(f"{name}-{self.queue}", concurrency, queue, pool)
         log = self.tmp / "logs" / f"{name}.log"
         child = Child(name, argv, self.env | env, log).start()
         self.children.append(child)
         return child.ready(" ready.", timeout=90)
 
-    def beat(self) -> Child:
-        """Start the one ``celery -A worker beat`` of this stack."""
-        argv = beat_argv(self.tmp / "beat-schedule")
-        child = Child("beat", argv, self.env, self.tmp / "logs" / "beat.log").start()
+    def beat(self, name: str = "beat") -> Child:
+        """Start ``celery -A worker beat`` (one per stack, unless a test means two)."""
+        argv = beat_argv(self.tmp / f"{name}-schedule")
+        child = Child(name, argv, self.env, self.tmp / "logs" / f"{name}.log").start()
         self.children.append(child)
         return child.ready("beat: Starting", timeout=60)
 

@@ -143,6 +143,7 @@ def dead_replay(
 ) -> None:
     """Re-queue dead-lettered events, or release dead-lettered accumulators, after a fix."""
     from worker.db import session_scope
+    from worker.plans import push_due
     from worker.producer import publish as send
     from worker.replay import replay
 
@@ -150,10 +151,43 @@ def dead_replay(
         err.print("name letters with --id N, or choose --all or --source")
         raise typer.Exit(2)
     with session_scope() as session:
-        events, released = replay(session, ids, source)
+        done = replay(session, ids, source)
         # Publish before the commit marks them replayed: a failed publish leaves them open.
-        sent = send(events) if events else 0
-    out.print(f"re-published {sent} events; released {released} accumulators for the next flush")
+        sent = send(done.events) if done.events else 0
+    out.print(
+        f"re-published {sent} events; released {done.released} accumulators for the next flush"
+    )
+    if done.plans:
+        _print_pushes(push_due(plan_ids=done.plans), "plans re-sent")
+    for why in done.refused:
+        err.print(f"[yellow]not replayed: {why}[/yellow]")
+
+
+@dead_app.command("resolve")
+def dead_resolve(
+    letter: Annotated[int, typer.Argument(help="the hold's id (dead-letters list)")],
+    landed: Annotated[
+        bool | None,
+        typer.Option(
+            "--landed/--not-landed",
+            help="VBA holds our write (--landed) or does not (--not-landed); check VBA first",
+        ),
+    ] = None,
+) -> None:
+    """Settle a key held for a person: an ambiguous outcome, or a VBA row below our share."""
+    from worker.db import session_scope
+    from worker.replay import NotResolvable, resolve
+
+    if landed is None:
+        err.print("say what VBA shows: --landed or --not-landed")
+        raise typer.Exit(2)
+    try:
+        with session_scope() as session:
+            message = resolve(session, letter, landed)
+    except NotResolvable as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    out.print(message)
 
 
 @app.command()
@@ -183,13 +217,19 @@ def plans_push(
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     report = push_plans(plans, force=force)
-    table = Table("plan", "records", "outcome", title="plans push")
-    for row in report.rows:
-        table.add_row(*row)
-    out.print(table)
+    _print_pushes(report, "plans push")
     if report.failed:
         err.print(f"[red]{report.failed} records refused: see `accumsync dead-letters list`[/red]")
         raise typer.Exit(1)
+
+
+def _print_pushes(report: Any, title: str) -> None:
+    table = Table("plan", "records", "outcome", title=title)
+    for row in report.rows:
+        table.add_row(*row)
+    out.print(table)
+    if report.pending:
+        err.print(f"{report.pending} plans wait for VBA: the worker retries them (beat)")
 
 
 @app.command()
@@ -265,10 +305,16 @@ def health(
 def metrics(
     port: Annotated[int, typer.Option(help="port to serve /metrics on")] = 9808,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    once: Annotated[bool, typer.Option(help="print the metrics once and exit")] = False,
 ) -> None:
     """Serve Prometheus metrics read from the store and the broker at each scrape."""
-    from worker.metrics import server
+    from worker.metrics import registry, server
 
+    if once:
+        from prometheus_client import generate_latest
+
+        sys.stdout.write(generate_latest(registry()).decode())
+        return
     httpd = server(host, port)
     err.print(f"metrics on http://{host}:{port}/metrics")
     try:

@@ -15,10 +15,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, literal, select
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import expression
 from sqlmodel import Session
+from sqlmodel.sql.sqltypes import UTCDateTime
 
 from worker.logs import Log
 from worker.settings import get_settings
@@ -49,6 +52,43 @@ def age_seconds(since: datetime | None, now: datetime, places: int = 3) -> float
     if since is None:
         return None
     return round(max(0.0, (now - as_utc(since)).total_seconds()), places)
+
+
+class db_after(expression.FunctionElement[datetime]):
+    """The database's own clock plus ``seconds``, as a SQL expression of a timestamp column's
+    type: ``db_after(0)`` is its "now". Leases are judged by it, so workers whose clocks
+    disagree still agree on who holds a lease."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(db_after, "postgresql")
+def _pg_after(element: db_after, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(now() + make_interval(secs => {seconds}))"
+
+
+@compiles(db_after, "sqlite")
+def _sqlite_after(element: db_after, compiler: Any, **kw: Any) -> str:
+    # SQLAlchemy stores SQLite timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC): the same text
+    # shape, so comparisons between stored and computed times stay lexical and exact.
+    seconds = compiler.process(next(iter(element.clauses)), **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {seconds} || ' seconds') || '000')"
+
+
+def db_now() -> db_after:
+    """The database's clock, as a SQL expression."""
+    return db_after(0)
+
+
+def clock(session: Session) -> datetime:
+    """The database's clock, read once (for comparisons against times it wrote)."""
+    now: datetime = session.execute(select(db_now())).scalar_one()
+    return as_utc(now)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,12 +1,21 @@
-"""The flush protocol (DESIGN.md section 4) for one (subscriber, group) pair.
+"""The flush protocol (DESIGN.md section 4) for one (subscriber, group) pair, in three
+transactions per batch call, every write fenced by the pair's lease generation.
 
-1. Take the pair's lease (two workers can't both hold it; it expires if its holder dies).
-2. Read VBA's rows for the pair when needed (shared ownership, or an intent of unknown outcome)
-   and resolve unknown intents: VBA's row equal to the recorded target means it landed.
-3. Compute absolute targets (``models.sync.target``), check total == in + out, record the intent.
-4. ``PUT .../accumulators-batch`` in chunks of ``vba_batch_max``; read each 207 item by key:
-   2xx confirms our share, 5xx retries later (``next_attempt_at``), 4xx becomes a dead letter.
-   A whole-call outage (429, 5xx, timeout) backs the pair off and keeps the intents for step 2.
+1. **Lease and load.** Taking the lease bumps ``pair.lease_gen`` and sets ``lease_until`` by the
+   database's clock; the pair's due accumulators are loaded in the same transaction.
+2. **Read, decide, record, send.** Per chunk of ``vba_batch_max`` keys: read VBA's rows (shared
+   ownership) right before the PUT, decide each key with the pure rules of ``models.sync``
+   (settle an earlier write of unknown outcome, then send, confirm, wait, hold or refuse), and
+   record the decisions and intents in one transaction that the client runs right before the
+   request leaves (after its rate limiter): it renews the lease and checks it first.
+3. **Settle.** Read each 207 item by key; an unknown outcome (item 5xx, no item) is settled at
+   once by reading VBA's row again; the outcomes are written in one last fenced transaction,
+   which also renews (more chunks) or releases the lease.
+
+A fenced transaction starts by renewing the lease on the condition that its generation is
+still ours (``Lease.renew``); that statement holds the pair's row lock until commit, so no other
+flush can take the lease between the check and the writes. A holder that lost its lease
+raises :class:`LeaseLost` there, sends nothing more and writes nothing.
 """
 
 from __future__ import annotations
@@ -18,31 +27,54 @@ import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import RowMapping, bindparam, func, or_, select, update
 from sqlmodel import Session
 
-from models.buckets import COLUMNS, unbalanced
-from models.sync import Cents, backoff, cents_of_vba, landed, target, vba_of_cents
+from models.buckets import COLUMNS
+from models.sync import (
+    ZERO,
+    Act,
+    Cents,
+    Fate,
+    Intent,
+    Item,
+    Kind,
+    Plan,
+    after_send,
+    backoff,
+    cents_of_vba,
+    plan,
+    vba_of_cents,
+)
 from models.tables import PUSHED, FlushAttempt
 from models.vba import SubscriberAccum
 from worker import failpoints
 from worker.bulk import insert
-from worker.db import session_scope, utcnow
+from worker.db import as_utc, db_after, db_now, session_scope
 from worker.logs import Log
 from worker.settings import Settings, get_settings
 from worker.store import KEY_COLS, T_ACCUM, T_PAIR, dead_letter
-from worker.vba import BatchResult, VbaAuthError, VbaClient, VbaRejected, VbaUnavailable
+from worker.vba import BatchResult, VbaClient, VbaError, VbaRejected, VbaUnavailable
 
 log = Log("flush")
+T = TypeVar("T")
 T_ATTEMPT = FlushAttempt.__table__  # type: ignore[attr-defined]
 UPDATE_USER = "accumsync"
+SORT_BY = "plan_Year:asc,plan_Type:asc,benefit_Code:asc"
+"""A stable list order, so paging can't skip a row that would then be taken as absent."""
+Remote = dict[tuple[str, ...], SubscriberAccum]
+
+
+class LeaseLost(Exception):
+    """Another flush took this pair's lease: this one stops, writing and sending nothing."""
 
 
 @cache
@@ -52,23 +84,193 @@ def client() -> VbaClient:
 
 
 @dataclass
-class Item:
-    """One dirty accumulator as the flush sees it."""
+class Report:
+    """What one flush of a pair did (counts only: safe for logs and Flower)."""
 
-    id: int
-    key: tuple[str, ...]
-    seq: int
-    ours: Cents
-    pushed: Cents
-    intent: Cents | None
-    attempts: int
-    target: Cents = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    pair: int
+    skipped: bool = False
+    lease_lost: bool = False
+    calls: int = 0
+    sent: int = 0
+    ok: int = 0
+    recovered: int = 0
+    retry: int = 0
+    waiting: int = 0
+    held: int = 0
+    dead: int = 0
+    unavailable: bool = False
 
-    @classmethod
-    def of(cls, row: Any) -> Item:
-        intent = json.loads(row["intent_target"]) if row["intent_target"] else None
-        return cls(
+    def summary(self) -> dict[str, int | bool]:
+        return dict(vars(self))
+
+
+@dataclass
+class Call:
+    """One batch call: what went, what came back, and whether it may have written."""
+
+    plans: list[Plan]
+    records: list[SubscriberAccum]
+    recorded: bool = False
+    read_at: float | None = None
+    read_to_put_ms: int | None = None
+    started: float = 0.0
+    result: BatchResult | None = None
+    error: VbaError | None = None
+    outcomes: list[Plan] = field(default_factory=list)
+
+    @property
+    def stops(self) -> bool:
+        """The call failed as a whole for a reason of VBA's or ours (not the records'): the
+        pair backs off. A whole-call refusal of the data (400, 404...) refuses its records."""
+        if isinstance(self.error, VbaUnavailable):
+            return True
+        return isinstance(self.error, VbaRejected) and self.error.status in (401, 403)
+
+    def unwritten(self) -> list[Plan]:
+        """What is still to write once the call is over: its outcomes, and the other decisions
+        too when the request never got as far as recording them."""
+        others = [] if self.recorded else [p for p in self.plans if p.act is not Act.SEND]
+        return others + self.outcomes
+
+
+class Lease:
+    """A pair's flush lease: taken by bumping its generation, fenced on it afterwards."""
+
+    def __init__(self, pair_id: int, seconds: float) -> None:
+        self.pair_id, self.seconds = pair_id, seconds
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.gen: int | None = None
+
+    def take(self, session: Session) -> RowMapping | None:
+        """Take the lease if it is free and the pair is due (database clock); the pair's row."""
+        p = T_PAIR.c
+        free = or_(p.lease_until.is_(None), p.lease_until < db_now())
+        due = or_(p.next_attempt_at.is_(None), p.next_attempt_at <= db_now())
+        stmt = (
+            update(T_PAIR)
+            .where(p.id == self.pair_id, free, due)
+            .values(
+                lease_gen=p.lease_gen + 1,
+                lease_owner=self.owner,
+                lease_until=db_after(self.seconds),
+            )
+            .returning(p.lease_gen, p.subscriber_id, p.group_id, p.attempts, db_now().label("now"))
+        )
+        row = session.execute(stmt).mappings().first()
+        if row is not None:
+            self.gen = int(row["lease_gen"])
+        return row
+
+    def renew(self, session: Session) -> datetime:
+        """Extend the lease if it is still ours, holding the pair's row lock until commit;
+        returns the database's clock. :class:`LeaseLost` otherwise."""
+        p = T_PAIR.c
+        stmt = (
+            update(T_PAIR)
+            .where(p.id == self.pair_id, p.lease_gen == self.gen)
+            .values(lease_until=db_after(self.seconds))
+            .returning(db_now().label("now"))
+        )
+        now = session.execute(stmt).scalar()
+        if now is None:
+            raise LeaseLost(f"pair {self.pair_id}: lease generation {self.gen} was taken over")
+        return as_utc(now)
+
+    def release(self, session: Session, now: datetime, **pair: Any) -> None:
+        """Give the lease up (with the pair's new retry state); fenced like every write."""
+        p = T_PAIR.c
+        values = {"lease_owner": None, "lease_until": None, "queued_until": None} | pair
+        stmt = update(T_PAIR).where(p.id == self.pair_id, p.lease_gen == self.gen)
+        session.execute(stmt.values(last_flush_at=now, **values))
+
+
+class Flush:
+    """One flush of one pair; ``run`` is the whole protocol, ``steps`` the same in steps."""
+
+    def __init__(
+        self, pair_id: int, vba: VbaClient, settings: Settings, rng: random.Random | None = None
+    ) -> None:
+        self.pair_id, self.vba, self.settings = pair_id, vba, settings
+        self.rng = rng or random.Random()
+        self.lease = Lease(pair_id, settings.flush_lease)
+        self.report = Report(pair_id)
+        self.subscriber_id = self.group_id = ""
+        self.pair_attempts = 0
+
+    def run(self) -> Report:
+        """Flush the pair if its lease is free and it is due; a no-op report otherwise."""
+        for _ in self.steps():
+            pass
+        return self.report
+
+    def steps(self) -> Iterator[str]:
+        """The protocol, pausing after each step another flush could interleave with (tests
+        drive two of them step by step; abandoning one mid-way is a crash: nothing cleans up)."""
+        items = self._take()
+        if items is None:
+            self.report.skipped = True
+            return
+        yield "leased"
+        try:
+            size = self.settings.vba_batch_max
+            chunks = [items[i : i + size] for i in range(0, len(items), size)]
+            for n, chunk in enumerate(chunks, start=1):
+                if not (yield from self._chunk(chunk, last=n == len(chunks))):
+                    return
+        except LeaseLost as exc:
+            self.report.lease_lost = True
+            log.warning("flush.lease_lost", pair=self.pair_id, error=str(exc))
+        except Exception as exc:
+            self._record_failure(exc)
+            raise
+
+    def _record_failure(self, exc: Exception) -> None:
+        """A failure of ours (a bug, the store away): back the pair off with its reason if the
+        store lets us; otherwise the lease lapses and the pair is flushed again."""
+        try:
+            self._fenced(lambda s, now: self._back_off(s, now, exc))
+        except Exception as again:
+            log.error("flush.failure_not_recorded", pair=self.pair_id, error=type(again).__name__)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _take(self) -> list[Item] | None:
+        """Lease and load, one transaction; None when the lease is busy or the pair not due."""
+        with session_scope() as s:
+            row = self.lease.take(s)
+            if row is None:
+                return None
+            self.subscriber_id, self.group_id = row["subscriber_id"], row["group_id"]
+            self.pair_attempts, now = int(row["attempts"]), as_utc(row["now"])
+            items = [self._item(r, now) for r in self._due(s)]
+            if not items:
+                self.lease.release(s, now)
+        return items or None
+
+    def _due(self, session: Session) -> Sequence[RowMapping]:
+        a = T_ACCUM.c
+        query = (
+            select(T_ACCUM)
+            .where(a.pair_id == self.pair_id, a.held.is_(False))
+            .where(or_(a.dirty_since.is_not(None), a.intent_target.is_not(None)))
+            .where(or_(a.next_attempt_at.is_(None), a.next_attempt_at <= db_now()))
+            .order_by(*[a[c] for c in KEY_COLS])
+        )
+        return session.execute(query).mappings().all()
+
+    def _item(self, row: RowMapping, now: datetime) -> Item:
+        intent = None
+        if row["intent_target"]:
+            before = json.loads(row["intent_before"]) if row["intent_before"] else None
+            intent = Intent(
+                json.loads(row["intent_target"]),
+                json.loads(row["intent_ours"]),
+                int(row["intent_seq"]),
+                before,
+            )
+        grace = timedelta(seconds=self.settings.settle_grace)
+        fresh = row["intent_at"] is not None and as_utc(row["intent_at"]) + grace > now
+        return Item(
             id=row["id"],
             key=tuple(row[c] for c in KEY_COLS),
             seq=row["change_seq"],
@@ -76,347 +278,324 @@ class Item:
             pushed={c: row[p] for c, p in zip(COLUMNS, PUSHED, strict=True)},
             intent=intent,
             attempts=row["attempts"],
+            intent_fresh=fresh,
         )
 
+    def _chunk(self, chunk: list[Item], last: bool) -> Generator[str, None, bool]:
+        """Read, decide, send and settle one chunk (a generator returning False when the pair
+        backed off and released its lease)."""
+        remote: Remote | None = None
+        read_at = None
+        if self.settings.ownership == "shared":
+            try:
+                remote = self._read()
+            except (VbaError, ValidationError) as exc:
+                failed: Exception = exc
+                self._fenced(lambda s, now: self._back_off(s, now, failed))
+                return False
+            read_at = time.perf_counter()
+            yield "read"
+        call = Call(*self._sendable([plan(i, self._cents(i, remote), self._mode) for i in chunk]))
+        call.read_at = read_at
+        if call.records:
+            self._send(call)
+            yield "sent"
+            failpoints.hit("flush.after_put")
+            self._settle(call)
+        self._fenced(lambda s, now: self._finish_chunk(s, now, call, last))
+        self._tally(call)
+        return not call.stops
 
-@dataclass
-class Report:
-    """What one flush of a pair did (counts only: safe for logs and Flower)."""
+    @property
+    def _mode(self) -> Any:
+        return self.settings.ownership
 
-    pair: int
-    skipped: bool = False
-    calls: int = 0
-    sent: int = 0
-    ok: int = 0
-    retry: int = 0
-    dead: int = 0
-    recovered: int = 0
-    unavailable: bool = False
-
-    def summary(self) -> dict[str, int | bool]:
-        return dict(vars(self))
-
-
-class Flush:
-    """One flush of one pair; ``run`` is the whole protocol."""
-
-    def __init__(
-        self, pair_id: int, vba: VbaClient, settings: Settings, rng: random.Random | None = None
-    ) -> None:
-        self.pair_id, self.vba, self.settings = pair_id, vba, settings
-        self.rng = rng or random.Random()
-        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.report = Report(pair_id)
-        self.subscriber_id = self.group_id = ""
-
-    def run(self) -> Report:
-        """Flush the pair if its lease is free; a no-op report otherwise."""
-        if not self._lease():
-            self.report.skipped = True
-            return self.report
-        try:
-            self._flush()
-        finally:
-            self._release()
-        return self.report
-
-    # -- lease ------------------------------------------------------------------------------
-
-    def _lease(self) -> bool:
-        now = utcnow()
-        free = or_(T_PAIR.c.lease_until.is_(None), T_PAIR.c.lease_until < now)
-        until = now + timedelta(seconds=self.settings.flush_lease)
-        with session_scope() as s:
-            stmt = update(T_PAIR).where(T_PAIR.c.id == self.pair_id, free)
-            done = s.execute(stmt.values(lease_owner=self.owner, lease_until=until))
-            taken = cast(CursorResult[Any], done).rowcount
-            row = s.execute(select(T_PAIR).where(T_PAIR.c.id == self.pair_id)).mappings().first()
-        if row is not None:
-            self.subscriber_id, self.group_id = row["subscriber_id"], row["group_id"]
-        return bool(taken) and row is not None
-
-    def _renew(self) -> None:
-        until = utcnow() + timedelta(seconds=self.settings.flush_lease)
-        with session_scope() as s:
-            mine = and_(T_PAIR.c.id == self.pair_id, T_PAIR.c.lease_owner == self.owner)
-            s.execute(update(T_PAIR).where(mine).values(lease_until=until))
-
-    def _release(self) -> None:
-        with session_scope() as s:
-            mine = and_(T_PAIR.c.id == self.pair_id, T_PAIR.c.lease_owner == self.owner)
-            values: dict[str, Any] = {"lease_owner": None, "lease_until": None}
-            values.update(queued_until=None, last_flush_at=utcnow())
-            s.execute(update(T_PAIR).where(mine).values(**values))
-
-    # -- the protocol -----------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        items = self._due_items()
-        if not items:
-            return
-        try:
-            remote = self._remote(items)
-        except (VbaUnavailable, VbaAuthError) as exc:
-            self._pair_unavailable(exc)
-            return
-        items = self._recover(items, remote)
-        ready = self._targets(items, remote)
-        size = self.settings.vba_batch_max
-        for start in range(0, len(ready), size):
-            if not self._send(ready[start : start + size]):
-                return
-        self._pair_recovered()
-
-    def _due_items(self) -> list[Item]:
-        now = utcnow()
-        a, p = T_ACCUM.c, T_PAIR.c
-        with session_scope() as s:
-            pair_due = s.execute(
-                select(p.id).where(
-                    p.id == self.pair_id, or_(p.next_attempt_at.is_(None), p.next_attempt_at <= now)
-                )
-            ).first()
-            if pair_due is None:
-                return []
-            rows = s.execute(
-                select(T_ACCUM)
-                .where(a.pair_id == self.pair_id, a.held.is_(False))
-                .where(or_(a.dirty_since.is_not(None), a.intent_target.is_not(None)))
-                .where(or_(a.next_attempt_at.is_(None), a.next_attempt_at <= now))
-                .order_by(*[a[c] for c in KEY_COLS])
-            ).mappings()
-            return [Item.of(r) for r in rows]
-
-    def _remote(self, items: list[Item]) -> dict[tuple[str, ...], SubscriberAccum] | None:
-        """VBA's rows for the pair, when the ownership or an unknown outcome needs them."""
-        if self.settings.ownership == "exclusive" and all(i.intent is None for i in items):
-            return None
-        rows = self.vba.iter_accumulators(self.subscriber_id, self.group_id)
+    def _read(self) -> Remote:
+        """VBA's rows for the pair, every page, in a stable order."""
+        rows = self.vba.iter_accumulators(self.subscriber_id, self.group_id, sort_by=SORT_BY)
         return {r.key: r for r in rows}
 
-    def _recover(
-        self, items: list[Item], remote: dict[tuple[str, ...], SubscriberAccum] | None
-    ) -> list[Item]:
-        """Settle intents of unknown outcome, then drop items VBA already holds our share of.
+    @staticmethod
+    def _cents(item: Item, remote: Remote | None) -> Cents | None:
+        if remote is None:
+            return None
+        row = remote.get(item.key)
+        return cents_of_vba(row.amounts()) if row is not None else dict(ZERO)
 
-        An intent whose target equals VBA's row landed: our share as of the intent is confirmed.
-        Any other intent did not land (or cannot be told apart from that) and is sent again.
-        """
-        pending = []
-        for item in items:
-            if item.intent is not None and remote is not None:
-                row = remote.get(item.key)
-                if landed(cents_of_vba(row.amounts()) if row else None, item.intent):
-                    snapshot = self._intent_snapshot(item.id)
-                    self._confirm(item.id, snapshot)
-                    item.pushed = snapshot[0]
-                    self.report.recovered += 1
-                else:
-                    self._clear_intent(item.id)
-                item.intent = None
-            if item.ours == item.pushed:  # nothing of ours to change: clean, no call needed
-                self._confirm(item.id, (item.ours, item.seq))
-                continue
-            pending.append(item)
-        return pending
+    def _sendable(self, plans: list[Plan]) -> tuple[list[Plan], list[SubscriberAccum]]:
+        """The wire record of each SEND; one that fails VBA's field rules is refused instead."""
+        out, records = [], []
+        for p in plans:
+            if p.act is Act.SEND:
+                try:
+                    records.append(self._record(p))
+                except ValidationError as exc:
+                    why = f"record fails VBA's field rules: {exc.errors()[0]['msg']}"
+                    p = replace(p, act=Act.REFUSE, kind=Kind.UNSENDABLE, reason=why)
+            out.append(p)
+        return out, records
 
-    def _targets(
-        self, items: list[Item], remote: dict[tuple[str, ...], SubscriberAccum] | None
-    ) -> list[Item]:
-        """Each item's absolute target; unbalanced or unsendable items become dead letters."""
-        ready = []
-        for item in items:
-            if broken := unbalanced(item.ours):
-                self._dead(item, f"ledger invariant: total != in + out for {', '.join(broken)}")
-                continue
-            row = remote.get(item.key) if remote is not None else None
-            remote_cents = cents_of_vba(row.amounts()) if row is not None else None
-            item.target = target(item.ours, item.pushed, remote_cents, self.settings.ownership)
-            if row is not None:
-                item.extra = {"added_Accum": row.added_Accum, "entry_Date": row.entry_Date,
-                              "entry_User": row.entry_User}  # fmt: skip
-            ready.append(item)
-        return ready
+    def _record(self, p: Plan) -> SubscriberAccum:
+        assert p.target is not None
+        names = ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
+        body: dict[str, Any] = dict(zip(names, p.item.key, strict=True))
+        body.update(vba_of_cents(p.target), update_User=UPDATE_USER)
+        return SubscriberAccum.model_validate(body)
 
-    def _send(self, chunk: list[Item]) -> bool:
-        """One batch call; returns False when VBA is unavailable (stop this flush)."""
-        records, sendable = self._records(chunk)
-        if not sendable:
-            return True
-        self._record_intents(sendable)
-        failpoints.hit("flush.after_intent")
-        self._renew()
-        started = time.perf_counter()
+    def _send(self, call: Call) -> None:
+        """The PUT; the decisions and intents are recorded right before it leaves."""
+
+        def before_send() -> None:
+            if call.recorded:  # a resend after a 401 or a refused connection: check again
+                self._fenced(lambda s, now: None)
+                return
+            self._fenced(lambda s, now: self._record_plans(s, now, call.plans))
+            call.recorded = True
+            failpoints.hit("flush.after_intent")
+            if call.read_at is not None:
+                call.read_to_put_ms = round((time.perf_counter() - call.read_at) * 1000)
+
+        call.started = time.perf_counter()
         try:
-            result = self.vba.upsert_accumulators(self.subscriber_id, self.group_id, records)
-        except (VbaUnavailable, VbaAuthError) as exc:
-            self._audit(sendable, started, "unavailable", exc=exc)
-            self._pair_unavailable(exc)
-            return False
-        except VbaRejected as exc:
-            self._audit(sendable, started, "rejected", exc=exc)
-            for item in sendable:
-                self._clear_intent(item.id)
-                self._dead(item, f"VBA refused the batch ({exc.status}): {exc}", exc.activity_id)
-            return True
-        failpoints.hit("flush.after_put")
-        self.report.calls += 1
-        self.report.sent += len(sendable)
-        self._apply(sendable, result)
-        self._audit(sendable, started, "ok", result=result)
-        return True
-
-    def _records(self, chunk: list[Item]) -> tuple[list[SubscriberAccum], list[Item]]:
-        records, sendable = [], []
-        for item in chunk:
-            body: dict[str, Any] = dict(zip(
-                ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code"), item.key,
-                strict=True))  # fmt: skip
-            body.update(vba_of_cents(item.target), update_User=UPDATE_USER, **item.extra)
-            try:
-                records.append(SubscriberAccum.model_validate(body))
-            except ValidationError as exc:
-                self._dead(item, f"record fails VBA's field rules: {exc.errors()[0]['msg']}")
-                continue
-            sendable.append(item)
-        return records, sendable
-
-    def _apply(self, items: list[Item], result: BatchResult) -> None:
-        """Settle each item from its own 207 entry, found by key, never by position."""
-        for item in items:
-            found = result.find(item.key)
-            if found is None:  # VBA did not say: unknown outcome, the intent stays for recovery
-                self._retry(item, f"no 207 item for key (activity {result.activity_id})")
-            elif found.ok:
-                self._confirm(item.id, (item.ours, item.seq))
-                self.report.ok += 1
-            elif found.retryable:
-                self._clear_intent(item.id)
-                self._retry(item, f"VBA item status {found.status}: {found.body}")
-            else:
-                self._clear_intent(item.id)
-                reason = f"VBA refused the record ({found.status}): {found.body}"
-                self._dead(item, reason, result.activity_id)
-
-    # -- bookkeeping ------------------------------------------------------------------------
-
-    def _record_intents(self, items: list[Item]) -> None:
-        """Write-ahead: the targets and our snapshot, durable before the PUT leaves."""
-        now = utcnow()
-        with session_scope() as s:
-            for item in items:
-                values = {
-                    "intent_target": json.dumps(item.target),
-                    "intent_ours": json.dumps(item.ours),
-                    "intent_seq": item.seq,
-                    "intent_at": now,
-                }
-                s.execute(update(T_ACCUM).where(T_ACCUM.c.id == item.id).values(**values))
-
-    def _intent_snapshot(self, item_id: int) -> tuple[Cents, int]:
-        with session_scope() as s:
-            row = s.execute(
-                select(T_ACCUM.c.intent_ours, T_ACCUM.c.intent_seq).where(T_ACCUM.c.id == item_id)
-            ).one()
-        return json.loads(row[0]), int(row[1])
-
-    def _confirm(self, item_id: int, snapshot: tuple[Cents, int]) -> None:
-        """VBA holds our share as of ``snapshot``: record it; clean unless changed since."""
-        ours, seq = snapshot
-        a = T_ACCUM.c
-        with session_scope() as s:
-            values: dict[str, Any] = {p: ours[c] for c, p in zip(COLUMNS, PUSHED, strict=True)}
-            values.update(pushed_seq=seq, attempts=0, next_attempt_at=None, **_NO_INTENT)
-            s.execute(update(T_ACCUM).where(a.id == item_id).values(**values))
-            s.execute(
-                update(T_ACCUM).where(a.id == item_id, a.change_seq == seq).values(dirty_since=None)
+            call.result = self.vba.upsert_accumulators(
+                self.subscriber_id, self.group_id, call.records, before_send=before_send
             )
+            self.report.calls += 1
+            self.report.sent += len(call.records)
+        except VbaError as exc:
+            call.error = exc
 
-    def _clear_intent(self, item_id: int) -> None:
+    def _settle(self, call: Call) -> None:
+        """Each SEND's outcome; unknown ones settled at once by reading VBA's rows again."""
+        sending = [p for p in call.plans if p.act is Act.SEND]
+        fates = [self._fate(call, p) for p in sending]
+        remote = None
+        if self._mode == "shared" and call.result is not None and Fate.UNKNOWN in fates:
+            try:
+                remote = self._read()  # VBA answered: the batch is done, its rows are final
+            except (VbaError, ValidationError) as exc:
+                log.warning("flush.settle_read_failed", pair=self.pair_id, error=type(exc).__name__)
+        pairs = zip(sending, fates, strict=True)
+        call.outcomes = [self._after(call, p, fate, remote) for p, fate in pairs]
+
+    def _fate(self, call: Call, p: Plan) -> Fate:
+        if call.error is not None:
+            if not call.recorded or not getattr(call.error, "may_have_landed", False):
+                return Fate.NOT_SENT
+            return Fate.UNKNOWN
+        assert call.result is not None
+        found = call.result.find(p.item.key)
+        if found is None or found.retryable:
+            return Fate.UNKNOWN
+        return Fate.CONFIRMED if found.ok else Fate.REFUSED
+
+    def _after(self, call: Call, p: Plan, fate: Fate, remote: Remote | None) -> Plan:
+        whole_call = call.error is not None
+        if whole_call and not call.stops and isinstance(call.error, VbaRejected):
+            fate = Fate.REFUSED  # VBA refused the batch's data: nothing was written
+        return after_send(
+            p,
+            fate,
+            self._cents(p.item, remote),
+            ownership=self._mode,
+            max_attempts=self.settings.max_attempts,
+            reason=self._reason(call, p),
+            counted=not whole_call,
+        )
+
+    def _reason(self, call: Call, p: Plan) -> str:
+        if call.error is not None:
+            return f"{type(call.error).__name__}: {call.error}"
+        assert call.result is not None
+        found = call.result.find(p.item.key)
+        if found is None:
+            return f"no 207 item for the key (activity {call.result.activity_id})"
+        return f"VBA item status {found.status}: {found.body}"
+
+    # -- writes (each inside a fenced transaction) ------------------------------------------
+
+    def _fenced(self, work: Callable[[Session, datetime], T]) -> T:
+        """Run ``work`` in a transaction that first renews the lease, if it is still ours."""
         with session_scope() as s:
-            s.execute(update(T_ACCUM).where(T_ACCUM.c.id == item_id).values(**_NO_INTENT))
+            now = self.lease.renew(s)
+            return work(s, now)
 
-    def _retry(self, item: Item, reason: str) -> None:
-        """Try the item again later, or give up into the dead letters after max attempts."""
-        attempts = item.attempts + 1
-        if attempts >= self.settings.max_attempts:
-            self._clear_intent(item.id)
-            self._dead(item, f"gave up after {attempts} attempts: {reason}")
-            return
-        s_ = self.settings
-        delay = backoff(attempts, s_.backoff_base, s_.backoff_max, self.rng)
-        when = utcnow() + timedelta(seconds=delay)
-        with session_scope() as s:
-            stmt = update(T_ACCUM).where(T_ACCUM.c.id == item.id)
-            s.execute(stmt.values(attempts=attempts, next_attempt_at=when))
-        self.report.retry += 1
-        log.info("flush.item_retry", pair=self.pair_id, accumulator=item.id, attempt=attempts,
-                 retry_in_s=round(delay, 1))  # fmt: skip
+    def _record_plans(self, session: Session, now: datetime, plans: list[Plan]) -> None:
+        self._write(session, now, plans, activity_id=None)
 
-    def _dead(self, item: Item, reason: str, activity_id: str | None = None) -> None:
-        """Hold the item out of later flushes and record why, with VBA's activityId."""
-        payload = {"accumulator_id": item.id, "key": list(item.key), "target": item.target}
-        now = utcnow()
-        with session_scope() as s:
-            s.execute(update(T_ACCUM).where(T_ACCUM.c.id == item.id).values(held=True))
-            dead_letter(s, "flush", payload, reason, now,
-                        accumulator_id=item.id, activity_id=activity_id)  # fmt: skip
-        self.report.dead += 1
-        log.warning("flush.dead_letter", pair=self.pair_id, accumulator=item.id,
-                    activity_id=activity_id)  # fmt: skip
+    def _finish_chunk(self, session: Session, now: datetime, call: Call, last: bool) -> None:
+        """The chunk's outcomes, its audit row, and the lease: renewed, or released."""
+        self._write(session, now, call.unwritten(), self._activity(call))
+        if call.records:
+            self._audit(session, now, call)
+        if call.stops:
+            assert call.error is not None
+            self._back_off(session, now, call.error)
+        elif last:
+            self.lease.release(session, now, attempts=0, next_attempt_at=None, last_error=None)
 
-    def _pair_unavailable(self, exc: VbaUnavailable | VbaAuthError) -> None:
-        """VBA is down or refusing us: back the whole pair off; items keep their attempts."""
-        self.report.unavailable = True
-        retry_after = exc.retry_after if isinstance(exc, VbaUnavailable) else None
-        with session_scope() as s:
-            row = s.execute(select(T_PAIR.c.attempts).where(T_PAIR.c.id == self.pair_id)).one()
-            attempts = int(row[0]) + 1
-            st = self.settings
-            delay = backoff(attempts, st.backoff_base, st.backoff_max, self.rng, retry_after)
-            values = {"attempts": attempts, "last_error": f"{type(exc).__name__}: {exc}"}
-            values["next_attempt_at"] = utcnow() + timedelta(seconds=delay)
-            s.execute(update(T_PAIR).where(T_PAIR.c.id == self.pair_id).values(**values))
-        log.warning("flush.vba_unavailable", pair=self.pair_id, attempt=attempts,
-                    retry_in_s=round(delay, 1), status=exc.status,
-                    activity_id=exc.activity_id)  # fmt: skip
+    @staticmethod
+    def _activity(call: Call) -> str | None:
+        if call.result is not None:
+            return call.result.activity_id
+        return call.error.activity_id if call.error is not None else None
 
-    def _pair_recovered(self) -> None:
-        with session_scope() as s:
-            values = {"attempts": 0, "next_attempt_at": None, "last_error": None}
-            s.execute(update(T_PAIR).where(T_PAIR.c.id == self.pair_id).values(**values))
-
-    def _audit(
-        self,
-        items: list[Item],
-        started: float,
-        outcome: str,
-        result: BatchResult | None = None,
-        exc: Exception | None = None,
+    def _write(
+        self, session: Session, now: datetime, plans: list[Plan], activity_id: str | None
     ) -> None:
+        """Every decision's row changes (bulk, one statement per shape) and dead letters."""
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        confirmed = []
+        for p in plans:
+            row = self._changes(p, now)
+            bound = {f"b_{k}": v for k, v in row.items()} | {"b_id": p.item.id}
+            shapes.setdefault(tuple(sorted(row)), []).append(bound)
+            if p.confirmed is not None:
+                confirmed.append({"b_id": p.item.id, "b_seq": p.confirmed[1]})
+            if p.act in (Act.HOLD, Act.REFUSE):
+                self._dead_letter(session, now, p, activity_id)
+        a = T_ACCUM.c
+        for names, rows in shapes.items():
+            stmt = update(T_ACCUM).where(a.id == bindparam("b_id"))
+            session.execute(stmt.values({n: bindparam(f"b_{n}") for n in names}), rows)
+        if confirmed:  # clean unless the ledger changed the key since the confirmed snapshot
+            stmt = update(T_ACCUM).where(
+                a.id == bindparam("b_id"), a.change_seq == bindparam("b_seq")
+            )
+            session.execute(stmt.values(dirty_since=None), confirmed)
+
+    def _changes(self, p: Plan, now: datetime) -> dict[str, Any]:
+        """The accumulator columns one decision sets."""
+        row: dict[str, Any] = {}
+        if p.confirmed is not None:
+            ours, seq = p.confirmed
+            row.update({pc: ours[c] for c, pc in zip(COLUMNS, PUSHED, strict=True)})
+            row["pushed_seq"] = seq
+        if p.act is Act.SEND:
+            intent = p.sent()
+            row |= {
+                "intent_target": json.dumps(intent.target),
+                "intent_ours": json.dumps(intent.ours),
+                "intent_seq": intent.seq,
+                "intent_before": None if intent.before is None else json.dumps(intent.before),
+                "intent_at": now,
+            }
+            return row
+        if not p.keep_intent:
+            row |= dict(_NO_INTENT)
+        if p.act is Act.CONFIRM:
+            row |= {"attempts": 0, "next_attempt_at": None}
+        elif p.act is Act.WAIT:
+            row["next_attempt_at"] = now + timedelta(seconds=self.settings.settle_grace)
+        elif p.act is Act.RETRY and p.counted:
+            attempts = p.item.attempts + 1
+            row |= {"attempts": attempts, "next_attempt_at": now + self._backoff(attempts)}
+        elif p.act in (Act.HOLD, Act.REFUSE):
+            row["held"] = True
+        return row
+
+    def _dead_letter(
+        self, session: Session, now: datetime, p: Plan, activity_id: str | None
+    ) -> None:
+        """Hold the key out of later flushes and record why (never with amounts in the reason)."""
+        payload = {"accumulator_id": p.item.id, "key": list(p.item.key), "kind": str(p.kind)}
+        payload |= {"target": p.target, **p.detail} if p.target else dict(p.detail)
+        dead_letter(
+            session,
+            "flush",
+            payload,
+            p.reason,
+            now,
+            accumulator_id=p.item.id,
+            activity_id=activity_id,
+            kind=str(p.kind),
+        )
+        event = "flush.held" if p.act is Act.HOLD else "flush.dead_letter"
+        log.warning(
+            event,
+            pair=self.pair_id,
+            accumulator=p.item.id,
+            kind=str(p.kind),
+            activity_id=activity_id,
+        )
+
+    def _tally(self, call: Call) -> None:
+        """Count the chunk's decisions into the report, once each."""
+        r = self.report
+        for p in call.plans:
+            intent = p.item.intent
+            if intent is not None and p.confirmed == (intent.ours, intent.seq):
+                r.recovered += 1
+        done = [p for p in call.plans if p.act is not Act.SEND] + call.outcomes
+        r.ok += sum(p.act is Act.CONFIRM for p in call.outcomes)
+        r.retry += sum(p.act is Act.RETRY for p in done)
+        r.waiting += sum(p.act is Act.WAIT for p in done)
+        r.held += sum(p.act is Act.HOLD for p in done)
+        r.dead += sum(p.act is Act.REFUSE for p in done)
+
+    def _back_off(self, session: Session, now: datetime, exc: Exception) -> None:
+        """The whole pair waits (VBA down, refusing us, or a failure of ours): the reason is
+        recorded, items keep their attempts, the lease is released."""
+        self.report.unavailable = isinstance(exc, VbaError)
+        retry_after = exc.retry_after if isinstance(exc, VbaUnavailable) else None
+        attempts = self.pair_attempts + 1
+        delay = self._backoff(attempts, retry_after)
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        self.lease.release(
+            session, now, attempts=attempts, last_error=reason, next_attempt_at=now + delay
+        )
+        log.warning(
+            "flush.backoff",
+            pair=self.pair_id,
+            attempt=attempts,
+            retry_in_s=round(delay.total_seconds(), 1),
+            error=type(exc).__name__,
+            status=getattr(exc, "status", None),
+            activity_id=getattr(exc, "activity_id", None),
+        )
+
+    def _backoff(self, attempt: int, retry_after: float | None = None) -> timedelta:
+        s = self.settings
+        delay = backoff(attempt, s.backoff_base, s.backoff_max, self.rng, retry_after)
+        return timedelta(seconds=delay)
+
+    def _audit(self, session: Session, now: datetime, call: Call) -> None:
         """One flush_attempt row per batch call: what was sent and what VBA said."""
+        result, exc = call.result, call.error
         statuses = Counter(str(i.status) for i in result.items) if result else Counter[str]()
+        if result is not None:
+            outcome = "ok" if all(i.ok for i in result.items) else "partial"
+        else:
+            outcome = "unavailable" if isinstance(exc, VbaUnavailable) else "rejected"
         row = {
             "pair_id": self.pair_id,
-            "started_at": utcnow(),
-            "duration_ms": int((time.perf_counter() - started) * 1000),
-            "items": len(items),
+            "started_at": now,
+            "duration_ms": int((time.perf_counter() - call.started) * 1000),
+            "items": len(call.records),
             "http_status": 207 if result else getattr(exc, "status", None),
             "statuses": json.dumps(dict(statuses)),
-            "outcome": outcome if not result or all(i.ok for i in result.items) else "partial",
-            "activity_id": (result.activity_id if result else getattr(exc, "activity_id", None)),
+            "outcome": outcome,
+            "activity_id": self._activity(call),
             "error": None if exc is None else f"{type(exc).__name__}: {exc}"[:2000],
+            "read_to_put_ms": call.read_to_put_ms,
         }
-        with session_scope() as s:
-            s.execute(insert(s, T_ATTEMPT).values(row))
-        log.info("flush.sent", pair=self.pair_id, items=len(items), outcome=row["outcome"],
-                 status=row["http_status"], activity_id=row["activity_id"])  # fmt: skip
+        session.execute(insert(session, T_ATTEMPT).values(row))
+        log.info(
+            "flush.sent",
+            pair=self.pair_id,
+            items=len(call.records),
+            outcome=outcome,
+            status=row["http_status"],
+            activity_id=row["activity_id"],
+            read_to_put_ms=call.read_to_put_ms,
+        )
 
 
 _NO_INTENT: dict[str, Any] = {
     "intent_target": None,
     "intent_ours": None,
     "intent_seq": None,
+    "intent_before": None,
     "intent_at": None,
 }
 
@@ -436,9 +615,10 @@ def vba_paused() -> float:
         return 0.0
 
 
-def due_pairs(session: Session, now: datetime, limit: int = 10_000) -> list[int]:
-    """Pairs with dirty keys or unknown outcomes whose retry time has come, oldest first."""
-    a, p = T_ACCUM.c, T_PAIR.c
+def due_pairs(session: Session, limit: int = 10_000) -> list[int]:
+    """Pairs with dirty keys or unknown outcomes whose retry time has come, oldest first
+    (every time compared by the database's clock)."""
+    a, p, now = T_ACCUM.c, T_PAIR.c, db_now()
     query = (
         select(p.id)
         .join(T_ACCUM, a.pair_id == p.id)
@@ -455,8 +635,9 @@ def due_pairs(session: Session, now: datetime, limit: int = 10_000) -> list[int]
     return [int(r[0]) for r in session.execute(query)]
 
 
-def mark_queued(session: Session, pair_ids: list[int], until: datetime) -> None:
+def mark_queued(session: Session, pair_ids: list[int], seconds: float) -> None:
     """Note that a flush task is queued for these pairs, so beat does not queue them twice."""
     for start in range(0, len(pair_ids), 900):
         part = pair_ids[start : start + 900]
-        session.execute(update(T_PAIR).where(T_PAIR.c.id.in_(part)).values(queued_until=until))
+        stmt = update(T_PAIR).where(T_PAIR.c.id.in_(part))
+        session.execute(stmt.values(queued_until=db_after(seconds)))

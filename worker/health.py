@@ -7,7 +7,10 @@ Three checks, each with a reason an operator can act on:
 - the broker queue's backlog is not growing across a few samples (workers keep up);
 - while messages wait in the queue, some task made progress (an ingested batch or a batch call)
   within ``health_max_idle``: a worker that stays up but stopped consuming after a broker blip
-  (a known Celery failure mode) turns this red even when the backlog is flat.
+  (a known Celery failure mode) turns this red even when the backlog is flat;
+- no accumulator is held for an operator: a write of unknown outcome that VBA's own write has
+  since hidden (ambiguous), or a VBA row below our confirmed share. Nothing flushes those keys
+  until someone runs ``accumsync dead-letters resolve``.
 Dead-lettered accumulators are excluded: they wait for a person (``dead-letters``), not a flush.
 """
 
@@ -22,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlmodel import Session, col
 
+from models.sync import HOLDS
 from models.tables import Accumulator, DeadLetter, FlushAttempt, IngestBatch
 from worker.db import age_seconds, as_utc, session_scope, utcnow
 from worker.settings import Settings, get_settings
@@ -112,6 +116,28 @@ def open_dead_letters(session: Session) -> int:
     return int(session.execute(query).scalar_one())
 
 
+def held(session: Session) -> dict[str, int]:
+    """Accumulators held by an open flush dead letter, by its kind (``ambiguous``, ...)."""
+    d = DeadLetter
+    kind = func.coalesce(col(d.kind), "refused")
+    query = select(kind, func.count()).where(col(d.source) == "flush", col(d.replayed_at).is_(None))
+    return {str(k): int(n) for k, n in session.execute(query.group_by(kind))}
+
+
+def holds_check(session: Session) -> Check:
+    """Keys waiting for a person's decision (an ambiguous outcome, a row below our share)."""
+    waiting_for_people = {k: n for k, n in held(session).items() if k in HOLDS}
+    count = sum(waiting_for_people.values())
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(waiting_for_people.items()))
+    reason = (
+        f"{count} accumulators held for an operator ({kinds}): check VBA, then "
+        "`accumsync dead-letters resolve ID --landed|--not-landed`"
+        if count
+        else "no accumulator waits for an operator's decision"
+    )
+    return Check("holds", count == 0, count, None, reason)
+
+
 def queue_length(settings: Settings | None = None) -> int:
     """Messages waiting in the Celery queue (Redis lists, AMQP queue, or kombu's SQL table)."""
     from amqp.exceptions import ChannelError
@@ -158,6 +184,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
             f"{what}; {count} accumulators waiting" if count else f"{what}; nothing waiting",
         )
     )
+    report.checks.append(holds_check(session))
     report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
+from models.sync import HOLDS
 from models.tables import DeadLetter, FlushAttempt
 from worker import counters, health
 from worker.db import session_scope, utcnow
@@ -77,6 +78,7 @@ def snapshot(session: Session) -> dict[str, Any]:
         "items": dict(item_statuses(session)),
         "calls": batch_calls(session),
         "dead_letters": dead_letters(session),
+        "held": health.held(session),
         "counters": counters.read(session),
     }
 
@@ -94,6 +96,15 @@ def families(values: dict[str, Any], queue: str, queue_length: int | None) -> It
     for source, n in values["dead_letters"].items():
         dead.add_metric([source], n)
     yield dead
+    held = GaugeMetricFamily(
+        "accumsync_held_accumulators",
+        "Keys held out of flushes by an open dead letter, by kind (ambiguous and below_share "
+        "wait for an operator)",
+        labels=["kind"],
+    )
+    for kind in sorted(set(values["held"]) | set(HOLDS)):
+        held.add_metric([kind], values["held"].get(kind, 0))
+    yield held
     yield GaugeMetricFamily("accumsync_accumulators", "Accumulator keys", value=s["accumulators"])
     yield GaugeMetricFamily(
         "accumsync_dirty_accumulators", "Keys changed since VBA last confirmed them",

@@ -1,29 +1,46 @@
 """``accumsync plans push``: plan accumulator definitions (seed 000) from YAML or JSON to VBA.
 
-Each plan's records are validated against the seed's fields, hashed, and sent as one batch
-(chunks of ``vba_batch_max``) unless VBA already accepted the same content. 207 items are read
-by key (plan_ID, accum_Name); a refused record becomes a dead letter with VBA's message.
+Each plan's records are validated against the seed's fields and hashed. A plan whose content
+changed since its last settled push (or any plan, with ``--force``) is stored as a pending push
+with the records that remain to send (``plan_push``); the CLI sends it at once, and what VBA
+cannot take now (a 429, a 5xx, an item 5xx, no item) is retried by the worker with the
+accumulators' backoff (``next_attempt_at``, swept by beat through ``accumsync.flush_due``).
+207 items are read by key (plan_ID, accum_Name): a 2xx is accepted, a 4xx becomes a dead letter
+with VBA's message. After ``max_attempts`` what remains becomes dead letters too, and
+``dead-letters replay`` sends those records again. A plan definition is absolute, so sending
+one again is always safe.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from sqlalchemy import or_, select, update
+from sqlmodel import Session
 
-from models.tables import PlanPush
-from models.vba import PlanAccumulator, dumps
-from worker.db import session_scope, utcnow
+from models.sync import backoff
+from models.tables import DeadLetter, PlanPush
+from models.vba import PlanAccumulator, dumps, loads
+from worker.db import clock, db_after, db_now, session_scope
 from worker.flush import client
+from worker.logs import Log
 from worker.settings import get_settings
 from worker.store import dead_letter
-from worker.vba import VbaClient, VbaError
+from worker.vba import BatchResult, VbaClient, VbaRejected, VbaUnavailable
+
+log = Log("plans")
+T_PLAN = PlanPush.__table__  # type: ignore[attr-defined]
+CLAIM_SECONDS = 120.0
+"""A push being sent is not picked again for this long (a crashed sender's push comes back)."""
 
 
 class PlanFileError(ValueError):
@@ -32,10 +49,18 @@ class PlanFileError(ValueError):
 
 @dataclass
 class PushReport:
-    """One row per plan: (plan id, records, outcome); ``failed`` counts refused records."""
+    """One row per plan: (plan id, records, outcome); ``failed`` counts records refused or
+    given up, ``pending`` the plans the worker will retry."""
 
     rows: list[tuple[str, str, str]] = field(default_factory=list)
     failed: int = 0
+    pending: int = 0
+
+    def add(self, other: PushReport) -> PushReport:
+        self.rows += other.rows
+        self.failed += other.failed
+        self.pending += other.pending
+        return self
 
 
 def load_plans(path: Path) -> list[PlanAccumulator]:
@@ -68,51 +93,210 @@ def content_hash(records: list[PlanAccumulator]) -> str:
 def push_plans(
     plans: list[PlanAccumulator], force: bool = False, vba: VbaClient | None = None
 ) -> PushReport:
-    """Send each changed plan's records; unchanged plans are skipped unless ``force``."""
+    """Request each changed plan (every plan with ``force``), then send the requests now."""
     by_plan: dict[str, list[PlanAccumulator]] = defaultdict(list)
     for plan in plans:
         by_plan[plan.plan_ID].append(plan)
+    report, wanted = PushReport(), []
+    with session_scope() as s:
+        for plan_id, records in sorted(by_plan.items()):
+            if request(s, plan_id, records, force):
+                wanted.append(plan_id)
+            else:
+                report.rows.append((plan_id, str(len(records)), "unchanged, skipped"))
+    return report.add(push_due(vba, wanted)) if wanted else report
+
+
+def request(session: Session, plan_id: str, records: list[PlanAccumulator], force: bool) -> bool:
+    """Store the plan's records as a pending push; False when they were settled unchanged."""
+    digest = content_hash(records)
+    row = session.get(PlanPush, plan_id)
+    if row is not None and row.status == "sent" and row.content_hash == digest and not force:
+        return False
+    row = row or PlanPush(plan_id=plan_id, content_hash=digest)
+    row.content_hash, row.status, row.attempts = digest, "pending", 0
+    row.records = dumps([r.to_wire() for r in records])
+    row.remaining = json.dumps(sorted(r.accum_Name for r in records))
+    row.next_attempt_at, row.last_error = None, None
+    session.add(row)
+    return True
+
+
+def due_count(session: Session) -> int:
+    """Pending plan pushes whose time has come (beat queues ``accumsync.push_plans`` then)."""
+    query = select(T_PLAN.c.plan_id).where(*_due())
+    return len(session.execute(query).all())
+
+
+def _due() -> tuple[Any, ...]:
+    p = T_PLAN.c
+    return (p.status == "pending", or_(p.next_attempt_at.is_(None), p.next_attempt_at <= db_now()))
+
+
+def push_due(vba: VbaClient | None = None, plan_ids: list[str] | None = None) -> PushReport:
+    """Send every due pending push (or only ``plan_ids``), one plan at a time."""
     report = PushReport()
-    for plan_id, records in sorted(by_plan.items()):
-        digest = content_hash(records)
-        with session_scope() as s:
-            known = s.get(PlanPush, plan_id)
-        if known is not None and known.content_hash == digest and not force:
-            report.rows.append((plan_id, str(len(records)), "unchanged, skipped"))
-            continue
-        failed = _push_one(vba or client(), plan_id, records)
-        report.failed += failed
-        if not failed:
-            with session_scope() as s:
-                s.merge(PlanPush(plan_id=plan_id, content_hash=digest, pushed_at=utcnow()))
-        outcome = "sent" if not failed else f"{failed} refused"
-        report.rows.append((plan_id, str(len(records)), outcome))
+    for plan_id in _claim(plan_ids):
+        report.add(_push_one(vba or client(), plan_id))
     return report
 
 
-def _push_one(vba: VbaClient, plan_id: str, records: list[PlanAccumulator]) -> int:
-    """Send one plan in chunks; returns how many records were not accepted."""
-    size, failed = get_settings().vba_batch_max, 0
+def _claim(plan_ids: list[str] | None) -> list[str]:
+    """Take the due pushes: each one is sent by one process at a time."""
+    p = T_PLAN.c
+    stmt = update(T_PLAN).where(*_due())
+    if plan_ids is not None:
+        stmt = stmt.where(p.plan_id.in_(plan_ids))
+    stmt = stmt.values(next_attempt_at=db_after(CLAIM_SECONDS)).returning(p.plan_id)
+    with session_scope() as s:
+        return sorted(s.execute(stmt).scalars())
+
+
+@dataclass
+class Attempt:
+    """What one attempt at a plan's remaining records came to."""
+
+    accepted: set[str] = field(default_factory=set)
+    refused: list[tuple[PlanAccumulator, str]] = field(default_factory=list)
+    retry: str | None = None
+    retry_after: float | None = None
+    activity_id: str | None = None
+
+
+def _push_one(vba: VbaClient, plan_id: str) -> PushReport:
+    with session_scope() as s:
+        row = s.get(PlanPush, plan_id)
+        assert row is not None
+        names = set(json.loads(row.remaining))
+        records = [PlanAccumulator.model_validate(r) for r in loads(row.records)]
+    todo = [r for r in records if r.accum_Name in names]
+    attempt = _send(vba, plan_id, todo)
+    with session_scope() as s:
+        return _settle(s, plan_id, todo, attempt)
+
+
+def _send(vba: VbaClient, plan_id: str, records: list[PlanAccumulator]) -> Attempt:
+    """Send in chunks; stop at a whole-call failure VBA may get over."""
+    attempt, size = Attempt(), get_settings().vba_batch_max
     for start in range(0, len(records), size):
         chunk = records[start : start + size]
         try:
             result = vba.upsert_plan_accumulators(plan_id, chunk)
-        except VbaError as exc:
-            _refused(chunk, f"VBA call failed: {exc}", exc.activity_id)
-            failed += len(chunk)
+        except VbaUnavailable as exc:
+            attempt.retry, attempt.retry_after = f"{type(exc).__name__}: {exc}", exc.retry_after
+            attempt.activity_id = exc.activity_id
+            return attempt
+        except VbaRejected as exc:
+            if exc.status in (401, 403):  # our credentials or a gateway rule: not the records
+                attempt.retry, attempt.activity_id = f"{type(exc).__name__}: {exc}", exc.activity_id
+                return attempt
+            attempt.refused += [(r, f"VBA refused the batch ({exc.status}): {exc}") for r in chunk]
+            attempt.activity_id = exc.activity_id
             continue
-        for record in chunk:
-            item = result.find(record.key)
-            if item is None or not item.ok:
-                why = f"VBA refused ({item.status}): {item.body}" if item else "no 207 item for key"
-                _refused([record], why, result.activity_id)
-                failed += 1
-    return failed
+        _read(result, chunk, attempt)
+    return attempt
 
 
-def _refused(records: list[PlanAccumulator], reason: str, activity_id: str | None) -> None:
-    now = utcnow()
-    with session_scope() as s:
-        for record in records:
-            payload: Any = json.loads(dumps(record.to_wire()))
-            dead_letter(s, "plans", payload, reason, now, activity_id=activity_id)
+def _read(result: BatchResult, chunk: list[PlanAccumulator], attempt: Attempt) -> None:
+    """Each record's 207 item, found by key: accepted, refused, or to send again."""
+    attempt.activity_id = result.activity_id
+    for record in chunk:
+        item = result.find(record.key)
+        if item is not None and item.ok:
+            attempt.accepted.add(record.accum_Name)
+        elif item is not None and item.rejected:
+            attempt.refused.append((record, f"VBA refused ({item.status}): {item.body}"))
+        else:
+            why = f"VBA item status {item.status}: {item.body}" if item else "no 207 item for key"
+            attempt.retry = why
+
+
+def _settle(
+    session: Session, plan_id: str, todo: list[PlanAccumulator], attempt: Attempt
+) -> PushReport:
+    """Record the attempt: what is left, the dead letters, and when to try again."""
+    row = session.get(PlanPush, plan_id)
+    assert row is not None
+    now = clock(session)
+    for record, reason in attempt.refused:
+        _dead_letter(session, record, reason, attempt.activity_id, now, "refused")
+    done = attempt.accepted | {r.accum_Name for r, _ in attempt.refused}
+    left = [r for r in todo if r.accum_Name not in done]
+    row.remaining = json.dumps(sorted(r.accum_Name for r in left))
+    report = PushReport(failed=len(attempt.refused))
+    n = str(len(todo))
+    if not left:
+        row.status, row.attempts, row.next_attempt_at, row.last_error = "sent", 0, None, None
+        row.pushed_at = now if not attempt.refused else row.pushed_at
+        outcome = f"{len(attempt.refused)} refused" if attempt.refused else "sent"
+        report.rows.append((plan_id, n, outcome))
+    elif row.attempts + 1 >= get_settings().max_attempts:
+        _give_up(session, row, left, attempt, now)
+        report.failed += len(left)
+        report.rows.append((plan_id, n, f"gave up: {len(left)} records are dead letters"))
+    else:
+        row.attempts += 1
+        row.next_attempt_at = now + _backoff(row.attempts, attempt.retry_after)
+        row.last_error = attempt.retry
+        report.pending = 1
+        report.rows.append(
+            (plan_id, n, f"not accepted yet: the worker retries (attempt {row.attempts})")
+        )
+        log.warning(
+            "plans.retry", plan=plan_id, attempt=row.attempts, activity_id=attempt.activity_id
+        )
+    session.add(row)
+    return report
+
+
+def _give_up(
+    session: Session, row: PlanPush, left: list[PlanAccumulator], attempt: Attempt, now: datetime
+) -> None:
+    why = f"gave up after {row.attempts + 1} attempts: {attempt.retry}"
+    for record in left:
+        _dead_letter(session, record, why, attempt.activity_id, now, "gave_up")
+    row.status, row.remaining, row.next_attempt_at = "failed", "[]", None
+    row.attempts, row.last_error = row.attempts + 1, attempt.retry
+
+
+def _backoff(attempt: int, retry_after: float | None) -> timedelta:
+    s = get_settings()
+    return timedelta(
+        seconds=backoff(attempt, s.backoff_base, s.backoff_max, random.Random(), retry_after)
+    )
+
+
+def _dead_letter(
+    session: Session,
+    record: PlanAccumulator,
+    reason: str,
+    activity_id: str | None,
+    now: datetime,
+    kind: str,
+) -> None:
+    payload = loads(dumps(record.to_wire()))
+    dead_letter(session, "plans", payload, reason, now, activity_id=activity_id, kind=kind)
+
+
+def requeue(session: Session, letter: DeadLetter) -> str:
+    """Put a dead-lettered record back into its plan's pending push; the plan's id.
+
+    ValueError, saying why, when the plan's requested definitions no longer hold that record
+    (the file changed since: pushing it again is the way)."""
+    try:
+        record = PlanAccumulator.model_validate(loads(letter.payload))
+    except (ValueError, ValidationError):
+        raise ValueError(f"letter {letter.id}: its payload is not a plan record") from None
+    row = session.get(PlanPush, record.plan_ID)
+    requested = (
+        [] if row is None else [PlanAccumulator.model_validate(r) for r in loads(row.records)]
+    )
+    if row is None or record not in requested:
+        raise ValueError(
+            f"letter {letter.id}: plan {record.plan_ID}'s definitions changed since; "
+            "push the plans file again"
+        )
+    row.remaining = json.dumps(sorted(set(json.loads(row.remaining)) | {record.accum_Name}))
+    row.status, row.attempts, row.next_attempt_at = "pending", 0, None
+    session.add(row)
+    return record.plan_ID

@@ -1,51 +1,133 @@
-"""``accumsync dead-letters replay``: give refused events and items another chance after a fix.
+"""``accumsync dead-letters replay`` and ``resolve``: give refused work another chance after a fix,
+and settle the keys held for a person.
 
-An ingest dead letter is re-published as it arrived (the worker validates it again: still bad,
-it comes back as the same letter, reopened and counted). A flush dead letter releases its
-accumulator: attempts reset, no longer held, so the next flush sends it.
+- An ingest dead letter is re-published as it arrived (the worker validates it again: still
+  bad, it comes back as the same letter, reopened and counted).
+- A flush dead letter releases its accumulator: attempts reset, no longer held, so the next
+  flush sends it.
+- A plans dead letter puts its record back into its plan's pending push, sent at once.
+- A hold (an ambiguous outcome, a row below our share) is never replayed: a person checks VBA
+  and says what happened with ``resolve``, which sets our confirmed share accordingly.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
-from models.tables import Accumulator, DeadLetter
+from models.buckets import COLUMNS
+from models.sync import HOLDS, Kind
+from models.tables import PUSHED, Accumulator, DeadLetter
 from worker.db import utcnow
+from worker.plans import requeue
 
 T_ACCUM = Accumulator.__table__  # type: ignore[attr-defined]
+NO_INTENT = dict.fromkeys(("intent_target", "intent_ours", "intent_seq", "intent_before"))
+RELEASED = {"held": False, "attempts": 0, "next_attempt_at": None, "intent_at": None}
 
 
-def replay(
-    session: Session, ids: list[int] | None = None, source: str | None = None
-) -> tuple[list[Any], int]:
-    """Close the chosen open letters; returns (ingest payloads to re-publish, items released)."""
+@dataclass
+class Replayed:
+    """What a replay did: events to re-publish, accumulators released, plans to send again,
+    and the letters it would not replay, each with why."""
+
+    events: list[Any] = field(default_factory=list)
+    released: int = 0
+    plans: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+def replay(session: Session, ids: list[int] | None = None, source: str | None = None) -> Replayed:
+    """Close the chosen open letters that can be replayed (the caller commits)."""
     query = select(DeadLetter).where(col(DeadLetter.replayed_at).is_(None))
     if ids:
         query = query.where(col(DeadLetter.id).in_(ids))
     if source:
         query = query.where(col(DeadLetter.source) == source)
-    events: list[Any] = []
-    released = 0
+    done = Replayed()
     now = utcnow()
     for letter in session.execute(query.order_by(col(DeadLetter.id))).scalars():
-        if letter.source == "ingest":
-            events.append(_payload(letter.payload))
-        elif letter.accumulator_id is not None:
-            values = {"held": False, "attempts": 0, "next_attempt_at": None}
-            session.execute(
-                update(T_ACCUM).where(T_ACCUM.c.id == letter.accumulator_id).values(**values)
-            )
-            released += 1
+        if not _replay_one(session, letter, done):
+            continue
         letter.replayed_at = now
         session.add(letter)
     # Write now: the row locks make a worker re-refusing a replayed event wait for our commit,
     # so its reopening of the letter lands after (not under) our "replayed".
     session.flush()
-    return events, released
+    return done
+
+
+def _replay_one(session: Session, letter: DeadLetter, done: Replayed) -> bool:
+    """Replay one letter into ``done``; False (with the reason noted) when it can't be."""
+    if letter.source == "ingest":
+        done.events.append(_payload(letter.payload))
+    elif letter.source == "plans":
+        try:
+            plan_id = requeue(session, letter)
+        except ValueError as exc:
+            done.refused.append(str(exc))
+            return False
+        done.plans = sorted({*done.plans, plan_id})
+    elif letter.kind in HOLDS:
+        done.refused.append(
+            f"letter {letter.id}: a {letter.kind} hold is settled with "
+            f"`accumsync dead-letters resolve {letter.id} --landed|--not-landed`, not replayed"
+        )
+        return False
+    elif letter.accumulator_id is not None:
+        a = T_ACCUM.c
+        release = update(T_ACCUM).where(a.id == letter.accumulator_id).values(held=False)
+        session.execute(release.values(attempts=0, next_attempt_at=None))
+        done.released += 1
+    return True
+
+
+class NotResolvable(ValueError):
+    """The letter is not an open hold, or the answer does not fit it."""
+
+
+def resolve(session: Session, letter_id: int, landed: bool) -> str:
+    """Settle a held key as an operator found VBA: our write ``landed`` or not. Returns what
+    was done. The next flush then sends whatever is still ours to send."""
+    letter = session.get(DeadLetter, letter_id)
+    if letter is None or letter.source != "flush" or letter.kind not in HOLDS:
+        raise NotResolvable(f"letter {letter_id} is not a hold (see `dead-letters list`)")
+    if letter.replayed_at is not None:
+        raise NotResolvable(f"letter {letter_id} was closed at {letter.replayed_at:%F %T} UTC")
+    assert letter.accumulator_id is not None
+    a = T_ACCUM.c
+    row = session.execute(select(T_ACCUM).where(a.id == letter.accumulator_id)).mappings().one()
+    values = _settled(letter, row, landed)
+    session.execute(update(T_ACCUM).where(a.id == row["id"], a.held.is_(True)).values(values))
+    if landed:  # clean, unless the ledger changed the key since the write
+        same = update(T_ACCUM).where(a.id == row["id"], a.change_seq == row["intent_seq"])
+        session.execute(same.values(dirty_since=None))
+    letter.replayed_at, letter.resolution = utcnow(), "landed" if landed else "not_landed"
+    session.add(letter)
+    return f"letter {letter_id} resolved as {letter.resolution}: accumulator released"
+
+
+def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
+    """The accumulator's new confirmed share and state for the operator's answer."""
+    values: dict[str, Any] = dict(RELEASED) | NO_INTENT
+    if letter.kind == Kind.BELOW_SHARE:
+        if landed:
+            raise NotResolvable(
+                f"letter {letter.id}: VBA's row is below our confirmed share, so it cannot "
+                "hold it; --not-landed sends our whole share again"
+            )
+        return values | dict.fromkeys(PUSHED, 0)
+    if row["intent_ours"] is None:
+        raise NotResolvable(f"letter {letter.id}: the accumulator has no write to settle")
+    if landed:
+        ours = json.loads(row["intent_ours"])
+        values |= {p: ours[c] for c, p in zip(COLUMNS, PUSHED, strict=True)}
+        values["pushed_seq"] = row["intent_seq"]
+    return values
 
 
 def _payload(text: str) -> Any:

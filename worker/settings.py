@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     flush_lease: float = Field(
         default=120.0, gt=0, description="seconds a pair's flush lease lasts"
     )
+    settle_grace: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds after a write of unknown outcome before 'not there' means not landed",
+    )
     broker_visibility_timeout: float = Field(
         default=300.0,
         ge=2,

@@ -355,6 +355,7 @@ def dead_letter(
     *,
     accumulator_id: int | None = None,
     activity_id: str | None = None,
+    kind: str | None = None,
 ) -> None:
     """Record a refused item with its reason; the same item and reason again bumps its count."""
     text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
@@ -378,6 +379,7 @@ def dead_letter(
         "event_id": event_id,
         "accumulator_id": accumulator_id,
         "activity_id": activity_id,
+        "kind": kind,
         "payload": text,
         "first_seen": now,
         "last_seen": now,
@@ -392,6 +394,7 @@ def dead_letter(
                 "last_seen": stmt.excluded.last_seen,
                 "count": T_DEAD.c["count"] + 1,
                 "replayed_at": None,
+                "resolution": None,
             },
         )
     )

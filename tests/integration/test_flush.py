@@ -6,11 +6,9 @@ Every test ends with the sandbox's rows equal to totals computed independently f
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,49 +17,10 @@ import pytest
 
 from tests.stack import Stack, remote_totals, same_totals
 from worker.procs import wait_for
-from worker.sandbox.testing import SandboxHandle, running_sandbox
+from worker.sandbox.testing import SandboxHandle
 from worker.streams import Key, StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
-
-FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[Callable[..., SandboxHandle]]:
-    """Start sandboxes with flags; all stopped at teardown."""
-    with ExitStack() as stack:
-        yield lambda **flags: stack.enter_context(running_sandbox(**flags))
-
-
-@pytest.fixture
-def flush_stack(
-    make_stack: Callable[..., Stack], redis_url: str, pg_url: str
-) -> Callable[..., Stack]:
-    """A Redis + Postgres stack pointed at a sandbox, migrated, with short retry timings."""
-
-    def make(sandbox: SandboxHandle, **settings: str) -> Stack:
-        env = {"flush_interval": "1", "flush_lease": "5", "vba_timeout": "5"} | FAST_RETRIES
-        stack = make_stack(database_url=pg_url, broker_url=redis_url, **(env | settings))
-        stack.use_sandbox(sandbox.env())
-        stack.cli("db", "upgrade")
-        return stack
-
-    return make
-
-
-def publish(stack: Stack, tmp: Path, events: list[dict[str, Any]], name: str = "e") -> None:
-    path = tmp / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in events))
-    stack.cli("publish", str(path))
-    assert wait_for(lambda: stack.status()["events_received"] >= len(events), 120, 0.5)
-
-
-def flush_wait(stack: Stack, timeout: int = 180) -> str:
-    """``accumsync flush --wait``; asserts it ends with nothing pending and no dead letter."""
-    proc = stack.cli("flush", "--wait", "--timeout", str(timeout), check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr + stack.logs()[-4000:]
-    return proc.stdout
 
 
 def plus(*maps: dict[Key, dict[str, Decimal]]) -> dict[Key, dict[str, Decimal]]:
@@ -84,12 +43,12 @@ def test_clean_run_with_beat(
     stack.worker("w1", concurrency=2)
     stack.beat()
     events = generate(StreamSpec(events=2_000, members=80, seed=21))
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     expected = expected_totals(events)
     assert wait_for(
         lambda: same_totals(remote_totals(sandbox.admin.rows()), expected) == [], 120, 1
     )
-    assert stack.status()["dirty_accumulators"] == 0 or flush_wait(stack)
+    assert stack.status()["dirty_accumulators"] == 0 or stack.flush_wait()
 
 
 def test_faults_retries_and_token_expiry(
@@ -103,13 +62,13 @@ def test_faults_retries_and_token_expiry(
     stack.worker("w1", concurrency=2)
     stack.beat()
     events = generate(StreamSpec(events=2_000, members=60, seed=22))
-    publish(stack, tmp_path, events[:1_000], "first")
-    flush_wait(stack)  # the fleet holds a token now
+    stack.publish(events[:1_000])
+    stack.flush_wait()  # the fleet holds a token now
     sandbox.admin.set_faults(rate_429=1.0)  # a storm: everything answered 429 for a while
-    publish(stack, tmp_path, events[1_000:], "second")
+    stack.publish(events[1_000:])
     time.sleep(3)
     sandbox.admin.set_faults(rate_429=0.05, expire_tokens=True)  # and every token dies at once
-    flush_wait(stack)
+    stack.flush_wait()
     assert same_totals(remote_totals(sandbox.admin.rows()), expected_totals(events)) == []
     counters = sandbox.admin.counters()
     counts = counters["by_status"]
@@ -125,13 +84,13 @@ def test_sandbox_down_for_a_while(
     stack = flush_stack(sandbox)
     stack.worker("w1", concurrency=2)
     events = generate(StreamSpec(events=1_500, members=60, seed=23))
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     sandbox.stop()
     stack.cli("flush")  # flushes fail against a closed port
     time.sleep(4)
     assert stack.status()["dirty_accumulators"] > 0
     sandbox.start()
-    flush_wait(stack)
+    stack.flush_wait()
     assert same_totals(remote_totals(sandbox.admin.rows()), expected_totals(events)) == []
 
 
@@ -160,8 +119,8 @@ def test_shared_ownership_keeps_vba_amounts(
     keys, d40 = own_keys(events), Decimal("40.00")
     own = vba_rows(keys, deductible_Used=d40, ded_PPO_Used=d40, copay_Amt=d40, copay_Amt_OON=d40)
     sandbox.admin.seed(subscriber=own)
-    publish(stack, tmp_path, first, "first")
-    flush_wait(stack)
+    stack.publish(first)
+    stack.flush_wait()
     expected = plus(remote_totals(own), expected_totals(first))
     assert same_totals(remote_totals(sandbox.admin.rows()), expected) == []
     extra = Decimal("7.25")
@@ -169,8 +128,8 @@ def test_shared_ownership_keeps_vba_amounts(
     for row in later:  # VBA adjudicates more claims of its own on some rows
         key = {k: row[k] for k in KEY_NAMES}
         sandbox.admin.adjust(key, {"deductible_Used": str(extra), "ded_PPO_Used": str(extra)})
-    publish(stack, tmp_path, second, "second")
-    flush_wait(stack)
+    stack.publish(second)
+    stack.flush_wait()
     expected = plus(remote_totals(own), remote_totals(later), expected_totals(events))
     assert same_totals(remote_totals(sandbox.admin.rows()), expected) == []
 
@@ -186,7 +145,7 @@ def test_sigkill_after_put_counts_nothing_twice(
     own = vba_rows(own_keys(events), deductible_Used=d13, ded_PPO_Used=d13)
     sandbox.admin.seed(subscriber=own)
     ingester = stack.worker("ingest")
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     ingester.stop()
     doomed = stack.worker("doomed", pool="solo", ACCUMSYNC_FAILPOINT="flush.after_put")
     stack.cli("flush")
@@ -195,7 +154,7 @@ def test_sigkill_after_put_counts_nothing_twice(
     batches = sandbox.admin.counters()["by_route"]["accumulators.batch"]
     assert batches == {"207": 1}  # the PUT landed; nothing recorded it
     stack.worker("after", concurrency=2)
-    flush_wait(stack)
+    stack.flush_wait()
     expected = plus(remote_totals(own), expected_totals(events))
     assert same_totals(remote_totals(sandbox.admin.rows()), expected) == []
     assert re.search(r"'recovered': [1-9]", stack.logs())  # settled by reading VBA's row
@@ -209,10 +168,10 @@ def test_one_batch_call_per_dirty_pair(
     stack = flush_stack(sandbox, ownership="exclusive")
     stack.worker("w1", concurrency=2)
     events = generate(StreamSpec(events=3_000, members=120, seed=26))
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     expected = expected_totals(events)
     dirty_pairs = {k[:2] for k, row in expected.items() if any(row.values())}
-    flush_wait(stack)
+    stack.flush_wait()
     routes = sandbox.admin.counters()["by_route"]
     assert sum(routes["accumulators.batch"].values()) == len(dirty_pairs)
     assert "accumulators.list" not in routes  # exclusive ownership reads nothing

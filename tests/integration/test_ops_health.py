@@ -38,14 +38,6 @@ def health(stack: Stack) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
-def publish(stack: Stack, tmp: Path, events: list[dict[str, Any]], name: str) -> None:
-    path = tmp / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in events))
-    received = stack.status()["events_received"]
-    stack.cli("publish", str(path))
-    assert wait_for(lambda: stack.status()["events_received"] >= received + len(events), 60, 0.5)
-
-
 def test_health_red_while_vba_down_green_after(
     make_stack: Callable[..., Stack], redis_url: str, pg_url: str, sandbox: SandboxHandle,
     tmp_path: Path,
@@ -60,13 +52,13 @@ def test_health_red_while_vba_down_green_after(
     stack.worker("w1", concurrency=2)
     stack.beat()
     events = generate(StreamSpec(events=600, members=20, seed=41))
-    publish(stack, tmp_path, events[:300], "first")
+    stack.publish(events[:300])
     stack.cli("flush", "--wait", "--timeout", "60")
     code, report = health(stack)
     assert (code, report["healthy"]) == (0, True), report
 
     sandbox.stop()
-    publish(stack, tmp_path, events[300:400], "second")
+    stack.publish(events[300:400])
     assert wait_for(lambda: health(stack)[0] == 1, 30, 1)
     code, report = health(stack)
     failed = {c["name"]: c for c in report["checks"] if not c["ok"]}

@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -87,17 +86,11 @@ def test_plans_push_dead_letters_refused_items(
     assert len(letters) == 3 and all(d["activity_id"] for d in letters)
 
 
-def publish(stack: Stack, tmp: Path, events: list[Any]) -> None:
-    path = tmp / "events.jsonl"
-    path.write_text("".join(json.dumps(e) + "\n" for e in events))
-    stack.cli("publish", str(path))
-
-
 def test_replay_of_a_still_invalid_event_reopens_its_letter(stack: Stack, tmp_path: Path) -> None:
     """A replayed event that is still invalid comes back as the same letter, counted twice."""
     stack.worker("w1")
     events = generate(StreamSpec(events=50, duplicate_rate=0, invalid=1, seed=31))
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     assert wait_for(lambda: stack.status()["events_received"] == 50, 60)
     replayed = stack.cli("dead-letters", "replay", "--source", "ingest")
     assert "re-published 1 events" in replayed.stdout
@@ -114,7 +107,7 @@ def test_replay_releases_items_that_gave_up(
     stack.env["ACCUMSYNC_MAX_ATTEMPTS"] = "1"
     stack.worker("w1")
     events = generate(StreamSpec(events=300, members=10, seed=32))
-    publish(stack, tmp_path, events)
+    stack.publish(events)
     assert wait_for(lambda: stack.status()["events_received"] == 300, 60)
     gave_up = stack.cli("flush", "--wait", "--timeout", "60", check=False)
     assert gave_up.returncode == 1 and "dead letters" in gave_up.stdout

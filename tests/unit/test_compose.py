@@ -116,10 +116,7 @@ def test_every_command_is_one_the_tests_run(compose: dict[str, Any]) -> None:
         key = next((k for k in EXERCISED if tuple(argv[: len(k)]) == k), None)
         assert key is not None, f"compose runs {argv}, which no test runs"
         assert options(argv) <= options(EXERCISED[key]), (argv, EXERCISED[key])
-    assert (
-        'cli("db", "upgrade")'
-        in (TESTS / "stack.py").read_text() + (TESTS / "integration" / "test_flush.py").read_text()
-    )
+    assert 'cli("db", "upgrade")' in (TESTS / "integration" / "conftest.py").read_text()
 
 
 def test_sandbox_command_is_the_tested_one(compose: dict[str, Any]) -> None:

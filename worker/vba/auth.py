@@ -158,7 +158,10 @@ class Authenticator:
                 if held:
                     return self._use(self._renew_locked(stale))
             if self.clock() > deadline:
-                raise VbaUnavailable("timed out waiting for another process to renew the token")
+                raise VbaUnavailable(
+                    "timed out waiting for another process to renew the token",
+                    may_have_landed=False,
+                )
             time.sleep(0.05)
 
     def _renew_locked(self, stale: str | None) -> Token:
@@ -209,7 +212,9 @@ class Authenticator:
             response = self.http.post(path, headers=headers)
         except httpx.TransportError as exc:
             log.warning("vba.auth_unreachable", path=path, error=type(exc).__name__)
-            raise VbaUnavailable(f"VBA unreachable: {type(exc).__name__}") from exc
+            raise VbaUnavailable(
+                f"VBA unreachable: {type(exc).__name__}", may_have_landed=False
+            ) from exc
         return _auth_result(path, response)
 
 

@@ -97,7 +97,9 @@ def check(breaker: Breaker) -> None:
     """Raise VbaUnavailable(retry_after=...) while calls are paused; return when one may go."""
     wait = breaker.wait()
     if wait > 0:
-        raise VbaUnavailable(f"VBA calls paused fleet-wide for {wait:.1f}s", retry_after=wait)
+        raise VbaUnavailable(
+            f"VBA calls paused fleet-wide for {wait:.1f}s", retry_after=wait, may_have_landed=False
+        )
 
 
 class LocalBreaker:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import Any, Final
@@ -42,11 +42,14 @@ def _version() -> str:
 VERSION: Final = _version()
 USER_AGENT: Final = f"accumsync/{VERSION}"
 CONNECT_RETRY_DELAY = 0.25
+#: Transport errors raised before a request's bytes could reach VBA.
+NEVER_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 REDIS_TIMEOUT = 5.0  # seconds: the shared token, bucket and breaker answer in milliseconds
 
 log = Log("vba.client")
 
 SubscriberRecord = SubscriberAccum | Mapping[str, Any]
+BeforeSend = Callable[[], None]
 PlanRecord = PlanAccumulator | Mapping[str, Any]
 
 
@@ -175,15 +178,24 @@ class VbaClient:
         self._call("DELETE", _row_path(key), "accumulators.delete")
 
     def upsert_accumulators(
-        self, subscriber_id: str, group_id: str, records: Sequence[SubscriberRecord]
+        self,
+        subscriber_id: str,
+        group_id: str,
+        records: Sequence[SubscriberRecord],
+        before_send: BeforeSend | None = None,
     ) -> BatchResult:
-        """PUT .../accumulators-batch: create or update up to ``vba_batch_max`` rows (207)."""
+        """PUT .../accumulators-batch: create or update up to ``vba_batch_max`` rows (207).
+
+        ``before_send`` runs right before each time the request leaves (after the rate limiter):
+        the flush records its intent and checks its lease there; if it raises, nothing is sent.
+        """
         rows = [subscriber_accum(r) for r in records]
         for row in rows:
             if (row.subscriber_ID, row.group_ID) != (subscriber_id, group_id):
                 raise ValueError("a record's subscriber_ID/group_ID differs from the batch's")
         path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators-batch")
-        return self._batch(path, "accumulators.batch", [r.to_wire() for r in rows], SUBSCRIBER_KEY)
+        payload = [r.to_wire() for r in rows]
+        return self._batch(path, "accumulators.batch", payload, SUBSCRIBER_KEY, before_send)
 
     # -- plan accumulators ----------------------------------------------------------------
 
@@ -198,13 +210,18 @@ class VbaClient:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _batch(
-        self, path: str, op: str, payload: list[dict[str, Any]], key_fields: tuple[str, ...]
+        self,
+        path: str,
+        op: str,
+        payload: list[dict[str, Any]],
+        key_fields: tuple[str, ...],
+        before_send: BeforeSend | None = None,
     ) -> BatchResult:
         if len(payload) > self.settings.vba_batch_max:
             raise ValueError(f"{len(payload)} records exceed vba_batch_max; send them in chunks")
         if not payload:
             return BatchResult((), key_fields, None)
-        envelope = self._call("PUT", path, op, body=dumps(payload))
+        _, envelope = self._request("PUT", path, op, body=dumps(payload), before_send=before_send)
         if not isinstance(envelope.data, list):
             raise VbaUnavailable("207 answer without data[]", activity_id=envelope.activity_id)
         result = BatchResult(_items(envelope.data), key_fields, envelope.activity_id)
@@ -223,11 +240,12 @@ class VbaClient:
         op: str,
         params: Mapping[str, str | int] | None = None,
         body: str | None = None,
+        before_send: BeforeSend | None = None,
     ) -> tuple[httpx.Response, Envelope]:
         """One call: breaker, token, rate limit, one renewal after a 401, classify the answer."""
         check(self.breaker)
         try:
-            response, envelope = self._attempt(method, path, op, params, body)
+            response, envelope = self._attempt(method, path, op, params, body, before_send)
         except VbaUnavailable as exc:
             paused = self.breaker.failed(exc.retry_after)
             if paused > 0:
@@ -243,13 +261,15 @@ class VbaClient:
         op: str,
         params: Mapping[str, str | int] | None,
         body: str | None,
+        before_send: BeforeSend | None,
     ) -> tuple[httpx.Response, Envelope]:
         token = self.auth.token()
-        response = self._send(method, path, op, params, body, token)
+        request = (method, path, op, params, body)
+        response = self._send(*request, token, before_send)
         if response.status_code == 401:
             aid = envelope_of(response).activity_id
             log.warning("vba.unauthorized_refreshing", op=op, activity_id=aid)
-            response = self._send(method, path, op, params, body, self.auth.renew(stale=token))
+            response = self._send(*request, self.auth.renew(stale=token), before_send)
             if response.status_code == 401:
                 aid = envelope_of(response).activity_id
                 log.error("vba.unauthorized_after_refresh", op=op, status=401, activity_id=aid)
@@ -272,11 +292,14 @@ class VbaClient:
         params: Mapping[str, str | int] | None,
         body: str | None,
         token: str,
+        before_send: BeforeSend | None = None,
     ) -> httpx.Response:
         """Send; one quick retry of a refused connection only (longer waits are the caller's)."""
         headers = self._headers(token, body is not None)
         for attempt in (1, 2):
             self.limiter.acquire()
+            if before_send is not None:
+                before_send()
             try:
                 return self.http.request(method, path, params=params, content=body, headers=headers)
             except httpx.ConnectError as exc:
@@ -288,7 +311,10 @@ class VbaClient:
             except httpx.TransportError as exc:
                 error = exc
             log.warning("vba.unreachable", op=op, error=type(error).__name__)
-            raise VbaUnavailable(f"VBA unreachable: {type(error).__name__}") from error
+            raise VbaUnavailable(
+                f"VBA unreachable: {type(error).__name__}",
+                may_have_landed=not isinstance(error, NEVER_SENT),
+            ) from error
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _headers(self, token: str, has_body: bool) -> dict[str, str]:

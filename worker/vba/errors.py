@@ -4,7 +4,8 @@
 
     VbaError                  anything the VBA client raises
     ├── VbaUnavailable        retry later: 408, 429, 500, 502, 503, 504, transport errors,
-    │                         timeouts; ``retry_after`` from Retry-After (seconds or HTTP date)
+    │                         timeouts; ``retry_after`` from Retry-After (seconds or HTTP date);
+    │                         ``may_have_landed``: whether a write could have taken effect
     └── VbaRejected           do not retry: any other non-2xx (status, title, detail, activity_id)
         └── VbaAuthError      login refused, or a 401 after the one token refresh
 """
@@ -21,6 +22,8 @@ from pydantic import ValidationError
 from models.vba import Envelope, ProblemDetails, loads
 
 RETRYABLE: Final = frozenset({408, 429, 500, 502, 503, 504})
+#: Answered before the request reached VBA's handler: nothing was written.
+NOT_PROCESSED: Final = frozenset({408, 429})
 #: Never honour a Retry-After longer than this (seconds); the caller's backoff caps it too.
 RETRY_AFTER_CAP: Final = 900.0
 
@@ -35,7 +38,12 @@ class VbaError(Exception):
 
 
 class VbaUnavailable(VbaError):
-    """VBA did not do it this time; try again after ``retry_after`` seconds (if it said)."""
+    """VBA did not answer this time; try again after ``retry_after`` seconds (if it said).
+
+    ``may_have_landed`` is False only when the request surely never reached VBA's handler
+    (refused connection, a 429 or 408, a paused breaker): a timeout, a broken connection or a
+    5xx may come after VBA wrote, so a write's outcome is then unknown until it is settled.
+    """
 
     def __init__(
         self,
@@ -44,9 +52,11 @@ class VbaUnavailable(VbaError):
         retry_after: float | None = None,
         status: int | None = None,
         activity_id: str | None = None,
+        may_have_landed: bool = True,
     ) -> None:
         super().__init__(message, status=status, activity_id=activity_id)
         self.retry_after = retry_after
+        self.may_have_landed = may_have_landed
 
 
 class VbaRejected(VbaError):
@@ -117,7 +127,11 @@ def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
     if status in RETRYABLE:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return VbaUnavailable(
-            f"VBA answered {status}", retry_after=retry_after, status=status, activity_id=aid
+            f"VBA answered {status}",
+            retry_after=retry_after,
+            status=status,
+            activity_id=aid,
+            may_have_landed=status not in NOT_PROCESSED,
         )
     problem = envelope.error or ProblemDetails()
     return VbaRejected(status, problem.title or _gateway_message(response), problem.detail, aid)

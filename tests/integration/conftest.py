@@ -1,0 +1,38 @@
+"""Fixtures of the integration suites: sandboxes, and stacks pointed at one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from tests.stack import Stack
+from worker.sandbox.testing import SandboxHandle, running_sandbox
+
+FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
+
+
+@pytest.fixture
+def sandboxes() -> Iterator[Callable[..., SandboxHandle]]:
+    """Start sandboxes with flags; all stopped at teardown."""
+    with ExitStack() as stack:
+        yield lambda **flags: stack.enter_context(running_sandbox(**flags))
+
+
+@pytest.fixture
+def flush_stack(
+    make_stack: Callable[..., Stack], redis_url: str, pg_url: str
+) -> Callable[..., Stack]:
+    """A Redis + Postgres stack pointed at a sandbox, migrated, with short retry timings."""
+
+    def make(sandbox: SandboxHandle, **settings: str) -> Stack:
+        env = {"flush_interval": "1", "flush_lease": "5", "vba_timeout": "5", "settle_grace": "6"}
+        stack = make_stack(
+            database_url=pg_url, broker_url=redis_url, **(env | FAST_RETRIES | settings)
+        )
+        stack.use_sandbox(sandbox.env())
+        stack.cli("db", "upgrade")
+        return stack
+
+    return make

@@ -1,0 +1,346 @@
+"""The flush protocol as a state machine: the real ``Flush`` on a real (SQLite) store, against a
+simulated VBA behind httpx's MockTransport, under any interleaving hypothesis finds.
+
+Two flushes of one pair are driven step by step (lease, read, send, settle), and between any two
+steps: claims are ingested, VBA writes amounts of its own or resets a row, the next PUT lands
+with its answer lost (or not at all), an item is answered 500 after (or without) being written,
+leases lapse, a flush dies after its PUT, an operator resolves a hold from the truth. At the
+end, every lease lapsed and VBA healthy, the flushes drain, and:
+
+- every key not held: VBA's row == VBA's own share + our ledger total, to the cent;
+- every held key: an open dead letter of kind ambiguous (one of its two candidate readings is
+  the truth) or below_share (VBA's row really is below our confirmed share);
+- no amount VBA ever held was negative.
+
+VBA's own writes never land between a flush's read and its PUT: there the protocol can only
+keep the window small (README), and a write there is overwritten by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import select, text, update
+
+from models.buckets import COLUMN_TO_VBA
+from models.sync import HOLDS, ZERO, Cents
+from models.tables import DeadLetter
+from models.vba import dumps, loads
+from tests.unit.vba_fake import unit_settings, vba_json
+from worker import db
+from worker.flush import Flush
+from worker.replay import resolve
+from worker.settings import get_settings
+from worker.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
+from worker.vba import VbaClient
+
+PAIR = ("S1", "G1")
+BENEFITS = ("DED", "OOP")
+KEYS = [(*PAIR, "2026", "MED", b) for b in BENEFITS]
+OURS = ("deductible_total", "deductible_in")  # our claims: in-network deductible
+OWN = ("copay_total", "copay_in")  # VBA's own claims: in-network copay (never a coincidence)
+TABLES = (
+    "received_event",
+    "claim",
+    "accumulator",
+    "pair",
+    "dead_letter",
+    "ingest_batch",
+    "flush_attempt",
+)
+
+
+class SimulatedVba:
+    """VBA's accumulator rows, its own writes, and the next PUT's fate; a MockTransport handler."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, ...], Cents] = {}
+        self.next_put = "ok"
+        self.applied: dict[tuple[str, ...], Cents] = {}  # the last target of ours written
+        self.negative = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.endswith("/user-authentication"):
+            result = {"idToken": "tok", "refreshToken": "ref", "expiresIn": 86400}
+            return vba_json({"authenticationResult": result})
+        if request.method == "GET":
+            return self._list(request)
+        return self._batch(request)
+
+    def _list(self, request: httpx.Request) -> httpx.Response:
+        page = int(parse_qs(request.url.query.decode()).get("page", ["1"])[0])
+        rows = [self.wire(k) for k in sorted(self.rows)] if page == 1 else []
+        info = {"TotalCount": len(rows), "TotalPages": 1, "CurrentPage": page, "PageSize": 100}
+        return vba_json(rows, headers={"X-Pagination": json.dumps(info)})
+
+    def wire(self, key: tuple[str, ...]) -> dict[str, Any]:
+        names = ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
+        amounts = {COLUMN_TO_VBA[c]: Decimal(v).scaleb(-2) for c, v in self.rows[key].items()}
+        return dict(zip(names, key, strict=True)) | amounts
+
+    def _batch(self, request: httpx.Request) -> httpx.Response:
+        fate, self.next_put = self.next_put, "ok"
+        items = []
+        for record in loads(request.content):
+            key = tuple(
+                str(record[f])
+                for f in ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
+            )
+            cents = {c: int(Decimal(str(record[v])) * 100) for c, v in COLUMN_TO_VBA.items()}
+            writes = fate not in ("lost_not_landed", "item_500")
+            if writes:
+                self.negative |= min(cents.values()) < 0
+                self.rows[key] = cents
+                self.applied[key] = dict(cents)  # what we wrote, not what VBA adds later
+            status = 500 if fate in ("item_500", "item_500_written") else 200
+            ident = [
+                {"key": f, "value": record[f]}
+                for f in ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
+            ]
+            items.append({"id": ident, "status": status, "body": "Updated"})
+        if fate.startswith("lost"):
+            raise httpx.ReadTimeout("the answer was lost", request=request)
+        if fate == "missing_item":
+            items = items[1:]
+        return httpx.Response(207, content=dumps({"data": items, "debug": {"activityId": "a"}}))
+
+
+class FlushMachine(RuleBasedStateMachine):
+    """See the module docstring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vba = SimulatedVba()
+        self.own: dict[tuple[str, ...], int] = dict.fromkeys(KEYS, 0)  # VBA's own copay
+        self.holders: dict[str, Iterator[str] | None] = {"A": None, "B": None}
+        self.phase: dict[str, str] = {"A": "idle", "B": "idle"}
+        self.claims = 0
+        with db.engine().begin() as conn:
+            for table in TABLES:
+                conn.execute(text(f"DELETE FROM {table}"))
+        self.settings = unit_settings()
+        self.vba_client = VbaClient(self.settings, transport=httpx.MockTransport(self.vba))
+
+    @initialize(batch_max=st.sampled_from([1, 2]))
+    def setup(self, batch_max: int) -> None:
+        """One or two keys per batch call (chunks of one: a read before each PUT)."""
+        self.vba_client.close()
+        self.settings = unit_settings(
+            vba_batch_max=batch_max, vba_rate=1e6, vba_burst=10_000, vba_breaker_threshold=10_000
+        )
+        self.vba_client = VbaClient(self.settings, transport=httpx.MockTransport(self.vba))
+
+    # -- the world -------------------------------------------------------------------------
+
+    @rule(benefit=st.sampled_from(BENEFITS), cents=st.integers(1, 50_000))
+    def ingest_claim(self, benefit: str, cents: int) -> None:
+        """A new claim of ours adds to a key."""
+        self.claims += 1
+        self._ingest(self._event(f"c{self.claims}", 0, benefit, cents))
+
+    @precondition(lambda self: self.claims > 0)
+    @rule(data=st.data())
+    def reverse_claim(self, data: st.DataObject) -> None:
+        """A later version voids one of our claims."""
+        n = data.draw(st.integers(1, self.claims))
+        self._ingest(self._event(f"c{n}", 9, "DED", 0, status="reversed"))
+
+    def _event(
+        self, claim: str, version: int, benefit: str, cents: int, **extra: Any
+    ) -> dict[str, Any]:
+        amount = str(Decimal(cents).scaleb(-2))
+        return {
+            "event_id": f"{claim}-v{version}",
+            "claim_id": claim,
+            "version": version,
+            "status": "adjudicated",
+            "subscriber_id": PAIR[0],
+            "group_id": PAIR[1],
+            "plan_year": "2026",
+            "plan_type": "MED",
+            "benefit_code": benefit,
+            "network": "in",
+            "amounts": {"deductible": amount},
+        } | extra
+
+    def _ingest(self, event: dict[str, Any]) -> None:
+        with db.session_scope() as s:
+            ingest(s, [event])
+
+    def _no_window_open(self) -> bool:
+        return "read" not in self.phase.values()
+
+    @precondition(_no_window_open)
+    @rule(key=st.sampled_from(KEYS), cents=st.integers(1, 9_999))
+    def vba_adds_its_own(self, key: tuple[str, ...], cents: int) -> None:
+        """VBA adjudicates a claim of its own on the row (a copay)."""
+        row = self.vba.rows.setdefault(key, dict(ZERO))
+        for c in OWN:
+            row[c] += cents
+        self.own[key] += cents
+
+    @precondition(_no_window_open)
+    @rule(key=st.sampled_from(KEYS))
+    def vba_resets_a_row(self, key: tuple[str, ...]) -> None:
+        """VBA rebuilds the row from nothing: its own share and ours are gone."""
+        if key in self.vba.rows:
+            self.vba.rows[key] = dict(ZERO)
+            self.own[key] = 0
+            self.vba.applied.pop(key, None)
+
+    @rule(
+        fate=st.sampled_from(
+            ["lost_landed", "lost_not_landed", "item_500", "item_500_written", "missing_item"]
+        )
+    )
+    def next_put_fails(self, fate: str) -> None:
+        self.vba.next_put = fate
+
+    @rule()
+    def leases_lapse(self) -> None:
+        """Time passes beyond every lease (and every backoff)."""
+        self._time_passes()
+
+    def _time_passes(self) -> None:
+        with db.engine().begin() as conn:
+            conn.execute(
+                update(T_PAIR).values(lease_until=None, next_attempt_at=None, queued_until=None)
+            )
+            conn.execute(update(T_ACCUM).values(next_attempt_at=None))
+
+    # -- two flushes of the pair -----------------------------------------------------------
+
+    @rule(who=st.sampled_from(["A", "B"]), until=st.sampled_from(["leased", "read", "sent", "end"]))
+    def flush_advances(self, who: str, until: str) -> None:
+        """Start a flush of the pair, or go on with it, up to a step (lease, read, send) or to
+        its end; another flush or the world may move in between."""
+        if self.holders[who] is None:
+            flush = Flush(self._pair_id(), self.vba_client, self.settings, random.Random(0))
+            self.holders[who] = flush.steps()
+        steps = self.holders[who]
+        assert steps is not None
+        for phase in steps:
+            self.phase[who] = phase
+            if phase == until:
+                return
+        self.holders[who], self.phase[who] = None, "idle"
+
+    @precondition(lambda self: any(h is not None for h in self.holders.values()))
+    @rule(who=st.sampled_from(["A", "B"]))
+    def flush_dies(self, who: str) -> None:
+        """SIGKILL: the flush stops wherever it is; nothing cleans up (its lease lapses)."""
+        self.holders[who], self.phase[who] = None, "idle"
+
+    @rule(data=st.data())
+    def operator_resolves_a_hold(self, data: st.DataObject) -> None:
+        """An operator checks VBA's claims (here: the simulation's truth) and settles a hold."""
+        holds = self._holds()
+        if holds:
+            self._resolve(data.draw(st.sampled_from(holds)))
+
+    def _holds(self) -> list[int]:
+        """The open holds' ids."""
+        d = DeadLetter.__table__.c  # type: ignore[attr-defined]
+        open_holds = d.kind.in_(sorted(HOLDS)), d.replayed_at.is_(None)
+        query = select(d.id).where(*open_holds).order_by(d.id)
+        with db.engine().connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def _resolve(self, letter_id: int) -> None:
+        """Resolve as the truth says: landed when VBA holds the write the intent recorded."""
+        with db.session_scope() as s:
+            letter = s.get(DeadLetter, letter_id)
+            assert letter is not None
+            row = s.execute(select(T_ACCUM).where(T_ACCUM.c.id == letter.accumulator_id))
+            found = row.mappings().one()
+            key = tuple(found[c] for c in KEY_COLS)
+            landed = letter.kind == "ambiguous" and self._landed(key, found["intent_target"])
+            resolve(s, letter_id, landed)
+
+    def _landed(self, key: tuple[str, ...], intent_target: str | None) -> bool:
+        return intent_target is not None and self.vba.applied.get(key) == json.loads(intent_target)
+
+    def _pair_id(self) -> int:
+        with db.engine().connect() as conn:
+            found = conn.execute(select(T_PAIR.c.id)).scalar()
+        return int(found) if found is not None else 0
+
+    # -- what must hold -------------------------------------------------------------------
+
+    @invariant()
+    def never_negative(self) -> None:
+        assert not self.vba.negative, "a negative amount reached VBA"
+
+    def teardown(self) -> None:
+        """Every flush gone, leases and backoffs lapsed, VBA healthy, one more claim on every
+        key (so a flush reads each row again); the flushes drain while an operator resolves
+        each hold from the truth. Then VBA holds its own share plus ours on every key."""
+        self.vba.next_put = "ok"
+        self.holders = {"A": None, "B": None}
+        for benefit in BENEFITS:
+            self.ingest_claim(benefit, 1)
+        for _ in range(8):
+            self._time_passes()
+            for hold in self._holds():
+                self._resolve(hold)
+            Flush(self._pair_id(), self.vba_client, self.settings, random.Random(0)).run()
+        assert self._holds() == []
+        with db.engine().connect() as conn:
+            rows = conn.execute(select(T_ACCUM)).mappings().all()
+        for row in rows:
+            key = tuple(row[c] for c in KEY_COLS)
+            remote = self.vba.rows.get(key, dict(ZERO))
+            assert row["dirty_since"] is None and row["intent_target"] is None, row
+            assert [remote[c] for c in OWN] == [self.own[key]] * 2
+            assert [remote[c] for c in OURS] == [row[c] for c in OURS]
+        self.vba_client.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A migrated SQLite store that ``worker.db`` and the settings point at."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
+    monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", url)
+    monkeypatch.setenv("ACCUMSYNC_HOME", str(tmp_path))
+    monkeypatch.setenv("ACCUMSYNC_SETTLE_GRACE", "0.001")
+    monkeypatch.setenv("ACCUMSYNC_MAX_ATTEMPTS", "1000")
+    monkeypatch.setenv("ACCUMSYNC_OWNERSHIP", "shared")
+    get_settings.cache_clear()
+    db.reset_engine()
+    yield url
+    db.reset_engine()
+    get_settings.cache_clear()
+
+
+def test_flush_protocol_under_any_interleaving(sqlite_store: str) -> None:
+    """Races, lost answers, VBA's own writes, lapsed leases, crashes: never a share twice."""
+    run_state_machine_as_test(
+        FlushMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("ACCUMSYNC_MACHINE_EXAMPLES", "150")),
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
