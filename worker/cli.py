@@ -120,11 +120,13 @@ def dead_list(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("id", "source", "event_id", "count", "last seen", "reason", title="dead letters")
+    columns = ("id", "source", "kind", "event_id", "count", "last seen", "reason")
+    table = Table(*columns, title="dead letters")
     for r in rows:
         table.add_row(
             str(r["id"]),
             r["source"],
+            r["kind"] or "",
             r["event_id"] or "",
             str(r["count"]),
             r["last_seen"],

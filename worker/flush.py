@@ -310,8 +310,10 @@ class Flush:
     def _mode(self) -> Any:
         return self.settings.ownership
 
-    def _read(self) -> Remote:
-        """VBA's rows for the pair, every page, in a stable order."""
+    def _read(self, then_put: bool = True) -> Remote:
+        """VBA's rows for the pair, every page, in a stable order; the PUT's rate-limit token
+        is taken with the read's, so it leaves right after the read (client.prepay)."""
+        self.vba.prepay(2 if then_put else 1)
         rows = self.vba.iter_accumulators(self.subscriber_id, self.group_id, sort_by=SORT_BY)
         return {r.key: r for r in rows}
 
@@ -372,7 +374,7 @@ class Flush:
         remote = None
         if self._mode == "shared" and call.result is not None and Fate.UNKNOWN in fates:
             try:
-                remote = self._read()  # VBA answered: the batch is done, its rows are final
+                remote = self._read(then_put=False)  # VBA answered: its rows are final
             except (VbaError, ValidationError) as exc:
                 log.warning("flush.settle_read_failed", pair=self.pair_id, error=type(exc).__name__)
         pairs = zip(sending, fates, strict=True)
@@ -488,8 +490,15 @@ class Flush:
         elif p.act is Act.WAIT:
             row["next_attempt_at"] = now + timedelta(seconds=self.settings.settle_grace)
         elif p.act is Act.RETRY and p.counted:
-            attempts = p.item.attempts + 1
-            row |= {"attempts": attempts, "next_attempt_at": now + self._backoff(attempts)}
+            attempts, delay = p.item.attempts + 1, self._backoff(p.item.attempts + 1)
+            row |= {"attempts": attempts, "next_attempt_at": now + delay}
+            log.info(
+                "flush.item_retry",
+                pair=self.pair_id,
+                accumulator=p.item.id,
+                attempt=attempts,
+                retry_in_s=round(delay.total_seconds(), 1),
+            )
         elif p.act in (Act.HOLD, Act.REFUSE):
             row["held"] = True
         return row

@@ -102,6 +102,17 @@ class Settings(BaseSettings):
         return v.rstrip("/")
 
     @model_validator(mode="after")
+    def _grace_outlasts_a_request(self) -> Settings:
+        """A write whose answer was lost may still land until its request gave up: only after
+        that may 'VBA's row is as before' mean 'not landed'."""
+        if self.settle_grace < self.vba_timeout:
+            raise ValueError(
+                f"ACCUMSYNC_SETTLE_GRACE ({self.settle_grace:g}s) must be at least "
+                f"ACCUMSYNC_VBA_TIMEOUT ({self.vba_timeout:g}s): a write may land until then"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _https_only(self) -> Settings:
         """VBA is HTTPS only; plain HTTP is for the sandbox on loopback or an explicit opt-in."""
         url = urlsplit(self.vba_base_url)

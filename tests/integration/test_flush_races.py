@@ -111,7 +111,9 @@ def test_a_lapsed_lease_cannot_undo_a_newer_flush(
     """A stalls in its read past the lease; B flushes 100 + 30; A's read returns: A must send
     nothing (before the fence, A sent 230 from its stale state and confirmed it)."""
     sandbox = sandboxes()
-    stack = flush_stack(sandbox, ownership="shared", flush_lease="3", vba_timeout="30")
+    stack = flush_stack(
+        sandbox, ownership="shared", flush_lease="3", vba_timeout="30", settle_grace="30"
+    )
     a = stack.worker("a", pool="solo")
     stack.publish([claim("c1", "100.00")])
     sandbox.admin.set_faults(list_delay=20, slow_lists=1)
@@ -141,7 +143,7 @@ def test_lost_answer_then_vba_write_is_held_for_a_person(
     sent nor what we read, so the key is held, health turns red, and an operator settles it
     (before, the next flush took it as not landed and sent 250)."""
     sandbox = sandboxes()
-    stack = flush_stack(sandbox, ownership="shared", settle_grace="2")
+    stack = flush_stack(sandbox, ownership="shared", settle_grace="2", vba_timeout="2")
     stack.worker("w1", concurrency=2)
     stack.publish([claim("c1", "100.00")])
     sandbox.admin.set_faults(lost_answers=1)

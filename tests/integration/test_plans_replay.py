@@ -76,11 +76,12 @@ def test_plans_push_refuses_an_invalid_file(stack: Stack, tmp_path: Path) -> Non
 def test_plans_push_dead_letters_refused_items(
     stack: Stack, sandbox: SandboxHandle, tmp_path: Path
 ) -> None:
-    """Items VBA fails inside the 207 become dead letters and the command exits non-zero."""
+    """Items VBA fails inside the 207 are retried; once the attempts run out (here the first)
+    they become dead letters with VBA's activityId and the command exits non-zero."""
     path = tmp_path / "plans.yaml"
     path.write_text(yaml.safe_dump(PLANS))
     sandbox.admin.set_faults(item_error_rate=1.0)
-    proc = stack.cli("plans", "push", str(path), check=False)
+    proc = stack.cli("plans", "push", str(path), check=False, env={"ACCUMSYNC_MAX_ATTEMPTS": "1"})
     assert proc.returncode == 1
     letters = json.loads(stack.cli("dead-letters", "list", "--json", "--source", "plans").stdout)
     assert len(letters) == 3 and all(d["activity_id"] for d in letters)

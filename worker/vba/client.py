@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
@@ -42,6 +44,7 @@ def _version() -> str:
 VERSION: Final = _version()
 USER_AGENT: Final = f"accumsync/{VERSION}"
 CONNECT_RETRY_DELAY = 0.25
+STALE_PREPAID = 1.0  # seconds past due after which a prepaid token is dropped, not spent
 #: Transport errors raised before a request's bytes could reach VBA.
 NEVER_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 REDIS_TIMEOUT = 5.0  # seconds: the shared token, bucket and breaker answer in milliseconds
@@ -79,6 +82,7 @@ class VbaClient:
         url = settings.effective_redis_url
         self.redis = redis if redis is not None else (shared_redis(url) if url else None)
         self.limiter = self._limiter()
+        self._local = threading.local()
         self.breaker = self._breaker()
         store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
         self.auth = Authenticator(settings, self.http, store or LocalTokenStore(), self.limiter)
@@ -96,6 +100,33 @@ class VbaClient:
         if self.redis is None:
             return LocalBreaker(*args, probe_ttl=probe_ttl)
         return RedisBreaker(self.redis, rate_key(s).removesuffix(":rate"), *args, probe_ttl)
+
+    def prepay(self, calls: int) -> None:
+        """Take rate-limit tokens now for this thread's next ``calls`` requests; each then
+        waits only until its own token is due. A shared-mode flush takes its read's and its
+        PUT's together, so after the read the PUT does not queue behind other processes'
+        calls: the read-to-write window (a VBA write landing in it is overwritten) stays short.
+        """
+        due = self._prepaid()
+        due.clear()  # a token an earlier flush left unspent is dropped, never spent late
+        now = time.monotonic()
+        due.extend(now + self.limiter.reserve() for _ in range(calls))
+
+    def _prepaid(self) -> deque[float]:
+        due: deque[float] = self._local.__dict__.setdefault("due", deque())
+        return due
+
+    def _take_token(self) -> None:
+        """This request's token: a prepaid one (waiting until it is due), else a new one. A
+        prepaid token left unused for long is dropped: spending it now could exceed the rate."""
+        due = self._prepaid()
+        while due:
+            late = time.monotonic() - due.popleft()
+            if late <= STALE_PREPAID:
+                if late < 0:
+                    time.sleep(-late)
+                return
+        self.limiter.acquire()
 
     def paused(self) -> float:
         """Seconds VBA calls stay paused fleet-wide (0: calls may go), without probing."""
@@ -297,7 +328,7 @@ class VbaClient:
         """Send; one quick retry of a refused connection only (longer waits are the caller's)."""
         headers = self._headers(token, body is not None)
         for attempt in (1, 2):
-            self.limiter.acquire()
+            self._take_token()
             if before_send is not None:
                 before_send()
             try:

@@ -45,6 +45,10 @@ return string.format('%.6f', -tokens / rate)
 class RateLimiter(Protocol):
     """Something that blocks until the next call may go."""
 
+    def reserve(self) -> float:
+        """Take a token now; the seconds until it is due."""
+        ...
+
     def acquire(self) -> float:
         """Block until a token is ours; return the seconds waited."""
         ...
