@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.buckets import VBA_FIELDS
-from models.vba import PlanAccumulator, SubscriberAccum, dumps
+from models.vba import PlanAccumulator, Record, SubscriberAccum
+from worker.sandbox.dialect import FROM_VBA, dumps, exact_amounts, keep_digits
 from worker.sandbox.emulator import Sandbox
 from worker.sandbox.intrusions import Intrusion
 from worker.sandbox.routes import body_of, describe
@@ -30,19 +31,22 @@ async def health(request: Request, sb: Sandbox) -> Response:
 
 
 async def rows(request: Request, sb: Sandbox) -> Response:
-    """GET /_admin/rows: every row, amounts as 2-decimal numbers."""
+    """GET /_admin/rows: every row, amounts as 2-decimal numbers (strict: as they were sent)."""
     subscriber = [sb.state.subscriber[k].to_wire() for k in sorted(sb.state.subscriber)]
     plans = [sb.state.plans[k].to_wire() for k in sorted(sb.state.plans)]
     return _json({"subscriber": subscriber, "plans": plans})
 
 
 async def seed(request: Request, sb: Sandbox) -> Response:
-    """POST /_admin/seed {subscriber: [...], plans: [...]}: rows VBA already has (0 amounts)."""
+    """POST /_admin/seed {subscriber: [...], plans: [...]}: rows VBA already has (0 amounts).
+
+    A row whose key compares equal to a stored one updates it (which keeps its spelling).
+    """
     payload = await body_of(request)
     zeros = dict.fromkeys(VBA_FIELDS, Decimal(0))
     try:
-        subs = [SubscriberAccum.model_validate(zeros | r) for r in payload.get("subscriber", [])]
-        plans = [PlanAccumulator.model_validate(r) for r in payload.get("plans", [])]
+        subs = [_seeded(sb, SubscriberAccum, zeros | r) for r in payload.get("subscriber", [])]
+        plans = [_seeded(sb, PlanAccumulator, r) for r in payload.get("plans", [])]
     except ValidationError as exc:
         return _json({"error": describe(exc)}, 400)
     for row in [*subs, *plans]:
@@ -50,13 +54,20 @@ async def seed(request: Request, sb: Sandbox) -> Response:
     return _json({"subscriber": len(subs), "plans": len(plans)})
 
 
+def _seeded(sb: Sandbox, model: type[Record], fields: dict[str, Any]) -> Record:
+    """A seeded row: amounts must be cents in lax; strict keeps every digit."""
+    if not sb.strict:
+        return model.model_validate(fields)
+    return keep_digits(model.model_validate(fields, context=FROM_VBA), fields)
+
+
 async def adjust(request: Request, sb: Sandbox) -> Response:
     """POST /_admin/adjust {key: {5 key fields}, deltas: {field: amount}}: VBA's own claims."""
     payload = await body_of(request)
     key = tuple(str(payload["key"][f]) for f in SubscriberAccum.KEY)
-    current = sb.state.subscriber.get(key)
+    current = sb.state.get(SubscriberAccum, key)
     try:
-        row = with_deltas(current, payload["key"], payload.get("deltas", {}))
+        row = with_deltas(current, payload["key"], payload.get("deltas", {}), exact=sb.strict)
     except ValidationError as exc:
         return _json({"error": describe(exc)}, 400)
     except ValueError as exc:
@@ -69,11 +80,20 @@ async def intrude(request: Request, sb: Sandbox) -> Response:
     """GET /_admin/intrude: pending intrusions; POST: queue one (see ``Intrusion``)."""
     if request.method == "POST":
         try:
-            intrusion = Intrusion.model_validate(await body_of(request))
+            intrusion = _intrusion(sb, await body_of(request))
         except ValidationError as exc:
             return _json({"error": describe(exc)}, 400)
         return _json(sb.intrusions.add(intrusion))
     return _json({"intrusions": [sb.intrusions.listed(i) for i in sb.intrusions.pending]})
+
+
+def _intrusion(sb: Sandbox, payload: Any) -> Intrusion:
+    """An intrusion: deltas must be cents in lax; strict keeps every digit."""
+    if not sb.strict:
+        return Intrusion.model_validate(payload)
+    intrusion = Intrusion.model_validate(payload, context=FROM_VBA)
+    deltas = intrusion.deltas | exact_amounts(intrusion.deltas, payload["deltas"])
+    return intrusion.model_copy(update={"deltas": deltas})
 
 
 async def journal(request: Request, sb: Sandbox) -> Response:

@@ -27,6 +27,12 @@ def sandbox(
     client_code: Annotated[str, typer.Option(help="vbasoftware-client-code")] = c.CLIENT_CODE,
     admin_token: Annotated[str | None, typer.Option(help="required x-admin-token")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the fault dice")] = None,
+    dialect: Annotated[
+        c.Dialect, typer.Option(help="lax: as our client expects; strict: as a real VBA would")
+    ] = "lax",
+    id_spelling: Annotated[
+        c.IdSpelling, typer.Option(help="207 id key names: exact (subscriber_ID) or camel")
+    ] = "exact",
     error_500: Share = 0.0,
     error_502: Share = 0.0,
     error_503: Share = 0.0,
@@ -100,6 +106,9 @@ def sandbox(
         admin_token=admin_token,
         seed=seed,
         faults=faults,
+        dialect=dialect,
+        id_spelling=id_spelling,
     )
-    typer.echo(f"VBA sandbox on http://{host}:{port} (database {database!r})", err=True)
+    where = f"http://{host}:{port} (database {database!r}, {dialect} dialect)"
+    typer.echo(f"VBA sandbox on {where}", err=True)
     serve(host, port, config)

@@ -18,6 +18,10 @@ CLIENT_CODE = "SANDBOX"
 
 Share = float  # a probability, 0..1
 LostAnswer = Literal["504", "reset", "hang"]
+#: "lax" answers as our client expects; "strict" as a real VBA most likely would (see dialect.py).
+Dialect = Literal["lax", "strict"]
+#: How a 207 item's ``id`` spells key names: the seeds' ``subscriber_ID``, or ``subscriberID``.
+IdSpelling = Literal["exact", "camel"]
 
 
 class Faults(BaseModel):
@@ -80,3 +84,5 @@ class SandboxConfig:
     admin_token: str | None = None
     seed: int | None = None
     faults: Faults = field(default_factory=Faults)
+    dialect: Dialect = "lax"
+    id_spelling: IdSpelling = "exact"

@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from email.utils import formatdate
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -15,8 +15,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from models.vba import SUBSCRIBER_KEY, Record, dumps
+from models.vba import SUBSCRIBER_KEY, Record, SubscriberAccum
 from worker.sandbox.config import Faults, SandboxConfig
+from worker.sandbox.dialect import (
+    CAMEL,
+    acceptable,
+    collate,
+    collate_text,
+    dumps,
+    exact,
+    keep_digits,
+)
 from worker.sandbox.intrusions import After, Intrusions
 from worker.sandbox.state import Key, State
 from worker.sandbox.writes import VBA_USER, Journal, Write, stamp, with_deltas
@@ -38,7 +47,10 @@ def envelope(
     headers: dict[str, str] | None = None,
     activity_key: str = "activityId",
 ) -> Response:
-    """VBA's answer: ``{data, error, debug: {activityId}}``, amounts as 2-decimal numbers."""
+    """VBA's answer: ``{data, error, debug: {activityId}}``, amounts as 2-decimal numbers.
+
+    (An amount strict stored with more decimals keeps them: see dialect.dumps.)
+    """
     body = {"data": data, "error": error, "debug": {activity_key: str(uuid.uuid4())}}
     return Response(dumps(body), status_code=status, media_type=media_type, headers=headers)
 
@@ -104,13 +116,17 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
+        self.strict = config.dialect == "strict"
+        self.fold = collate if self.strict else exact
         self.faults = config.faults.model_copy()
-        self.state = State(config.state)
+        self.state = State(config.state, self.fold)
         self.bucket = Bucket(config.rate, config.burst)
         self.rng = random.Random(config.seed)
+        # Its own dice, so strict's shuffled lists leave the fault dice's sequence alone.
+        self.order_rng = random.Random(config.seed)
         self.counters: Counter[tuple[str, int]] = Counter()
         self.journal = Journal()
-        self.intrusions = Intrusions()
+        self.intrusions = Intrusions(self.fold)
 
     def reset(self) -> None:
         """Back to start-up: no rows, tokens, counts, writes or intrusions; the start-up faults."""
@@ -130,9 +146,14 @@ class Sandbox:
         status: int = 200,
         call: Request | None = None,
     ) -> W:
-        """Stamp, store and journal a write (``user``: the API user); ``call``: the VBA call."""
+        """Stamp, store and journal a write (``user``: the API user); ``call``: the VBA call.
+
+        A row keeps the key spelling it was created with (strict finds it by another).
+        """
         user = user or self.config.username
-        previous = self.state.table(type(row)).get(row.key)
+        previous = self.state.get(type(row), row.key)
+        if previous is not None:
+            row = row.model_copy(update={f: getattr(previous, f) for f in row.KEY})
         row = stamp(row, previous, user)
         self.state.put(row)
         self._journal(self.journal.record(op, user, previous, row, status), call)
@@ -140,7 +161,7 @@ class Sandbox:
 
     def delete(self, key: Key, call: Request) -> bool:
         """Delete and journal a subscriber row; False when there was none."""
-        previous = self.state.subscriber.get(key)
+        previous = self.state.get(SubscriberAccum, key)
         if previous is None:
             return False
         self.state.delete(key)
@@ -158,10 +179,29 @@ class Sandbox:
         """VBA's own writes waiting for this call: ``deltas`` added to their rows, as VBA."""
         for intrusion in self.intrusions.due(after, pair):
             for key in intrusion.rows(touched):
-                current = self.state.subscriber.get(key)
+                current = self.state.get(SubscriberAccum, key)
                 key_fields = dict(zip(SUBSCRIBER_KEY, key, strict=True))
-                row = with_deltas(current, key_fields, intrusion.deltas)
+                row = with_deltas(current, key_fields, intrusion.deltas, exact=self.strict)
                 self.put(row, "intrusion", user=VBA_USER)
+
+    def same(self, a: Key, b: Key) -> bool:
+        """Whether two keys (or parts of keys) name the same row, as this dialect compares."""
+        return self.fold(a) == self.fold(b)
+
+    def text_order(self, text: str) -> str:
+        """The sort key of a string field: strict sorts as SQL Server's collation."""
+        return collate_text(text) if self.strict else text
+
+    def parse(self, model: type[W], payload: dict[str, Any]) -> W:
+        """A row from a write's body: lax rounds amounts to cents, strict keeps every digit."""
+        row = model.from_vba(payload)
+        return keep_digits(row, payload) if self.strict else row
+
+    def ident(self, model: type[Record], values: Sequence[Any]) -> list[dict[str, Any]]:
+        """A 207 item's ``id``: the key's names as ``id_spelling`` says, with ``values``."""
+        camel = self.config.id_spelling == "camel"
+        names = (CAMEL[f] if camel else f for f in model.KEY)
+        return [{"key": n, "value": v} for n, v in zip(names, values, strict=True)]
 
     def chance(self, share: float) -> bool:
         """True with probability ``share`` (seeded when the config says so)."""
@@ -199,7 +239,9 @@ class Sandbox:
         if not h.get("user-agent", "").strip():
             return JSONResponse({"message": "Forbidden"}, status_code=403)
         if not h.get("x-api-key"):
-            return JSONResponse({"message": "Unauthorized"}, status_code=401)
+            # API Gateway answers 403 to a missing key too; lax keeps the 401 our client knew.
+            status, message = (403, "Forbidden") if self.strict else (401, "Unauthorized")
+            return JSONResponse({"message": message}, status_code=status)
         if h["x-api-key"] != self.config.api_key:
             return JSONResponse({"message": "Forbidden"}, status_code=403)
         wait = self.bucket.take()
@@ -220,6 +262,13 @@ class Sandbox:
         if expires_at <= time.time():
             return problem(401, "Unauthorized", "The token has expired")
         return None
+
+    def negotiate(self, request: Request, media_type: str) -> Response | None:
+        """Strict: 406 when an Accept header admits neither ``media_type`` nor ``*/*``."""
+        if not self.strict or acceptable(request.headers.get("accept"), media_type):
+            return None
+        detail = f"The Accept header admits neither {media_type} nor */*"
+        return problem(406, "Not Acceptable", detail)
 
     async def inject(self) -> Response | None:
         """The configured faults: latency, hangs, 429 storms, 5xx; None lets the call through."""
@@ -245,9 +294,11 @@ class Sandbox:
         Every answer is counted under the status the client got: a lost answer under 504, or
         under :data:`RESET` (0) when the connection was reset.
         """
+        media_type = "text/plain" if batch else "application/json"  # seed 000: a 207 is text
 
         async def endpoint(request: Request) -> Response:
-            response = self.gate(request, bearer) or await self.inject()
+            response = self.gate(request, bearer) or self.negotiate(request, media_type)
+            response = response or await self.inject()
             response = response or await handler(request, self)
             applied = batch and response.status_code == 207  # only a written batch loses it
             if applied and self.fires("lost_answers", self.faults.lost_answer_rate):

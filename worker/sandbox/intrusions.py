@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.buckets import VBA_FIELDS
 from models.vba import Money, SubscriberAccum
-from worker.sandbox.state import Key
+from worker.sandbox.dialect import Fold, Key, exact
 
 After = Literal["list", "batch"]
 _ROW = SubscriberAccum.model_fields  # the key fields' rules (lengths) are the row's own
@@ -51,18 +51,26 @@ class Intrusion(BaseModel):
             raise ValueError(f"unknown amount fields: {sorted(unknown)}")
         return deltas
 
+    @property
+    def pair(self) -> Key:
+        """The (subscriber, group) whose calls set it off."""
+        return (self.subscriber_ID, self.group_ID)
+
     def rows(self, touched: list[Key]) -> list[Key]:
         """The row keys it adds to: its own ``keys``, or those the call ``touched``."""
         if self.keys is None:
             return touched
-        pair = (self.subscriber_ID, self.group_ID)
-        return [(*pair, k.plan_Year, k.plan_Type, k.benefit_Code) for k in self.keys]
+        return [(*self.pair, k.plan_Year, k.plan_Type, k.benefit_Code) for k in self.keys]
 
 
 class Intrusions:
-    """Pending intrusions by id; in memory only (a reset or a restart forgets them)."""
+    """Pending intrusions by id; in memory only (a reset or a restart forgets them).
 
-    def __init__(self) -> None:
+    ``fold`` is how a call's pair compares with an intrusion's (see State).
+    """
+
+    def __init__(self, fold: Fold = exact) -> None:
+        self.fold = fold
         self.pending: dict[int, Intrusion] = {}
         self.last_id = 0
 
@@ -80,7 +88,7 @@ class Intrusions:
         """The intrusions this call sets off; each matching call spends a skip, else a time."""
         fired = []
         for ident, intrusion in list(self.pending.items()):
-            if (intrusion.after, intrusion.subscriber_ID, intrusion.group_ID) != (after, *pair):
+            if intrusion.after != after or self.fold(intrusion.pair) != self.fold(pair):
                 continue
             if intrusion.skip > 0:
                 intrusion.skip -= 1

@@ -8,7 +8,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from pydantic import ValidationError
@@ -17,6 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from models.vba import PlanAccumulator, Record, SubscriberAccum, loads
+from worker.sandbox.binding import refusal
+from worker.sandbox.dialect import negatives
 from worker.sandbox.emulator import Sandbox, envelope, problem
 from worker.sandbox.state import Key
 
@@ -26,6 +28,7 @@ ACCUMS = "/subscribers/{subscriberID}/groups/{groupID}/accumulators"
 ROW = ACCUMS + "/{planYear}/{planType}/{benefitCode}"
 PLANS_BATCH = "/plans/{planID}/accumulators-batch"
 SAVE_FAILED: Final = (500, "An error occurred while saving the entity")
+INVALID: Final = "One or more validation errors occurred."
 
 
 def describe(error: ValidationError) -> str:
@@ -85,32 +88,41 @@ def _issue(sb: Sandbox, refresh_token: str | None) -> Response:
 
 async def create(request: Request, sb: Sandbox) -> Response:
     """POST .../accumulators: a new row; 409 when the key exists."""
-    row = await _record(request, SubscriberAccum)
+    row = await _record(request, sb, SubscriberAccum)
     if isinstance(row, Response):
         return row
-    if (row.subscriber_ID, row.group_ID) != _pair(request):
+    if not sb.same((row.subscriber_ID, row.group_ID), _pair(request)):
         return problem(400, "Bad Request", "subscriber_ID and group_ID must match the path")
-    if row.key in sb.state.subscriber:
+    if sb.state.get(SubscriberAccum, row.key) is not None:
         return problem(409, "Conflict", "The SubscriberAccum already exists")
     row = sb.put(row, "accumulators.create", call=request)
     return envelope(row.to_wire())
 
 
-async def _record(request: Request, model: type[W]) -> W | Response:
+async def _record(request: Request, sb: Sandbox, model: type[W]) -> W | Response:
+    """The body of a create or update as a row, or the 400 that refuses it."""
     try:
         payload = await body_of(request)
     except ValueError:
         return problem(400, "Bad Request", "The body is not JSON")
     if not isinstance(payload, dict):
         return problem(400, "Bad Request", "The body must be an object")
+    if sb.strict and (refused := refusal(await request.body(), model)):
+        return refused
     try:
-        return model.from_vba(payload)
+        row = sb.parse(model, payload)
     except ValidationError as exc:
-        return problem(400, "One or more validation errors occurred.", describe(exc))
+        return problem(400, INVALID, describe(exc))
+    if sb.strict and (below := negatives(row)):
+        return problem(400, INVALID, "; ".join(below))
+    return row
 
 
 async def list_rows(request: Request, sb: Sandbox) -> Response:
-    """GET .../accumulators: page, pageSize, sortBy; X-Pagination header."""
+    """GET .../accumulators: page, pageSize, sortBy; X-Pagination header.
+
+    Strict: 404 for a subscriber without any row, and without sortBy the order is random.
+    """
     q = request.query_params
     try:
         page, size = int(q.get("page", "1")), int(q.get("pageSize", "100"))
@@ -124,8 +136,13 @@ async def list_rows(request: Request, sb: Sandbox) -> Response:
         return problem(status, "Injected failure", f"sandbox list fault {status}")
     if wait := sb.list_wait():
         await asyncio.sleep(wait)  # the rows are read after it: a late answer sees newer writes
-    rows = [r for k, r in sorted(sb.state.subscriber.items()) if k[:2] == _pair(request)]
-    shown = sort_rows(rows, specs)[(page - 1) * size : page * size]
+    pair = sb.fold(_pair(request))
+    rows = [r for k, r in sorted(sb.state.subscriber.items()) if k[:2] == pair]
+    if sb.strict and not rows and all(k[0] != pair[0] for k in sb.state.subscriber):
+        return problem(404, "Not Found", "Subscriber not found")
+    if sb.strict and not specs:
+        sb.order_rng.shuffle(rows)  # SQL Server promises no order without ORDER BY
+    shown = sort_rows(rows, specs, sb.text_order)[(page - 1) * size : page * size]
     pages = math.ceil(len(rows) / size)
     info = {"TotalCount": len(rows), "TotalPages": pages, "CurrentPage": page, "PageSize": size}
     answer = envelope([r.to_wire() for r in shown], headers={"X-Pagination": json.dumps(info)})
@@ -150,16 +167,26 @@ def sort_specs(sort_by: str) -> list[tuple[str, bool]]:
     return specs
 
 
-def sort_rows(rows: list[SubscriberAccum], specs: list[tuple[str, bool]]) -> list[SubscriberAccum]:
-    """Sort in place by :func:`sort_specs`' pairs and return the list."""
-    for field, desc in reversed(specs):  # stable sorts, last key first
-        rows.sort(key=_by(field), reverse=desc)
+def sort_rows(
+    rows: list[SubscriberAccum],
+    specs: list[tuple[str, bool]],
+    text: Callable[[str], str] = str,
+) -> list[SubscriberAccum]:
+    """Sort in place by :func:`sort_specs`' pairs and return the list.
+
+    Stable sorts, so ties keep the order ``rows`` came in (the callers': key order). ``text``
+    is how a string sorts (strict: as SQL Server's collation).
+    """
+    for field, desc in reversed(specs):  # last key first
+        rows.sort(key=_by(field, text), reverse=desc)
     return rows
 
 
-def _by(field: str) -> Callable[[SubscriberAccum], tuple[bool, Any]]:
+def _by(field: str, text: Callable[[str], str]) -> Callable[[SubscriberAccum], tuple[bool, Any]]:
     def key(row: SubscriberAccum) -> tuple[bool, Any]:
         value = getattr(row, field)
+        if isinstance(value, str):
+            value = text(value)
         return (value is None, "" if value is None else value)
 
     return key
@@ -167,18 +194,18 @@ def _by(field: str) -> Callable[[SubscriberAccum], tuple[bool, Any]]:
 
 async def get_row(request: Request, sb: Sandbox) -> Response:
     """GET .../accumulators/{planYear}/{planType}/{benefitCode}; 404 if absent."""
-    row = sb.state.subscriber.get(_row_key(request))
+    row = sb.state.get(SubscriberAccum, _row_key(request))
     return envelope(row.to_wire()) if row else problem(404, "Not Found", "No such SubscriberAccum")
 
 
 async def update_row(request: Request, sb: Sandbox) -> Response:
     """PUT .../accumulators/{planYear}/{planType}/{benefitCode}: the full record; 404 if absent."""
-    row = await _record(request, SubscriberAccum)
+    row = await _record(request, sb, SubscriberAccum)
     if isinstance(row, Response):
         return row
-    if row.key != _row_key(request):
+    if not sb.same(row.key, _row_key(request)):
         return problem(400, "Bad Request", "The record's key must match the path")
-    previous = sb.state.subscriber.get(row.key)
+    previous = sb.state.get(SubscriberAccum, row.key)
     if previous is None:
         return problem(404, "Not Found", "No such SubscriberAccum")
     row = sb.put(row, "accumulators.update", call=request)
@@ -219,6 +246,8 @@ async def _batch(
         return problem(400, "Bad Request", "The body is not JSON")
     if not isinstance(payload, list):
         return problem(400, "Bad Request", "The body must be an array")
+    if sb.strict and (refused := refusal(await request.body(), model)):
+        return refused
     return [_upsert(request, sb, model, raw, path) for raw in payload]
 
 
@@ -231,24 +260,35 @@ def _multi_status(sb: Sandbox, items: list[Item], activity_key: str) -> Response
 
 
 def _upsert(request: Request, sb: Sandbox, model: type[W], raw: Any, path: dict[str, str]) -> Item:
-    """One 207 item: 200 Updated, 201 Created, 400 invalid, or an injected 500."""
+    """One 207 item: 200 Updated, 201 Created, 400 invalid, or an injected 500.
+
+    A written item's id echoes the stored row's key (strict: its first writer's spelling).
+    """
     fields = raw if isinstance(raw, dict) else {}
-    ident = [{"key": f, "value": fields.get(f)} for f in model.KEY]
+    sent = [fields.get(f) for f in model.KEY]
     try:
-        row = model.from_vba(fields)
+        row = sb.parse(model, fields)
     except ValidationError as exc:
-        return {"id": ident, "status": 400, "body": describe(exc)}, None
-    if any(getattr(row, f) != v for f, v in path.items()):
-        return {"id": ident, "status": 400, "body": "The record's ids must match the path"}, None
+        return _item(sb, model, sent, 400, describe(exc)), None
+    if sb.strict and (below := negatives(row)):
+        return _item(sb, model, sent, 400, "; ".join(below)), None
+    if not sb.same(tuple(getattr(row, f) for f in path), tuple(path.values())):
+        return _item(sb, model, sent, 400, "The record's ids must match the path"), None
     if sb.chance(sb.faults.item_error_rate):
-        return {"id": ident, "status": SAVE_FAILED[0], "body": SAVE_FAILED[1]}, None
-    previous = sb.state.table(model).get(row.key)
+        return _item(sb, model, sent, *SAVE_FAILED), None
+    previous = sb.state.get(model, row.key)
     status, body = (200, "Updated") if previous else (201, "Created")
     if sb.fires("item_written_errors", sb.faults.item_written_error_rate):
         status, body = SAVE_FAILED  # saved all the same: VBA failed only to say so
     op = "plans.batch" if model is PlanAccumulator else "accumulators.batch"
-    sb.put(row, op, status=status, call=request)
-    return {"id": ident, "status": status, "body": body}, row.key
+    row = sb.put(row, op, status=status, call=request)
+    return _item(sb, model, row.key, status, body), row.key
+
+
+def _item(
+    sb: Sandbox, model: type[Record], values: Sequence[Any], status: int, body: str
+) -> dict[str, Any]:
+    return {"id": sb.ident(model, values), "status": status, "body": body}
 
 
 def vba_routes(sb: Sandbox) -> list[Route]:

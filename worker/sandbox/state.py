@@ -6,12 +6,14 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
-from models.vba import PlanAccumulator, Record, SubscriberAccum, dumps, loads
+from models.vba import PlanAccumulator, Record, SubscriberAccum, loads
+from worker.sandbox.dialect import FROM_VBA, Fold, Key, dumps, exact, keep_digits
 
 Kind = Literal["subscriber", "plan"]
-Key = tuple[str, ...]
+W = TypeVar("W", bound=Record)
+__all__ = ["Key", "State"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rows (kind TEXT, key TEXT, body TEXT, PRIMARY KEY (kind, key));
@@ -20,9 +22,14 @@ CREATE TABLE IF NOT EXISTS tokens (token TEXT PRIMARY KEY, kind TEXT, expires_at
 
 
 class State:
-    """Rows by key and tokens by value; every change is mirrored to the SQLite file if any."""
+    """Rows by key and tokens by value; every change is mirrored to the SQLite file if any.
 
-    def __init__(self, path: Path | None = None) -> None:
+    The rows are filed under ``fold(key)``: the key as it compares (exactly in lax; as SQL
+    Server's collation in strict), while each row keeps the spelling it was created with.
+    """
+
+    def __init__(self, path: Path | None = None, fold: Fold = exact) -> None:
+        self.fold = fold
         self.subscriber: dict[Key, SubscriberAccum] = {}
         self.plans: dict[Key, PlanAccumulator] = {}
         self.id_tokens: dict[str, float] = {}  # id token -> expires at (epoch seconds)
@@ -34,12 +41,10 @@ class State:
 
     def _load(self, db: sqlite3.Connection) -> None:
         for kind, body in db.execute("SELECT kind, body FROM rows"):
-            if kind == "subscriber":
-                row = SubscriberAccum.model_validate(loads(body))
-                self.subscriber[row.key] = row
-            else:
-                plan = PlanAccumulator.model_validate(loads(body))
-                self.plans[plan.key] = plan
+            model = SubscriberAccum if kind == "subscriber" else PlanAccumulator
+            payload = loads(body)
+            row = keep_digits(model.model_validate(payload, context=FROM_VBA), payload)
+            self.table(model)[self.fold(row.key)] = row
         for token, kind, expires_at, owner in db.execute("SELECT * FROM tokens"):
             if kind == "id":
                 self.id_tokens[token] = expires_at
@@ -52,25 +57,31 @@ class State:
                 self.db.execute(sql, args)
 
     def table(self, model: type[Record]) -> dict[Key, Record]:
-        """The rows of one model, by key (read-only use)."""
+        """The rows of one model, by folded key."""
         rows: dict[Key, Any] = self.subscriber if model is SubscriberAccum else self.plans
         return rows
 
+    def get(self, model: type[W], key: Key) -> W | None:
+        """The row of ``model`` whose key compares equal to ``key``, if any."""
+        return cast(W | None, self.table(model).get(self.fold(key)))
+
     def put(self, row: Record) -> None:
         """Insert or replace a row."""
+        key = self.fold(row.key)
         if isinstance(row, SubscriberAccum):
             kind: Kind = "subscriber"
-            self.subscriber[row.key] = row
+            self.subscriber[key] = row
         elif isinstance(row, PlanAccumulator):
             kind = "plan"
-            self.plans[row.key] = row
+            self.plans[key] = row
         else:
             raise TypeError(f"not a VBA row: {type(row).__name__}")
         sql = "INSERT OR REPLACE INTO rows VALUES (?, ?, ?)"
-        self._write(sql, kind, json.dumps(row.key), dumps(row.to_wire()))
+        self._write(sql, kind, json.dumps(key), dumps(row.to_wire()))
 
     def delete(self, key: Key) -> bool:
-        """Remove a subscriber row; False when there was none."""
+        """Remove the subscriber row ``key`` compares equal to; False when there was none."""
+        key = self.fold(key)
         if self.subscriber.pop(key, None) is None:
             return False
         self._write("DELETE FROM rows WHERE kind = 'subscriber' AND key = ?", json.dumps(key))
@@ -100,6 +111,6 @@ class State:
         self._write("DELETE FROM tokens")
 
     def rows(self) -> Iterator[Record]:
-        """Every row, subscriber accumulators first, in key order."""
+        """Every row, subscriber accumulators first, in (folded) key order."""
         yield from (self.subscriber[k] for k in sorted(self.subscriber))
         yield from (self.plans[k] for k in sorted(self.plans))

@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from models.vba import dumps, loads
+from models.vba import loads
 from worker.sandbox import config as c
+from worker.sandbox.dialect import dumps
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,10 @@ def _flag(name: str, value: Any) -> list[str]:
 
 
 class SandboxAdmin:
-    """The /_admin/ API of one sandbox; amounts come back as Decimal."""
+    """The /_admin/ API of one sandbox; amounts come back as Decimal.
+
+    Amounts go out with every digit given (a strict sandbox keeps more than 2; lax refuses them).
+    """
 
     def __init__(self, url: str, token: str | None = None) -> None:
         headers = {"x-admin-token": token} if token else {}

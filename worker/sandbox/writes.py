@@ -12,6 +12,7 @@ from typing import Any, Final, TypeVar
 
 from models.buckets import VBA_FIELDS
 from models.vba import Record, SubscriberAccum
+from worker.sandbox.dialect import FROM_VBA, keep_digits
 
 W = TypeVar("W", bound=Record)
 
@@ -31,15 +32,23 @@ def stamp(row: W, previous: Record | None, user: str) -> W:
 
 
 def with_deltas(
-    current: SubscriberAccum | None, key: Mapping[str, Any], deltas: Mapping[str, Any]
+    current: SubscriberAccum | None,
+    key: Mapping[str, Any],
+    deltas: Mapping[str, Any],
+    exact: bool = False,
 ) -> SubscriberAccum:
-    """``current`` (absent: the row of ``key`` at zero) plus ``deltas``; ValueError if invalid."""
+    """``current`` (absent: the row of ``key`` at zero) plus ``deltas``; ValueError if invalid.
+
+    ``exact`` (strict) keeps every digit of the sums; otherwise they must be cents.
+    """
     unknown = set(deltas) - set(VBA_FIELDS)
     if unknown:
         raise ValueError(f"unknown amount fields: {sorted(unknown)}")
     base = current.to_wire() if current else dict(key) | dict.fromkeys(VBA_FIELDS, Decimal(0))
     updated = base | {f: Decimal(base[f]) + Decimal(str(d)) for f, d in deltas.items()}
-    return SubscriberAccum.model_validate(updated)
+    if not exact:
+        return SubscriberAccum.model_validate(updated)
+    return keep_digits(SubscriberAccum.model_validate(updated, context=FROM_VBA), updated)
 
 
 @dataclass
