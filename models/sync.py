@@ -220,8 +220,6 @@ def after_send(
         return replace(done, confirmed=(item.ours, item.seq))
     if fate is Fate.REFUSED:
         return replace(done, act=Act.REFUSE, kind=Kind.REFUSED, reason=reason)
-    if not counted and (fate is Fate.NOT_SENT or ownership == "exclusive"):
-        return replace(done, act=Act.RETRY, reason=reason, counted=False)
     if fate is Fate.UNKNOWN and ownership == "shared":
         if remote is None:
             return replace(done, act=Act.WAIT, keep_intent=True, reason=reason)
@@ -231,6 +229,8 @@ def after_send(
         if verdict is Verdict.AMBIGUOUS:
             return ambiguous(item, intent, remote, sent.pushed)
     # Not written (or, exclusive, an absolute resend is safe whatever happened): again later.
+    if not counted:
+        return replace(done, act=Act.RETRY, reason=reason, counted=False)
     if item.attempts + 1 >= max_attempts:
         why = f"gave up after {item.attempts + 1} attempts: {reason}"
         return replace(done, act=Act.REFUSE, kind=Kind.GAVE_UP, reason=why)

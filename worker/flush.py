@@ -126,11 +126,22 @@ class Call:
             return True
         return isinstance(self.error, VbaRejected) and self.error.status in (401, 403)
 
+    @property
+    def finished(self) -> bool:
+        """VBA's side is done with the request (it answered), so its rows tell what happened."""
+        return call_finished(self.result, self.error)
+
     def unwritten(self) -> list[Plan]:
         """What is still to write once the call is over: its outcomes, and the other decisions
         too when the request never got as far as recording them."""
         others = [] if self.recorded else [p for p in self.plans if p.act is not Act.SEND]
         return others + self.outcomes
+
+
+def call_finished(result: BatchResult | None, error: VbaError | None) -> bool:
+    if result is not None:
+        return True
+    return isinstance(error, VbaUnavailable) and not error.may_still_land
 
 
 class Lease:
@@ -372,9 +383,9 @@ class Flush:
         sending = [p for p in call.plans if p.act is Act.SEND]
         fates = [self._fate(call, p) for p in sending]
         remote = None
-        if self._mode == "shared" and call.result is not None and Fate.UNKNOWN in fates:
+        if self._mode == "shared" and Fate.UNKNOWN in fates and call.finished:
             try:
-                remote = self._read(then_put=False)  # VBA answered: its rows are final
+                remote = self._read(then_put=False)  # VBA is done: its rows are final
             except (VbaError, ValidationError) as exc:
                 log.warning("flush.settle_read_failed", pair=self.pair_id, error=type(exc).__name__)
         pairs = zip(sending, fates, strict=True)

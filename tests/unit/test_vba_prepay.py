@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from tests.unit.vba_fake import FakeVba, record, vba_json
+from worker.vba import VbaUnavailable
 from worker.vba.ratelimit import LocalBucket
 
 
@@ -67,5 +69,17 @@ def test_a_new_prepay_drops_tokens_left_unspent() -> None:
     list(client.iter_accumulators("123456789", "GRP1"))  # no PUT follows
     client.prepay(2)
     list(client.iter_accumulators("123456789", "GRP1"))
-    assert len(bucket.log) == 4
-    assert len(client._prepaid()) == 1  # only the second flush's PUT token is outstanding
+    assert len(bucket.log) == 4  # each flush took its own two: none was spent late
+
+
+def test_a_paused_fleet_takes_no_token() -> None:
+    """While the breaker pauses every call, a flush's read takes no token, nor its PUT's: the
+    bucket is not drained into the future by calls that never leave."""
+    bucket = LoggedBucket()
+    client = FakeVba().client()
+    client.limiter = client.auth.limiter = bucket
+    client.breaker.failed(retry_after=60)
+    client.prepay(2)
+    with pytest.raises(VbaUnavailable):
+        list(client.iter_accumulators("123456789", "GRP1"))
+    assert bucket.log == []

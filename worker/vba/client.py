@@ -102,30 +102,32 @@ class VbaClient:
         return RedisBreaker(self.redis, rate_key(s).removesuffix(":rate"), *args, probe_ttl)
 
     def prepay(self, calls: int) -> None:
-        """Take rate-limit tokens now for this thread's next ``calls`` requests; each then
-        waits only until its own token is due. A shared-mode flush takes its read's and its
-        PUT's together, so after the read the PUT does not queue behind other processes'
-        calls: the read-to-write window (a VBA write landing in it is overwritten) stays short.
+        """This thread's next request takes its rate-limit token together with the tokens of
+        the ``calls - 1`` requests after it; each of those then waits only until its own token
+        is due. A shared-mode flush takes its read's and its PUT's together, so after the read
+        the PUT does not queue behind other processes' calls: the read-to-write window (a VBA
+        write landing in it is overwritten) stays short. The tokens are taken only when the
+        read really leaves (past the breaker), so a paused fleet wastes none.
         """
-        due = self._prepaid()
-        due.clear()  # a token an earlier flush left unspent is dropped, never spent late
-        now = time.monotonic()
-        due.extend(now + self.limiter.reserve() for _ in range(calls))
-
-    def _prepaid(self) -> deque[float]:
-        due: deque[float] = self._local.__dict__.setdefault("due", deque())
-        return due
+        local = self._local.__dict__
+        local["due"] = deque()  # a token an earlier flush left unspent is dropped, never spent
+        local["extra"] = calls - 1
 
     def _take_token(self) -> None:
-        """This request's token: a prepaid one (waiting until it is due), else a new one. A
-        prepaid token left unused for long is dropped: spending it now could exceed the rate."""
-        due = self._prepaid()
+        """This request's token: a prepaid one (waiting until it is due), else a new one, with
+        the tokens :meth:`prepay` asked to take along. A prepaid token left unused for long is
+        dropped: spending it late could exceed the rate."""
+        local = self._local.__dict__
+        due: deque[float] = local.setdefault("due", deque())
         while due:
             late = time.monotonic() - due.popleft()
             if late <= STALE_PREPAID:
                 if late < 0:
                     time.sleep(-late)
                 return
+        extra, local["extra"] = local.get("extra", 0), 0
+        now = time.monotonic()
+        due.extend(now + self.limiter.reserve() for _ in range(extra))
         self.limiter.acquire()
 
     def paused(self) -> float:

@@ -5,7 +5,8 @@
     VbaError                  anything the VBA client raises
     ├── VbaUnavailable        retry later: 408, 429, 500, 502, 503, 504, transport errors,
     │                         timeouts; ``retry_after`` from Retry-After (seconds or HTTP date);
-    │                         ``may_have_landed``: whether a write could have taken effect
+    │                         ``may_have_landed``: whether a write could have taken effect;
+    │                         ``may_still_land``: whether it could still be taking effect
     └── VbaRejected           do not retry: any other non-2xx (status, title, detail, activity_id)
         └── VbaAuthError      login refused, or a 401 after the one token refresh
 """
@@ -23,7 +24,9 @@ from models.vba import Envelope, ProblemDetails, loads
 
 RETRYABLE: Final = frozenset({408, 429, 500, 502, 503, 504})
 #: Answered before the request reached VBA's handler: nothing was written.
-NOT_PROCESSED: Final = frozenset({408, 429})
+NOT_PROCESSED: Final = frozenset({408, 429, 503})
+#: Answered by VBA's side once it was done with the request (an error inside it).
+FINISHED: Final = frozenset({500, 502})
 #: Never honour a Retry-After longer than this (seconds); the caller's backoff caps it too.
 RETRY_AFTER_CAP: Final = 900.0
 
@@ -41,8 +44,11 @@ class VbaUnavailable(VbaError):
     """VBA did not answer this time; try again after ``retry_after`` seconds (if it said).
 
     ``may_have_landed`` is False only when the request surely never reached VBA's handler
-    (refused connection, a 429 or 408, a paused breaker): a timeout, a broken connection or a
-    5xx may come after VBA wrote, so a write's outcome is then unknown until it is settled.
+    (refused connection, a 408, 429 or 503, a paused breaker): a timeout, a broken connection
+    or a 500/502/504 may come after VBA wrote, so a write's outcome is then unknown until it
+    is settled. ``may_still_land`` is False when VBA's side finished with the request (it
+    answered 500 or 502), so reading VBA's row at once tells what happened; after a timeout,
+    a broken connection or a gateway's 504 the handler may still be running.
     """
 
     def __init__(
@@ -53,10 +59,12 @@ class VbaUnavailable(VbaError):
         status: int | None = None,
         activity_id: str | None = None,
         may_have_landed: bool = True,
+        may_still_land: bool = True,
     ) -> None:
         super().__init__(message, status=status, activity_id=activity_id)
         self.retry_after = retry_after
         self.may_have_landed = may_have_landed
+        self.may_still_land = may_have_landed and may_still_land
 
 
 class VbaRejected(VbaError):
@@ -132,6 +140,7 @@ def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
             status=status,
             activity_id=aid,
             may_have_landed=status not in NOT_PROCESSED,
+            may_still_land=status not in FINISHED,
         )
     problem = envelope.error or ProblemDetails()
     return VbaRejected(status, problem.title or _gateway_message(response), problem.detail, aid)
