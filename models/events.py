@@ -55,16 +55,20 @@ PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
 """No control characters: Postgres refuses NUL in text, and none belongs in an id or a code."""
 
 
-def _text(max_length: int) -> StringConstraints:
-    return StringConstraints(strict=True, min_length=1, max_length=max_length, pattern=PRINTABLE)
+KEY_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ][^\x00-\x1f\x7f]*$"
+"""A key value: printable as above, and not only spaces (VBA ignores trailing spaces)."""
+
+
+def _text(max_length: int, pattern: str = PRINTABLE) -> StringConstraints:
+    return StringConstraints(strict=True, min_length=1, max_length=max_length, pattern=pattern)
 
 
 Str2 = Annotated[str, _text(2)]
-Str6 = Annotated[str, _text(6)]
-Str8 = Annotated[str, _text(8)]
-Str9 = Annotated[str, _text(9)]
-Str10 = Annotated[str, _text(10)]
-Str20 = Annotated[str, _text(20)]
+Key6 = Annotated[str, _text(6, KEY_PRINTABLE)]
+Key8 = Annotated[str, _text(8, KEY_PRINTABLE)]
+Key9 = Annotated[str, _text(9, KEY_PRINTABLE)]
+Key10 = Annotated[str, _text(10, KEY_PRINTABLE)]
+Key20 = Annotated[str, _text(20, KEY_PRINTABLE)]
 Str64 = Annotated[str, _text(64)]
 Str128 = Annotated[str, _text(128)]
 
@@ -99,11 +103,11 @@ class ClaimEvent(BaseModel):
     claim_id: Str64
     version: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
     status: Literal["adjudicated", "reversed"]
-    subscriber_id: Str9
-    group_id: Str20
-    plan_year: Str8
-    plan_type: Str6
-    benefit_code: Str10
+    subscriber_id: Key9
+    group_id: Key20
+    plan_year: Key8
+    plan_type: Key6
+    benefit_code: Key10
     network: Network
     member_seq: Str2 | None = None
     service_date: date | None = None
@@ -112,13 +116,14 @@ class ClaimEvent(BaseModel):
 
     @property
     def key(self) -> AccumKey:
-        """The VBA accumulator this version's money lands in."""
+        """The VBA accumulator this version's money lands in, in canonical form (:func:`canon`):
+        keys that VBA's collation takes as one row are one ledger key."""
         return (
-            self.subscriber_id,
-            self.group_id,
-            self.plan_year,
-            self.plan_type,
-            self.benefit_code,
+            canon(self.subscriber_id),
+            canon(self.group_id),
+            canon(self.plan_year),
+            canon(self.plan_type),
+            canon(self.benefit_code),
         )
 
     def content_hash(self) -> str:
@@ -135,6 +140,16 @@ class ClaimEvent(BaseModel):
 
 AccumKey = tuple[str, str, str, str, str]
 """(subscriber_id, group_id, plan_year, plan_type, benefit_code): one VBA SubscriberAccum row."""
+
+KEY_FIELDS: Final = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
+_ASCII_UPPER: Final = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def canon(value: str) -> str:
+    """A key value as VBA's SQL Server collation compares it (case-insensitive, trailing spaces
+    ignored): trailing spaces removed, ASCII letters upper-cased. Other letters are left as
+    they are (upper-casing them can change a value's length, ``ß`` -> ``SS``)."""
+    return value.rstrip(" ").translate(_ASCII_UPPER)
 
 
 def describe(error: ValidationError) -> str:
@@ -157,7 +172,12 @@ def _rule(e: Any) -> str:
         "greater_than_equal": f"must be >= {ctx.get('ge')}",
         "less_than_equal": f"must be <= {ctx.get('le')}",
         "literal_error": f"must be one of {ctx.get('expected')}",
-        "string_pattern_mismatch": "must not contain control characters (U+0000-U+001F, U+007F)",
+        "string_pattern_mismatch": _pattern_rule(ctx.get("pattern")),
         "timezone_aware": "must carry a UTC offset (RFC 3339: ...Z or ...+HH:MM)",
     }
     return rules.get(kind, str(e["msg"]))
+
+
+def _pattern_rule(pattern: str | None) -> str:
+    rule = "must not contain control characters (U+0000-U+001F, U+007F)"
+    return rule + " nor be only spaces" if pattern == KEY_PRINTABLE else rule

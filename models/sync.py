@@ -128,6 +128,7 @@ class Kind(StrEnum):
     NEGATIVE = "negative"
     GAVE_UP = "gave_up"
     UNSENDABLE = "unsendable"
+    UNREADABLE = "unreadable"
 
 
 HOLDS = frozenset({Kind.AMBIGUOUS, Kind.BELOW_SHARE})
@@ -148,6 +149,8 @@ class Plan:
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
     keep_intent: bool = False
+    activity_id: str | None = None
+    """VBA's activityId of the answer this decision came from (VBA support asks for it)."""
     counted: bool = True
     """A RETRY that spends one of the key's attempts (a whole-call outage backs the pair off
     instead, and spends none)."""

@@ -83,6 +83,14 @@ class Record(Wire):
     """A VBA row: its key fields and VBA's audit columns."""
 
     KEY: ClassVar[tuple[str, ...]] = ()
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()
+    """Fields the seed types "or null": the only ones a request may carry as null."""
+
+    def to_request(self) -> dict[str, Any]:
+        """What we send: the fields that were set, never a null the seed does not allow (a .NET
+        model binder refuses the whole request for one: ``entry_Date`` is ``<date-time>``)."""
+        body = self.model_dump(mode="python", exclude_unset=True)
+        return {k: v for k, v in body.items() if v is not None or k in self.NULLABLE}
 
     entry_Date: datetime | None = None
     entry_User: str | None = None
@@ -97,6 +105,7 @@ class Record(Wire):
 
 class _SubscriberAccumBase(Record):
     KEY = SUBSCRIBER_KEY
+    NULLABLE = frozenset({"added_Accum", "entry_User", "update_User"})
 
     subscriber_ID: str = Field(min_length=1, max_length=9)
     group_ID: str = Field(min_length=1, max_length=20)
@@ -114,6 +123,7 @@ class _SubscriberAccumBase(Record):
 
 class _PlanAccumulatorBase(Record):
     KEY = PLAN_KEY
+    NULLABLE = frozenset({*PLAN_LIMIT_FIELDS, "entry_User", "update_User"})
 
     plan_ID: str = Field(min_length=1)
     accum_Name: str = Field(min_length=1)
@@ -145,6 +155,54 @@ else:
         __doc__="A plan's Added Accumulator definition (seed 000).",
         **_LIMITS,
     )
+
+
+class RemoteAccum(BaseModel):
+    """A SubscriberAccum as VBA lists it, read leniently: the flush must not wedge on one odd
+    row. Unknown fields are ignored, strings may be longer than the write model allows, a null
+    amount reads as 0; an amount that is not a number fails the row (its key is then known but
+    its money is not)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    subscriber_ID: str
+    group_ID: str
+    plan_Year: str
+    plan_Type: str
+    benefit_Code: str
+    added_Accum: str | None = None
+    money: dict[str, Decimal] = Field(default_factory=dict)
+
+    @classmethod
+    def from_vba(cls, payload: Mapping[str, Any]) -> Self:
+        """Parse one listed row; ValueError (naming the field) when its money can't be read."""
+        money = {f: _lenient_amount(f, payload.get(f)) for f in VBA_FIELDS}
+        return cls.model_validate({**payload, "money": money})
+
+    def amounts(self) -> dict[str, Decimal]:
+        """The 30 amount fields, VBA name -> Decimal (every digit VBA sent)."""
+        return dict(self.money)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The key field values as VBA stored them, in :data:`SUBSCRIBER_KEY` order."""
+        return tuple(str(getattr(self, f)) for f in SUBSCRIBER_KEY)
+
+    def sub_cent(self) -> list[str]:
+        """Amount fields holding more than 2 decimals (cents are all a ledger of ours holds)."""
+        return [f for f, a in self.money.items() if a != a.quantize(CENT)]
+
+
+def _lenient_amount(field: str, value: Any) -> Decimal:
+    if value is None:
+        return Decimal(0)
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, bool) else None
+    except ArithmeticError:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise ValueError(f"{field}: not a number")
+    return amount
 
 
 class ProblemDetails(BaseModel):

@@ -7,6 +7,7 @@ VBA client already emits (worker/logs.py ``observe``), so the client needs no me
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -24,9 +25,9 @@ COUNTED = {
 }
 #: log events whose ``status`` field is counted as ``vba_<status>`` when it is one of these.
 STATUS_EVENTS = ("vba.call_failed", "vba.auth_unavailable", "vba.auth_refused")
-STATUSES_COUNTED = frozenset({401, 429})
+STATUSES_COUNTED = frozenset({401, 403, 429})
 
-NAMES = ("vba_token_refreshes", "vba_logins", "vba_429", "vba_401")
+NAMES = ("vba_token_refreshes", "vba_logins", "vba_429", "vba_401", "vba_403")
 
 
 def bump(name: str, n: int = 1) -> None:
@@ -46,6 +47,13 @@ def read(session: Session) -> dict[str, int]:
     for name, value in session.execute(select(T_COUNTER.c.name, T_COUNTER.c.value)):
         values[str(name)] = int(value)
     return values
+
+
+def last(session: Session, name: str) -> datetime | None:
+    """When counter ``name`` was last bumped (None: never)."""
+    query = select(T_COUNTER.c.updated_at).where(T_COUNTER.c.name == name)
+    found: datetime | None = session.execute(query).scalar()
+    return found
 
 
 def _count(event: str, fields: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from sqlalchemy import RowMapping, bindparam, func, or_, select, update
 from sqlmodel import Session
 
 from models.buckets import COLUMNS
+from models.events import canon
 from models.sync import (
     ZERO,
     Act,
@@ -55,22 +56,21 @@ from models.sync import (
     vba_of_cents,
 )
 from models.tables import PUSHED, FlushAttempt
-from models.vba import SubscriberAccum
+from models.vba import SUBSCRIBER_KEY, RemoteAccum, SubscriberAccum
 from worker import failpoints
 from worker.bulk import insert
 from worker.db import as_utc, db_after, db_now, session_scope
 from worker.logs import Log
 from worker.settings import Settings, get_settings
 from worker.store import KEY_COLS, T_ACCUM, T_PAIR, dead_letter
-from worker.vba import BatchResult, VbaClient, VbaError, VbaRejected, VbaUnavailable
+from worker.vba import BatchResult, VbaClient, VbaError, VbaUnavailable
+from worker.vba.errors import refuses_data
 
 log = Log("flush")
 T = TypeVar("T")
 T_ATTEMPT = FlushAttempt.__table__  # type: ignore[attr-defined]
-UPDATE_USER = "accumsync"
 SORT_BY = "plan_Year:asc,plan_Type:asc,benefit_Code:asc"
 """A stable list order, so paging can't skip a row that would then be taken as absent."""
-Remote = dict[tuple[str, ...], SubscriberAccum]
 
 
 class LeaseLost(Exception):
@@ -105,31 +105,34 @@ class Report:
 
 
 @dataclass
+class Exchange:
+    """One HTTP batch call of a chunk: how many records, and what came back."""
+
+    items: int
+    started: float
+    result: BatchResult | None = None
+    error: VbaError | None = None
+
+
+@dataclass
 class Call:
-    """One batch call: what went, what came back, and whether it may have written."""
+    """One chunk's batch PUT, split in halves when VBA refuses it as a whole: what went, what
+    came back for each record, and whether the pair must back off."""
 
     plans: list[Plan]
     records: list[SubscriberAccum]
     recorded: bool = False
     read_at: float | None = None
     read_to_put_ms: int | None = None
-    started: float = 0.0
-    result: BatchResult | None = None
-    error: VbaError | None = None
+    answers: dict[int, BatchResult | VbaError] = field(default_factory=dict)
+    exchanges: list[Exchange] = field(default_factory=list)
+    stop: VbaError | None = None
     outcomes: list[Plan] = field(default_factory=list)
 
     @property
-    def stops(self) -> bool:
-        """The call failed as a whole for a reason of VBA's or ours (not the records'): the
-        pair backs off. A whole-call refusal of the data (400, 404...) refuses its records."""
-        if isinstance(self.error, VbaUnavailable):
-            return True
-        return isinstance(self.error, VbaRejected) and self.error.status in (401, 403)
-
-    @property
-    def finished(self) -> bool:
-        """VBA's side is done with the request (it answered), so its rows tell what happened."""
-        return call_finished(self.result, self.error)
+    def sending(self) -> list[Plan]:
+        """The SEND decisions, in the order of ``records``."""
+        return [p for p in self.plans if p.act is Act.SEND]
 
     def unwritten(self) -> list[Plan]:
         """What is still to write once the call is over: its outcomes, and the other decisions
@@ -138,10 +141,33 @@ class Call:
         return others + self.outcomes
 
 
-def call_finished(result: BatchResult | None, error: VbaError | None) -> bool:
-    if result is not None:
+def stops(error: VbaError) -> bool:
+    """A whole-call failure of VBA's or ours (not of the records'): the pair backs off. A
+    refusal of the data (400, 404, 409, 422...) refuses records instead."""
+    return not refuses_data(error)
+
+
+def call_finished(answer: BatchResult | VbaError | None) -> bool:
+    """VBA's side is done with the request (it answered), so its rows tell what happened."""
+    if isinstance(answer, BatchResult):
         return True
-    return isinstance(error, VbaUnavailable) and not error.may_still_land
+    return isinstance(answer, VbaUnavailable) and not answer.may_still_land
+
+
+class Remote:
+    """VBA's rows of a pair by canonical key, and the keys whose row could not be read."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, ...], RemoteAccum] = {}
+        self.unreadable: dict[tuple[str, ...], str] = {}
+
+
+class Unattributable(Exception):
+    """VBA listed a row whose key can't be read: any key of ours could be that row."""
+
+
+def canonical(key: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(canon(v) for v in key)
 
 
 class Lease:
@@ -300,13 +326,14 @@ class Flush:
         if self.settings.ownership == "shared":
             try:
                 remote = self._read()
-            except (VbaError, ValidationError) as exc:
+            except (VbaError, Unattributable) as exc:
                 failed: Exception = exc
                 self._fenced(lambda s, now: self._back_off(s, now, failed))
                 return False
             read_at = time.perf_counter()
             yield "read"
-        call = Call(*self._sendable([plan(i, self._cents(i, remote), self._mode) for i in chunk]))
+        decided = [self._decide(i, remote) for i in chunk]
+        call = Call(*self._sendable(decided, remote))
         call.read_at = read_at
         if call.records:
             self._send(call)
@@ -315,51 +342,81 @@ class Flush:
             self._settle(call)
         self._fenced(lambda s, now: self._finish_chunk(s, now, call, last))
         self._tally(call)
-        return not call.stops
+        return call.stop is None
 
     @property
     def _mode(self) -> Any:
         return self.settings.ownership
 
     def _read(self, then_put: bool = True) -> Remote:
-        """VBA's rows for the pair, every page, in a stable order; the PUT's rate-limit token
-        is taken with the read's, so it leaves right after the read (client.prepay)."""
+        """VBA's rows for the pair, every page, in a stable order, by canonical key; the PUT's
+        rate-limit token is taken with the read's, so it leaves right after (client.prepay)."""
         self.vba.prepay(2 if then_put else 1)
-        rows = self.vba.iter_accumulators(self.subscriber_id, self.group_id, sort_by=SORT_BY)
-        return {r.key: r for r in rows}
+        remote = Remote()
+        for page in self.vba.pages(self.subscriber_id, self.group_id, sort_by=SORT_BY):
+            remote.rows |= {canonical(r.key): r for r in page.items}
+            for key, why in page.unreadable:
+                if key is None:
+                    raise Unattributable(f"VBA listed a row whose key can't be read: {why}")
+                remote.unreadable[canonical(key)] = why
+        return remote
+
+    def _decide(self, item: Item, remote: Remote | None) -> Plan:
+        """:func:`models.sync.plan` for the key, unless VBA's row for it can't be taken as it
+        is: then the key is refused (a dead letter) and the rest of the pair goes on."""
+        if remote is not None:
+            why = remote.unreadable.get(item.key)
+            row = remote.rows.get(item.key)
+            if why is None and row is not None and (fields := row.sub_cent()):
+                why = f"more than 2 decimals in {', '.join(fields)}: cents are all we keep"
+            if why is not None:
+                reason = f"VBA's row can't be read as it is ({why}); fix it in VBA, then replay"
+                return Plan(item, Act.REFUSE, kind=Kind.UNREADABLE, reason=reason)
+        return plan(item, self._cents(item, remote), self._mode)
 
     @staticmethod
     def _cents(item: Item, remote: Remote | None) -> Cents | None:
         if remote is None:
             return None
-        row = remote.get(item.key)
+        row = remote.rows.get(item.key)
         return cents_of_vba(row.amounts()) if row is not None else dict(ZERO)
 
-    def _sendable(self, plans: list[Plan]) -> tuple[list[Plan], list[SubscriberAccum]]:
+    def _sendable(
+        self, plans: list[Plan], remote: Remote | None
+    ) -> tuple[list[Plan], list[SubscriberAccum]]:
         """The wire record of each SEND; one that fails VBA's field rules is refused instead."""
         out, records = [], []
         for p in plans:
             if p.act is Act.SEND:
+                row = remote.rows.get(p.item.key) if remote is not None else None
                 try:
-                    records.append(self._record(p))
+                    records.append(self._record(p, row, known_absent=remote is not None))
                 except ValidationError as exc:
                     why = f"record fails VBA's field rules: {exc.errors()[0]['msg']}"
                     p = replace(p, act=Act.REFUSE, kind=Kind.UNSENDABLE, reason=why)
             out.append(p)
         return out, records
 
-    def _record(self, p: Plan) -> SubscriberAccum:
+    def _record(self, p: Plan, row: RemoteAccum | None, known_absent: bool) -> SubscriberAccum:
+        """The full record we write: VBA's own spelling of the key when it has the row, our
+        name in its audit trail, VBA's flag kept; no null, nothing we don't set."""
         assert p.target is not None
-        names = ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
-        body: dict[str, Any] = dict(zip(names, p.item.key, strict=True))
-        body.update(vba_of_cents(p.target), update_User=UPDATE_USER)
+        user = self.settings.vba_audit_user
+        body: dict[str, Any] = dict(
+            zip(SUBSCRIBER_KEY, row.key if row else p.item.key, strict=True)
+        )
+        body.update(vba_of_cents(p.target), update_User=user)
+        if row is not None and row.added_Accum is not None:
+            body["added_Accum"] = row.added_Accum
+        if row is None and known_absent:
+            body["entry_User"] = user
         return SubscriberAccum.model_validate(body)
 
     def _send(self, call: Call) -> None:
         """The PUT; the decisions and intents are recorded right before it leaves."""
 
         def before_send() -> None:
-            if call.recorded:  # a resend after a 401 or a refused connection: check again
+            if call.recorded:  # a resend (401, refused connection) or a half: check again
                 self._fenced(lambda s, now: None)
                 return
             self._fenced(lambda s, now: self._record_plans(s, now, call.plans))
@@ -368,62 +425,95 @@ class Flush:
             if call.read_at is not None:
                 call.read_to_put_ms = round((time.perf_counter() - call.read_at) * 1000)
 
-        call.started = time.perf_counter()
+        self._put(call, list(range(len(call.records))), before_send)
+
+    def _put(self, call: Call, which: list[int], before_send: Callable[[], None]) -> None:
+        """PUT the records ``which``; a whole-call refusal of their data is split in halves
+        until the refused records stand alone (about 2 * log2(n) more calls for one of n)."""
+        exchange = Exchange(len(which), time.perf_counter())
+        call.exchanges.append(exchange)
+        records = [call.records[i] for i in which]
         try:
-            call.result = self.vba.upsert_accumulators(
-                self.subscriber_id, self.group_id, call.records, before_send=before_send
+            exchange.result = self.vba.upsert_accumulators(
+                self.subscriber_id, self.group_id, records, before_send=before_send
             )
-            self.report.calls += 1
-            self.report.sent += len(call.records)
         except VbaError as exc:
-            call.error = exc
+            exchange.error = exc
+            if not stops(exc) and len(which) > 1:
+                log.info("flush.split", pair=self.pair_id, items=len(which), status=exc.status)
+                half = len(which) // 2
+                self._put(call, which[:half], before_send)
+                if call.stop is None:
+                    self._put(call, which[half:], before_send)
+                return
+            call.stop = exc if stops(exc) else None
+            call.answers |= dict.fromkeys(which, exc)
+            return
+        self.report.calls += 1
+        self.report.sent += len(which)
+        call.answers |= dict.fromkeys(which, exchange.result)
 
     def _settle(self, call: Call) -> None:
         """Each SEND's outcome; unknown ones settled at once by reading VBA's rows again."""
-        sending = [p for p in call.plans if p.act is Act.SEND]
-        fates = [self._fate(call, p) for p in sending]
+        answers = [call.answers.get(i) for i in range(len(call.records))]
+        fates = [self._fate(call, p, a) for p, a in zip(call.sending, answers, strict=True)]
         remote = None
-        if self._mode == "shared" and Fate.UNKNOWN in fates and call.finished:
+        finished = [
+            call_finished(a) for a, f in zip(answers, fates, strict=True) if f is Fate.UNKNOWN
+        ]
+        if self._mode == "shared" and any(finished):
             try:
                 remote = self._read(then_put=False)  # VBA is done: its rows are final
-            except (VbaError, ValidationError) as exc:
+            except (VbaError, Unattributable) as exc:
                 log.warning("flush.settle_read_failed", pair=self.pair_id, error=type(exc).__name__)
-        pairs = zip(sending, fates, strict=True)
-        call.outcomes = [self._after(call, p, fate, remote) for p, fate in pairs]
+        call.outcomes = [
+            self._after(p, fate, answer, remote if call_finished(answer) else None)
+            for p, fate, answer in zip(call.sending, fates, answers, strict=True)
+        ]
 
-    def _fate(self, call: Call, p: Plan) -> Fate:
-        if call.error is not None:
-            if not call.recorded or not getattr(call.error, "may_have_landed", False):
+    def _fate(self, call: Call, p: Plan, answer: BatchResult | VbaError | None) -> Fate:
+        if answer is None:  # never sent: an earlier half stopped the call
+            return Fate.NOT_SENT
+        if isinstance(answer, VbaError):
+            if not stops(answer):
+                return Fate.REFUSED  # VBA refused this record's data: nothing was written
+            if not call.recorded or not getattr(answer, "may_have_landed", False):
                 return Fate.NOT_SENT
             return Fate.UNKNOWN
-        assert call.result is not None
-        found = call.result.find(p.item.key)
+        found = answer.find(p.item.key)
         if found is None or found.retryable:
             return Fate.UNKNOWN
         return Fate.CONFIRMED if found.ok else Fate.REFUSED
 
-    def _after(self, call: Call, p: Plan, fate: Fate, remote: Remote | None) -> Plan:
-        whole_call = call.error is not None
-        if whole_call and not call.stops and isinstance(call.error, VbaRejected):
-            fate = Fate.REFUSED  # VBA refused the batch's data: nothing was written
-        return after_send(
+    def _after(
+        self, p: Plan, fate: Fate, answer: BatchResult | VbaError | None, remote: Remote | None
+    ) -> Plan:
+        whole_call = not isinstance(answer, BatchResult)
+        done = after_send(
             p,
             fate,
             self._cents(p.item, remote),
             ownership=self._mode,
             max_attempts=self.settings.max_attempts,
-            reason=self._reason(call, p),
-            counted=not whole_call,
+            reason=self._reason(p, answer),
+            counted=not whole_call or fate is Fate.REFUSED,
         )
+        return replace(done, activity_id=answer.activity_id if answer is not None else None)
 
-    def _reason(self, call: Call, p: Plan) -> str:
-        if call.error is not None:
-            return f"{type(call.error).__name__}: {call.error}"
-        assert call.result is not None
-        found = call.result.find(p.item.key)
+    @staticmethod
+    def _reason(p: Plan, answer: BatchResult | VbaError | None) -> str:
+        if answer is None:
+            return "not sent: the batch call stopped first"
+        if isinstance(answer, VbaError):
+            if not stops(answer):
+                return f"VBA refused the record ({answer.status}): {answer}"
+            return f"{type(answer).__name__}: {answer}"
+        found = answer.find(p.item.key)
         if found is None:
-            return f"no 207 item for the key (activity {call.result.activity_id})"
-        return f"VBA item status {found.status}: {found.body}"
+            return f"no 207 item for the key (activity {answer.activity_id})"
+        if found.ok or found.retryable:
+            return f"VBA item status {found.status}: {found.body}"
+        return f"VBA refused the record ({found.status}): {found.body}"
 
     # -- writes (each inside a fenced transaction) ------------------------------------------
 
@@ -434,28 +524,19 @@ class Flush:
             return work(s, now)
 
     def _record_plans(self, session: Session, now: datetime, plans: list[Plan]) -> None:
-        self._write(session, now, plans, activity_id=None)
+        self._write(session, now, plans)
 
     def _finish_chunk(self, session: Session, now: datetime, call: Call, last: bool) -> None:
-        """The chunk's outcomes, its audit row, and the lease: renewed, or released."""
-        self._write(session, now, call.unwritten(), self._activity(call))
-        if call.records:
-            self._audit(session, now, call)
-        if call.stops:
-            assert call.error is not None
-            self._back_off(session, now, call.error)
+        """The chunk's outcomes, its audit rows, and the lease: renewed, or released."""
+        self._write(session, now, call.unwritten())
+        for exchange in call.exchanges:
+            self._audit(session, now, exchange, call.read_to_put_ms)
+        if call.stop is not None:
+            self._back_off(session, now, call.stop)
         elif last:
             self.lease.release(session, now, attempts=0, next_attempt_at=None, last_error=None)
 
-    @staticmethod
-    def _activity(call: Call) -> str | None:
-        if call.result is not None:
-            return call.result.activity_id
-        return call.error.activity_id if call.error is not None else None
-
-    def _write(
-        self, session: Session, now: datetime, plans: list[Plan], activity_id: str | None
-    ) -> None:
+    def _write(self, session: Session, now: datetime, plans: list[Plan]) -> None:
         """Every decision's row changes (bulk, one statement per shape) and dead letters."""
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         confirmed = []
@@ -466,7 +547,7 @@ class Flush:
             if p.confirmed is not None:
                 confirmed.append({"b_id": p.item.id, "b_seq": p.confirmed[1]})
             if p.act in (Act.HOLD, Act.REFUSE):
-                self._dead_letter(session, now, p, activity_id)
+                self._dead_letter(session, now, p)
         a = T_ACCUM.c
         for names, rows in shapes.items():
             stmt = update(T_ACCUM).where(a.id == bindparam("b_id"))
@@ -514,9 +595,7 @@ class Flush:
             row["held"] = True
         return row
 
-    def _dead_letter(
-        self, session: Session, now: datetime, p: Plan, activity_id: str | None
-    ) -> None:
+    def _dead_letter(self, session: Session, now: datetime, p: Plan) -> None:
         """Hold the key out of later flushes and record why (never with amounts in the reason)."""
         payload = {"accumulator_id": p.item.id, "key": list(p.item.key), "kind": str(p.kind)}
         payload |= {"target": p.target, **p.detail} if p.target else dict(p.detail)
@@ -527,7 +606,7 @@ class Flush:
             p.reason,
             now,
             accumulator_id=p.item.id,
-            activity_id=activity_id,
+            activity_id=p.activity_id,
             kind=str(p.kind),
         )
         event = "flush.held" if p.act is Act.HOLD else "flush.dead_letter"
@@ -536,7 +615,7 @@ class Flush:
             pair=self.pair_id,
             accumulator=p.item.id,
             kind=str(p.kind),
-            activity_id=activity_id,
+            activity_id=p.activity_id,
         )
 
     def _tally(self, call: Call) -> None:
@@ -579,35 +658,38 @@ class Flush:
         delay = backoff(attempt, s.backoff_base, s.backoff_max, self.rng, retry_after)
         return timedelta(seconds=delay)
 
-    def _audit(self, session: Session, now: datetime, call: Call) -> None:
+    def _audit(
+        self, session: Session, now: datetime, exchange: Exchange, read_to_put_ms: int | None
+    ) -> None:
         """One flush_attempt row per batch call: what was sent and what VBA said."""
-        result, exc = call.result, call.error
+        result, exc = exchange.result, exchange.error
         statuses = Counter(str(i.status) for i in result.items) if result else Counter[str]()
         if result is not None:
             outcome = "ok" if all(i.ok for i in result.items) else "partial"
         else:
             outcome = "unavailable" if isinstance(exc, VbaUnavailable) else "rejected"
+        answer = result or exc
         row = {
             "pair_id": self.pair_id,
             "started_at": now,
-            "duration_ms": int((time.perf_counter() - call.started) * 1000),
-            "items": len(call.records),
+            "duration_ms": int((time.perf_counter() - exchange.started) * 1000),
+            "items": exchange.items,
             "http_status": 207 if result else getattr(exc, "status", None),
             "statuses": json.dumps(dict(statuses)),
             "outcome": outcome,
-            "activity_id": self._activity(call),
+            "activity_id": answer.activity_id if answer is not None else None,
             "error": None if exc is None else f"{type(exc).__name__}: {exc}"[:2000],
-            "read_to_put_ms": call.read_to_put_ms,
+            "read_to_put_ms": read_to_put_ms,
         }
         session.execute(insert(session, T_ATTEMPT).values(row))
         log.info(
             "flush.sent",
             pair=self.pair_id,
-            items=len(call.records),
+            items=exchange.items,
             outcome=outcome,
             status=row["http_status"],
             activity_id=row["activity_id"],
-            read_to_put_ms=call.read_to_put_ms,
+            read_to_put_ms=read_to_put_ms,
         )
 
 

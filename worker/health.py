@@ -8,6 +8,8 @@ Three checks, each with a reason an operator can act on:
 - while messages wait in the queue, some task made progress (an ingested batch or a batch call)
   within ``health_max_idle``: a worker that stays up but stopped consuming after a broker blip
   (a known Celery failure mode) turns this red even when the backlog is flat;
+- VBA did not answer 403 since the last successful batch call (a revoked key, a gateway rule:
+  configuration, not data; calls pause fleet-wide and nothing is dead-lettered);
 - no accumulator is held for an operator: a write of unknown outcome that VBA's own write has
   since hidden (ambiguous), or a VBA row below our confirmed share. Nothing flushes those keys
   until someone runs ``accumsync dead-letters resolve``.
@@ -27,6 +29,7 @@ from sqlmodel import Session, col
 
 from models.sync import HOLDS
 from models.tables import Accumulator, DeadLetter, FlushAttempt, IngestBatch
+from worker import counters
 from worker.db import age_seconds, as_utc, session_scope, utcnow
 from worker.settings import Settings, get_settings
 
@@ -124,6 +127,27 @@ def held(session: Session) -> dict[str, int]:
     return {str(k): int(n) for k, n in session.execute(query.group_by(kind))}
 
 
+def access_check(session: Session, limits: Limits, now: datetime) -> Check:
+    """VBA (or its gateway) answered 403 since the last successful batch call: a revoked or
+    wrong API key, a gateway rule. Every process pauses its calls; nothing is dead-lettered."""
+    forbidden = counters.last(session, "vba_403")
+    success = last_success(session)
+    age = _age(forbidden, now)
+    refused = (
+        age is not None
+        and age <= limits.max_flush_age
+        and (success is None or as_utc(success) < as_utc(forbidden))  # type: ignore[arg-type]
+    )
+    reason = (
+        f"VBA answered 403 Forbidden {age:.0f}s ago and no batch call succeeded since: check "
+        "ACCUMSYNC_VBA_API_KEY, ACCUMSYNC_VBA_DATABASE and the gateway's rules; VBA calls "
+        "are paused fleet-wide meanwhile"
+        if refused
+        else "VBA accepts our credentials"
+    )
+    return Check("vba_access", not refused, age, limits.max_flush_age, reason)
+
+
 def holds_check(session: Session) -> Check:
     """Keys waiting for a person's decision (an ambiguous outcome, a row below our share)."""
     waiting_for_people = {k: n for k, n in held(session).items() if k in HOLDS}
@@ -185,6 +209,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
         )
     )
     report.checks.append(holds_check(session))
+    report.checks.append(access_check(session, limits, now))
     report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report

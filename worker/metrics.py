@@ -140,6 +140,9 @@ def families(values: dict[str, Any], queue: str, queue_length: int | None) -> It
     yield CounterMetricFamily("accumsync_vba_429", "429 answers seen from VBA", value=c["vba_429"])
     yield CounterMetricFamily("accumsync_vba_401", "401 answers seen from VBA", value=c["vba_401"])
     yield CounterMetricFamily(
+        "accumsync_vba_403", "403 answers seen from VBA or its gateway", value=c["vba_403"]
+    )
+    yield CounterMetricFamily(
         "accumsync_vba_token_refreshes", "Id tokens refreshed", value=c["vba_token_refreshes"]
     )
     yield CounterMetricFamily("accumsync_vba_logins", "Logins to VBA", value=c["vba_logins"])

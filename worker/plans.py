@@ -35,7 +35,8 @@ from worker.flush import client
 from worker.logs import Log
 from worker.settings import get_settings
 from worker.store import dead_letter
-from worker.vba import BatchResult, VbaClient, VbaRejected, VbaUnavailable
+from worker.vba import BatchResult, VbaClient, VbaError
+from worker.vba.errors import refuses_data
 
 log = Log("plans")
 T_PLAN = PlanPush.__table__  # type: ignore[attr-defined]
@@ -179,22 +180,31 @@ def _send(vba: VbaClient, plan_id: str, records: list[PlanAccumulator]) -> Attem
     """Send in chunks; stop at a whole-call failure VBA may get over."""
     attempt, size = Attempt(), get_settings().vba_batch_max
     for start in range(0, len(records), size):
-        chunk = records[start : start + size]
-        try:
-            result = vba.upsert_plan_accumulators(plan_id, chunk)
-        except VbaUnavailable as exc:
-            attempt.retry, attempt.retry_after = f"{type(exc).__name__}: {exc}", exc.retry_after
-            attempt.activity_id = exc.activity_id
-            return attempt
-        except VbaRejected as exc:
-            if exc.status in (401, 403):  # our credentials or a gateway rule: not the records
-                attempt.retry, attempt.activity_id = f"{type(exc).__name__}: {exc}", exc.activity_id
-                return attempt
-            attempt.refused += [(r, f"VBA refused the batch ({exc.status}): {exc}") for r in chunk]
-            attempt.activity_id = exc.activity_id
-            continue
-        _read(result, chunk, attempt)
+        if not _put(vba, plan_id, records[start : start + size], attempt):
+            break
     return attempt
+
+
+def _put(vba: VbaClient, plan_id: str, records: list[PlanAccumulator], attempt: Attempt) -> bool:
+    """One batch call; a whole-call refusal of the records is split in halves until the
+    refused ones stand alone. False when the push must stop (VBA away, our credentials)."""
+    try:
+        result = vba.upsert_plan_accumulators(plan_id, records)
+    except VbaError as exc:
+        attempt.activity_id = exc.activity_id
+        if not refuses_data(exc):
+            attempt.retry = f"{type(exc).__name__}: {exc}"
+            attempt.retry_after = getattr(exc, "retry_after", None)
+            return False
+        if len(records) == 1:
+            attempt.refused.append((records[0], f"VBA refused the record ({exc.status}): {exc}"))
+            return True
+        half = len(records) // 2
+        return _put(vba, plan_id, records[:half], attempt) and _put(
+            vba, plan_id, records[half:], attempt
+        )
+    _read(result, records, attempt)
+    return True
 
 
 def _read(result: BatchResult, chunk: list[PlanAccumulator], attempt: Attempt) -> None:

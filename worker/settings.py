@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     vba_verify_tls: bool = True
     vba_allow_http: bool = False
 
+    vba_audit_user: str = Field(
+        default="ACCUMSYNC",
+        min_length=1,
+        max_length=20,
+        description="update_User (and entry_User on create) of our writes: VBA's audit trail",
+    )
+
     ownership: Literal["shared", "exclusive"] = "shared"
     flush_interval: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from models.events import ClaimEvent, describe
+from models.events import KEY_FIELDS, ClaimEvent, canon, describe
 
 BASE: dict[str, Any] = {
     "event_id": "e-1",
@@ -65,9 +65,27 @@ def test_string_lengths(field: str, limit: int) -> None:
 @pytest.mark.parametrize("char", ["\x00", "\n", "\x1f", "\x7f"])
 def test_control_characters_are_refused(field: str, char: str) -> None:
     """NUL made Postgres refuse the whole batch; no control character belongs in an id."""
-    assert reason(**{field: f"{char}1"}) == (
-        f"{field}: must not contain control characters (U+0000-U+001F, U+007F)"
+    rule = f"{field}: must not contain control characters (U+0000-U+001F, U+007F)"
+    key_rule = " nor be only spaces" if field in KEY_FIELDS else ""
+    assert reason(**{field: f"{char}1"}) == rule + key_rule
+
+
+@pytest.mark.parametrize("field", KEY_FIELDS)
+def test_a_key_of_only_spaces_is_refused(field: str) -> None:
+    """VBA ignores trailing spaces: a key value of spaces only would be an empty key there."""
+    assert reason(**{field: "   "}).endswith("nor be only spaces")
+
+
+def test_keys_vba_takes_as_one_row_are_one_ledger_key() -> None:
+    """SQL Server's default collation ignores case and trailing spaces: so does the ledger key
+    (trailing spaces removed, ASCII upper-cased); the content hash is over what was sent."""
+    plain = ClaimEvent.model_validate(BASE)
+    odd = ClaimEvent.model_validate(
+        {**BASE, "subscriber_id": "s0000001 ", "plan_type": "med", "benefit_code": "Ded  "}
     )
+    assert odd.key == plain.key == ("S0000001", "GRP001", "2026", "MED", "DED")
+    assert odd.content_hash() != plain.content_hash()
+    assert canon("Straße ") == "STRAßE"  # only ASCII letters change: lengths never grow
 
 
 def test_adjudicated_at_needs_an_offset() -> None:

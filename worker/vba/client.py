@@ -16,12 +16,14 @@ import httpx
 from pydantic import ValidationError
 from redis import Redis
 
+from models.events import canon
 from models.vba import (
     PLAN_KEY,
     SUBSCRIBER_KEY,
     BatchItemWire,
     Envelope,
     PlanAccumulator,
+    RemoteAccum,
     SubscriberAccum,
     dumps,
 )
@@ -29,7 +31,7 @@ from worker.logs import Log
 from worker.settings import Settings
 from worker.vba.auth import Authenticator, LocalTokenStore, RedisTokenStore, store_prefix
 from worker.vba.breaker import PAUSE_CAP, Breaker, LocalBreaker, RedisBreaker, check
-from worker.vba.errors import VbaAuthError, VbaUnavailable, classify, envelope_of
+from worker.vba.errors import VbaAuthError, VbaRejected, VbaUnavailable, classify, envelope_of
 from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket, client_burst
 from worker.vba.results import BatchItem, BatchResult, Page
 
@@ -150,9 +152,9 @@ class VbaClient:
 
     def create_accumulator(self, record: SubscriberRecord) -> SubscriberAccum | None:
         """POST /subscribers/{id}/groups/{id}/accumulators; VBA's copy of the new row."""
-        row = subscriber_accum(record)
+        row = sendable(subscriber_accum(record))
         path = _path("subscribers", row.subscriber_ID, "groups", row.group_ID, "accumulators")
-        envelope = self._call("POST", path, "accumulators.create", body=dumps(row.to_wire()))
+        envelope = self._call("POST", path, "accumulators.create", body=dumps(row.to_request()))
         return _row(envelope.data)
 
     def list_accumulators(
@@ -163,25 +165,45 @@ class VbaClient:
         page_size: int = 100,
         sort_by: str | None = None,
     ) -> Page:
-        """GET /subscribers/{id}/groups/{id}/accumulators: one page, with X-Pagination."""
+        """GET /subscribers/{id}/groups/{id}/accumulators: one page, with X-Pagination.
+
+        Rows are read leniently (``RemoteAccum``); one whose money can't be read is listed in
+        ``Page.unreadable``. A 404 (VBA does not know the subscriber yet) is an empty page:
+        there is no row to keep, and a write for it is then created or refused by VBA.
+        """
         params: dict[str, str | int] = {"page": page, "pageSize": page_size}
         if sort_by:
             params["sortBy"] = sort_by
         path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators")
-        response, envelope = self._request("GET", path, "accumulators.list", params=params)
+        try:
+            response, envelope = self._request("GET", path, "accumulators.list", params=params)
+        except VbaRejected as exc:
+            if exc.status != 404:
+                raise
+            log.info("vba.list_not_found", activity_id=exc.activity_id)
+            return Page([], page, page_size, 0, 1)
         rows = envelope.data if isinstance(envelope.data, list) else []
-        items = [SubscriberAccum.from_vba(r) for r in rows if isinstance(r, dict)]
-        return _page(items, response.headers.get("X-Pagination"), page, page_size)
+        page_ = _page(response.headers.get("X-Pagination"), page, page_size)
+        for raw in rows:
+            _read_row(raw, page_)
+        return page_
 
     def iter_accumulators(
         self, subscriber_id: str, group_id: str, page_size: int = 100, sort_by: str | None = None
-    ) -> Iterator[SubscriberAccum]:
-        """Every accumulator of the pair, page after page."""
+    ) -> Iterator[RemoteAccum]:
+        """Every readable accumulator of the pair, page after page."""
+        for result in self.pages(subscriber_id, group_id, page_size, sort_by):
+            yield from result.items
+
+    def pages(
+        self, subscriber_id: str, group_id: str, page_size: int = 100, sort_by: str | None = None
+    ) -> Iterator[Page]:
+        """Every page of the pair's accumulators (with the rows that could not be read)."""
         page = 1
         while True:
             result = self.list_accumulators(subscriber_id, group_id, page, page_size, sort_by)
-            yield from result.items
-            if not result.items or not result.has_next:
+            yield result
+            if not (result.items or result.unreadable) or not result.has_next:
                 return
             page += 1
 
@@ -198,8 +220,8 @@ class VbaClient:
 
     def update_accumulator(self, record: SubscriberRecord) -> SubscriberAccum | None:
         """PUT .../accumulators/{planYear}/{planType}/{benefitCode} with the full record."""
-        row = subscriber_accum(record)
-        body = dumps(row.to_wire())
+        row = sendable(subscriber_accum(record))
+        body = dumps(row.to_request())
         envelope = self._call("PUT", _row_path(row.key), "accumulators.update", body=body)
         return _row(envelope.data)
 
@@ -222,12 +244,15 @@ class VbaClient:
         ``before_send`` runs right before each time the request leaves (after the rate limiter):
         the flush records its intent and checks its lease there; if it raises, nothing is sent.
         """
-        rows = [subscriber_accum(r) for r in records]
+        rows = [sendable(subscriber_accum(r)) for r in records]
         for row in rows:
-            if (row.subscriber_ID, row.group_ID) != (subscriber_id, group_id):
+            if (canon(row.subscriber_ID), canon(row.group_ID)) != (
+                canon(subscriber_id),
+                canon(group_id),
+            ):
                 raise ValueError("a record's subscriber_ID/group_ID differs from the batch's")
         path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators-batch")
-        payload = [r.to_wire() for r in rows]
+        payload = [r.to_request() for r in rows]
         return self._batch(path, "accumulators.batch", payload, SUBSCRIBER_KEY, before_send)
 
     # -- plan accumulators ----------------------------------------------------------------
@@ -238,7 +263,7 @@ class VbaClient:
         if any(row.plan_ID != plan_id for row in rows):
             raise ValueError("a record's plan_ID differs from the batch's")
         path = _path("plans", plan_id, "accumulators-batch")
-        return self._batch(path, "plans.batch", [r.to_wire() for r in rows], PLAN_KEY)
+        return self._batch(path, "plans.batch", [r.to_request() for r in rows], PLAN_KEY)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -255,12 +280,19 @@ class VbaClient:
         if not payload:
             return BatchResult((), key_fields, None)
         _, envelope = self._request("PUT", path, op, body=dumps(payload), before_send=before_send)
-        if not isinstance(envelope.data, list):
-            raise VbaUnavailable("207 answer without data[]", activity_id=envelope.activity_id)
-        result = BatchResult(_items(envelope.data), key_fields, envelope.activity_id)
+        if not isinstance(envelope.data, list):  # every item's outcome is unknown: settle them
+            log.warning("vba.batch_without_items", op=op, activity_id=envelope.activity_id)
+        data = envelope.data if isinstance(envelope.data, list) else []
+        result = BatchResult(_items(data), key_fields, envelope.activity_id)
         failed = sum(not item.ok for item in result.items)
-        log.info("vba.batch", op=op, sent=len(payload), items=len(result), failed=failed,
-                 activity_id=envelope.activity_id)  # fmt: skip
+        log.info(
+            "vba.batch",
+            op=op,
+            sent=len(payload),
+            items=len(result),
+            failed=failed,
+            activity_id=envelope.activity_id,
+        )
         return result
 
     def _call(self, method: str, path: str, op: str, body: str | None = None) -> Envelope:
@@ -284,8 +316,28 @@ class VbaClient:
             if paused > 0:
                 log.warning("vba.paused", op=op, pause_s=round(paused, 1), status=exc.status)
             raise
+        except VbaRejected as exc:
+            self._refused(op, exc)
+            raise
         self.breaker.succeeded()
         return response, envelope
+
+    def _refused(self, op: str, exc: VbaRejected) -> None:
+        """VBA answered, refusing: it is up. A 403 is configuration (a revoked or wrong key, a
+        gateway rule, no User-Agent): no call of ours will pass, so every process pauses."""
+        if exc.status != 403:
+            self.breaker.succeeded()
+            return
+        pause = self.breaker.failed(min(self.settings.backoff_max, PAUSE_CAP))
+        log.error(
+            "vba.forbidden",
+            op=op,
+            status=403,
+            pause_s=round(pause, 1),
+            activity_id=exc.activity_id,
+            reason="VBA or its gateway refused us: check ACCUMSYNC_VBA_API_KEY, "
+            "the database, and the gateway's rules",
+        )
 
     def _attempt(
         self,
@@ -311,8 +363,13 @@ class VbaClient:
         error = classify(response, envelope)
         if error is not None:
             retry_after = getattr(error, "retry_after", None)
-            log.warning("vba.call_failed", op=op, status=response.status_code,
-                        retry_after=retry_after, activity_id=error.activity_id)  # fmt: skip
+            log.warning(
+                "vba.call_failed",
+                op=op,
+                status=response.status_code,
+                retry_after=retry_after,
+                activity_id=error.activity_id,
+            )
             raise error
         log.debug("vba.call", op=op, status=response.status_code, activity_id=envelope.activity_id)
         return response, envelope
@@ -355,7 +412,7 @@ class VbaClient:
             "x-api-key": self.settings.vba_api_key.get_secret_value(),
             "Authorization": f"Bearer {token}",
             "vbasoftware-database": self.settings.vba_database,
-            "Accept": "application/json",
+            "Accept": "application/json, text/plain",  # seed 000's 207 is text/plain
         }
         if has_body:
             headers["Content-Type"] = "application/json"
@@ -406,6 +463,27 @@ def _row(data: Any) -> SubscriberAccum | None:
     return SubscriberAccum.from_vba(data) if isinstance(data, dict) else None
 
 
+def sendable(row: SubscriberAccum) -> SubscriberAccum:
+    """The row, if it may leave: no amount below zero (VBA would count it as money)."""
+    negative = [f for f, a in row.amounts().items() if a < 0]
+    if negative:
+        raise ValueError(f"never sent: negative amounts for {', '.join(negative)}")
+    return row
+
+
+def _read_row(raw: Any, page: Page) -> None:
+    """One listed row into the page: read leniently, or noted as unreadable with why."""
+    if not isinstance(raw, dict):
+        page.unreadable.append((None, f"a row that is not an object: {type(raw).__name__}"))
+        return
+    try:
+        page.items.append(RemoteAccum.from_vba(raw))
+    except (ValueError, ValidationError) as exc:
+        key = tuple(str(raw.get(f, "")) for f in SUBSCRIBER_KEY)
+        why = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        page.unreadable.append((key if all(key) else None, why))
+
+
 def _items(data: list[Any]) -> Iterator[BatchItem]:
     for raw in data:
         try:
@@ -416,15 +494,15 @@ def _items(data: list[Any]) -> Iterator[BatchItem]:
         yield BatchItem(item.key(), item.status, item.body or "")
 
 
-def _page(items: list[SubscriberAccum], header: str | None, page: int, size: int) -> Page:
-    """A Page from X-Pagination (JSON); missing or bad header: figures unknown."""
+def _page(header: str | None, page: int, size: int) -> Page:
+    """An empty Page with the figures of X-Pagination (JSON); missing or bad header: unknown."""
     try:
         info = json.loads(header) if header else {}
     except ValueError:
         info = {}
     info = info if isinstance(info, dict) else {}
     return Page(
-        items=items,
+        items=[],
         page=int(info.get("CurrentPage") or page),
         page_size=int(info.get("PageSize") or size),
         total_count=_int(info.get("TotalCount")),

@@ -87,6 +87,13 @@ class VbaAuthError(VbaRejected):
     """VBA refused our credentials or token, even after one refresh: fix the configuration."""
 
 
+def refuses_data(error: VbaError) -> bool:
+    """VBA refused what the request carried (a 4xx other than 401 and 403): splitting it finds
+    the records it refuses. Anything else (an outage, our credentials, a gateway rule) is no
+    fault of the records, and backs off instead."""
+    return isinstance(error, VbaRejected) and error.status not in (401, 403)
+
+
 def is_retryable(status: int) -> bool:
     """True for the statuses that mean "try again later"."""
     return status in RETRYABLE

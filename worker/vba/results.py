@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from models.vba import SubscriberAccum
+from models.events import canon
+from models.vba import RemoteAccum
 from worker.vba.errors import RETRYABLE
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of ``GET .../accumulators`` and its ``X-Pagination`` figures."""
+    """One page of ``GET .../accumulators`` and its ``X-Pagination`` figures; rows whose money
+    could not be read are in ``unreadable`` with the reason (and their key, when readable)."""
 
-    items: list[SubscriberAccum]
+    items: list[RemoteAccum]
     page: int
     page_size: int
     total_count: int | None
     total_pages: int | None
+    unreadable: list[tuple[tuple[str, ...] | None, str]] = field(default_factory=list)
 
     @property
     def has_next(self) -> bool:
@@ -68,16 +71,19 @@ class BatchResult:
                 self._by_key[key] = item
 
     def _key_of(self, key: Mapping[str, str]) -> tuple[str, ...]:
-        folded = {name.casefold(): value for name, value in key.items()}
-        return tuple(folded.get(f.casefold(), "") for f in self.key_fields)
+        """The item's key values in ``key_fields`` order, whatever VBA's spelling of the names
+        (``subscriber_ID``, ``subscriberID``, ``SubscriberId``) or the values' case."""
+        named = {name_key(name): value for name, value in key.items()}
+        return tuple(canon(named.get(name_key(f), "")) for f in self.key_fields)
 
     def find(self, key: Iterable[str]) -> BatchItem | None:
-        """The item for these key values (in ``key_fields`` order); None when VBA sent none."""
-        return self._by_key.get(tuple(key))
+        """The item for these key values (in ``key_fields`` order), compared as VBA's collation
+        compares them; None when VBA sent none."""
+        return self._by_key.get(tuple(canon(v) for v in key))
 
     def missing(self, keys: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
         """The keys we sent that VBA's answer does not mention (outcome unknown)."""
-        return [k for k in keys if k not in self._by_key]
+        return [k for k in keys if self.find(k) is None]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -85,3 +91,8 @@ class BatchResult:
     def __repr__(self) -> str:
         ok = sum(i.ok for i in self.items)
         return f"BatchResult(items={len(self.items)}, ok={ok}, activity_id={self.activity_id!r})"
+
+
+def name_key(name: str) -> str:
+    """A key field's name as compared: case and underscores ignored."""
+    return name.casefold().replace("_", "")
