@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -58,3 +59,66 @@ def test_postgres_migrations_go_down_and_up_again(pg_url: str) -> None:
     engine.dispose()
     upgrade(pg_url)
     assert drift(pg_url) == []
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_keys_that_differ_only_in_case_are_merged_on_upgrade(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Rows written before keys were canonical: `ded` and `DED ` of one member become one
+    accumulator (ours and pushed summed, marked dirty), pairs too; claims are rewritten."""
+    url = (
+        request.getfixturevalue("pg_url")
+        if store == "postgres"
+        else f"sqlite:///{tmp_path / 's.db'}"
+    )
+    command.upgrade(alembic_config(url), "0005")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for pid, group in ((1, "grp"), (2, "GRP ")):
+            conn.execute(
+                text(
+                    "INSERT INTO pair (id, subscriber_id, group_id, attempts, lease_gen)"
+                    " VALUES (:i, 's1', :g, 0, 0)"
+                ),
+                {"i": pid, "g": group},
+            )
+        for aid, pid, code, cents in ((1, 1, "ded", 1000), (2, 2, "DED ", 250)):
+            conn.execute(
+                text(
+                    "INSERT INTO accumulator (id, pair_id, subscriber_id, group_id, plan_year,"
+                    " plan_type, benefit_code, change_seq, pushed_seq, attempts, held,"
+                    " deductible_total, deductible_in,"
+                    " pushed_deductible_total, pushed_deductible_in) VALUES"
+                    " (:a, :p, 's1', 'grp', '2026', 'med', :c, 3, 3, 0, false, :n, :n, :n, :n)"
+                ),
+                {"a": aid, "p": pid, "c": code, "n": cents},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO claim (claim_id, version, content_hash, subscriber_id,"
+                " group_id, plan_year, plan_type, benefit_code)"
+                " VALUES ('c1', 0, 'h', 's1 ', 'grp', '2026', 'med', 'ded')"
+            )
+        )
+    engine.dispose()
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        accs = conn.execute(
+            text(
+                "SELECT pair_id, group_id, benefit_code, deductible_total,"
+                " pushed_deductible_total, dirty_since, change_seq"
+                " FROM accumulator"
+            )
+        ).all()
+        pairs = conn.execute(text("SELECT id, subscriber_id, group_id FROM pair")).all()
+        claims = conn.execute(
+            text("SELECT subscriber_id, plan_type, benefit_code FROM claim")
+        ).all()
+    engine.dispose()
+    ((pair_id, group, code, ours, pushed, dirty, seq),) = accs
+    assert (pair_id, group, code, ours, pushed, seq) == (1, "GRP", "DED", 1250, 1250, 4)
+    assert dirty is not None
+    assert [tuple(p) for p in pairs] == [(1, "S1", "GRP")]
+    assert [tuple(c) for c in claims] == [("S1", "MED", "DED")]

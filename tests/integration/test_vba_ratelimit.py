@@ -39,7 +39,7 @@ with VbaClient(Settings()) as client:
 def test_four_processes_share_one_bucket() -> None:
     """500 calls from 4 processes: zero 429s, and the rate stays within VBA's bucket."""
     Redis.from_url(REDIS_URL).flushdb()
-    with running_sandbox(rate=RATE, burst=BURST) as sandbox:
+    with running_sandbox(rate=RATE, burst=BURST, dialect="lax") as sandbox:
         env = (
             os.environ
             | sandbox.env()

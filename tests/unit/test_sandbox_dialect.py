@@ -89,8 +89,8 @@ def strict_sandbox() -> Iterator[SandboxHandle]:
 
 @pytest.fixture(scope="module")
 def lax_sandbox() -> Iterator[SandboxHandle]:
-    """A sandbox with the default (lax) dialect, for the module."""
-    with running_sandbox(seed=7) as handle:
+    """A sandbox with the lax dialect, for the module."""
+    with running_sandbox(dialect="lax", seed=7) as handle:
         yield handle
 
 

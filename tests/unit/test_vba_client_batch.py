@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -193,3 +194,33 @@ def test_local_bucket_allows_burst_then_paces() -> None:
     assert waits[:3] == [0.0, 0.0, 0.0]
     assert waits[3] == pytest.approx(0.1)
     assert waits[4] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("spelling", [str, lambda k: k.replace("_", ""), lambda k: k.upper()])
+def test_207_ids_match_however_vba_spells_the_key_names(spelling: Any) -> None:
+    """`subscriber_ID`, `subscriberID`, `SUBSCRIBER_ID`: one name; values compare as VBA's
+    collation does (case, trailing spaces)."""
+    raw = item("DED", 200, "Updated")
+    raw["id"] = [{"key": spelling(kv["key"]), "value": kv["value"]} for kv in raw["id"]]  # type: ignore[index, union-attr]
+    fake = FakeVba(text_207([raw]))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record("DED")])
+    assert result.find(("123456789", "grp1 ", "2026", "med", "ded")) is not None
+
+
+def test_a_207_without_data_is_an_answer_with_no_items() -> None:
+    """`data: null` in a 207: every item's outcome is unknown (settled by reading VBA), not an
+    outage retried for ever."""
+    body = {"data": None, "error": None, "debug": {"activityId": "act-x"}}
+    fake = FakeVba(httpx.Response(207, text=json.dumps(body)))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record("DED")])
+    assert len(result) == 0 and result.find((*KEY, "DED")) is None
+
+
+def test_no_negative_amount_leaves() -> None:
+    """A negative amount is refused before any request is made."""
+    fake = FakeVba()
+    with fake.client() as client, pytest.raises(ValueError, match="negative"):
+        client.upsert_accumulators("123456789", "GRP1", [record("DED", copay_Amt=Decimal("-1.00"))])
+    assert fake.calls == []

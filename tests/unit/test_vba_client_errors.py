@@ -173,3 +173,35 @@ def test_path_ids_are_escaped() -> None:
     with fake.client() as client:
         client.delete_accumulator("1", "G/1", "2026", "MED", "A B")
     assert fake.calls[0].url.raw_path.decode().endswith("/groups/G%2F1/accumulators/2026/MED/A%20B")
+
+
+def test_a_bare_model_binding_400_names_its_fields_and_trace() -> None:
+    """ASP.NET refuses a body it can't bind before VBA's code runs: no envelope, a traceId and
+    an ``errors`` map. The refusal carries the field's message and the trace as activity id."""
+    body = {
+        "type": "https://tools.ietf.org/html/rfc9110#section-15.5.1",
+        "title": "One or more validation errors occurred.",
+        "status": 400,
+        "errors": {
+            "$[3].entry_Date": ["The JSON value could not be converted to System.DateTime."]
+        },
+        "traceId": "00-abc-01",
+    }
+    fake = FakeVba(httpx.Response(400, json=body))
+    with fake.client() as client, pytest.raises(VbaRejected) as info:
+        client.delete_accumulator("1", "G", "2026", "MED", "DED")
+    assert info.value.status == 400 and info.value.activity_id == "00-abc-01"
+    assert "$[3].entry_Date: The JSON value could not be converted" in str(info.value)
+
+
+def test_a_403_pauses_every_call_and_refreshes_no_token() -> None:
+    """A 403 is configuration (a revoked key, a gateway rule): no refresh is tried, and the
+    calls after it are paused without reaching VBA."""
+    fake = FakeVba(httpx.Response(403, json={"message": "Forbidden"}))
+    with fake.client() as client:
+        with pytest.raises(VbaRejected):
+            client.delete_accumulator("1", "G", "2026", "MED", "DED")
+        with pytest.raises(VbaUnavailable, match="paused"):
+            client.delete_accumulator("1", "G", "2026", "MED", "DED")
+    assert len(fake.calls) == 1
+    assert not [r for r in fake.requests if r.url.path.endswith("/user-refresh-tokens")]

@@ -203,3 +203,40 @@ def test_batch_item_key_as_text() -> None:
         }
     )
     assert item.key() == {"plan_ID": "7", "accum_Name": "RX"}
+
+
+KEYS = {
+    "subscriber_ID": "123456789",
+    "group_ID": "GRP1",
+    "plan_Year": "2026",
+    "plan_Type": "MED",
+    "benefit_Code": "DED",
+}
+
+
+def test_a_request_carries_no_null_the_seed_does_not_allow() -> None:
+    """What we send holds only the fields set: no `entry_Date: null` (a .NET model binder
+    refuses the whole request for it), and null only where the seed says "or null"."""
+    from models.vba import PlanAccumulator, SubscriberAccum
+
+    row = SubscriberAccum.model_validate(
+        {**{f: Decimal(1) for f in VBA_FIELDS}, **KEYS, "added_Accum": None}
+    )
+    body = row.to_request()
+    assert "entry_Date" not in body and "update_Date" not in body and "entry_User" not in body
+    assert body["added_Accum"] is None  # set to null on purpose, and nullable
+    plan = PlanAccumulator.model_validate({"plan_ID": "P", "accum_Name": "A", "annual_Max": None})
+    assert plan.to_request() == {"plan_ID": "P", "accum_Name": "A", "annual_Max": None}
+
+
+def test_listed_rows_are_read_leniently() -> None:
+    """A listed row with a null amount, a long user and an unknown field is read; an amount
+    that is not a number is refused, naming the field; sub-cent amounts are kept and named."""
+    from models.vba import RemoteAccum
+
+    row = RemoteAccum.from_vba(
+        {**KEYS, "copay_Amt": None, "entry_User": "u" * 40, "newField": 1, "coins_Amt": "1.125"}
+    )
+    assert row.amounts()["copay_Amt"] == 0 and row.sub_cent() == ["coins_Amt"]
+    with pytest.raises(ValueError, match="deductible_Used: not a number"):
+        RemoteAccum.from_vba({**KEYS, "deductible_Used": "lots"})

@@ -44,9 +44,11 @@ async def seed(request: Request, sb: Sandbox) -> Response:
     """
     payload = await body_of(request)
     zeros = dict.fromkeys(VBA_FIELDS, Decimal(0))
+    raw = bool(payload.get("raw"))
     try:
-        subs = [_seeded(sb, SubscriberAccum, zeros | r) for r in payload.get("subscriber", [])]
-        plans = [_seeded(sb, PlanAccumulator, r) for r in payload.get("plans", [])]
+        rows = payload.get("subscriber", [])
+        subs = [_seeded(sb, SubscriberAccum, zeros | r, raw) for r in rows]
+        plans = [_seeded(sb, PlanAccumulator, r, raw) for r in payload.get("plans", [])]
     except ValidationError as exc:
         return _json({"error": describe(exc)}, 400)
     for row in [*subs, *plans]:
@@ -54,8 +56,12 @@ async def seed(request: Request, sb: Sandbox) -> Response:
     return _json({"subscriber": len(subs), "plans": len(plans)})
 
 
-def _seeded(sb: Sandbox, model: type[Record], fields: dict[str, Any]) -> Record:
-    """A seeded row: amounts must be cents in lax; strict keeps every digit."""
+def _seeded(sb: Sandbox, model: type[Record], fields: dict[str, Any], raw: bool) -> Record:
+    """A seeded row: amounts must be cents in lax; strict keeps every digit. ``raw`` stores it
+    unchecked (a null amount, a long string, a number as text): the odd rows a real VBA may
+    hold, which a client must read without wedging."""
+    if raw:
+        return model.model_construct(**fields)
     if not sb.strict:
         return model.model_validate(fields)
     return keep_digits(model.model_validate(fields, context=FROM_VBA), fields)

@@ -28,8 +28,9 @@ def sandbox(
     admin_token: Annotated[str | None, typer.Option(help="required x-admin-token")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the fault dice")] = None,
     dialect: Annotated[
-        c.Dialect, typer.Option(help="lax: as our client expects; strict: as a real VBA would")
-    ] = "lax",
+        c.Dialect,
+        typer.Option(help="strict: as a real VBA most likely answers; lax: the seeds' letter"),
+    ] = "strict",
     id_spelling: Annotated[
         c.IdSpelling, typer.Option(help="207 id key names: exact (subscriber_ID) or camel")
     ] = "exact",
@@ -65,6 +66,10 @@ def sandbox(
     list_status: Annotated[
         int | None, typer.Option(min=400, max=599, help="every list answers this error status")
     ] = None,
+    forbidden: Annotated[bool, typer.Option(help="the gateway answers 403 to every call")] = False,
+    refuse_batch_with: Annotated[
+        str | None, typer.Option(help="a batch holding this benefit_Code is refused whole (400)")
+    ] = None,
     shuffle: Annotated[bool, typer.Option(help="shuffle a 207's data[]")] = False,
     token_ttl: Annotated[float, typer.Option(help="id token lifetime, seconds")] = 86400.0,
     down: Annotated[bool, typer.Option(help="answer 503 to every VBA call")] = False,
@@ -89,6 +94,8 @@ def sandbox(
         list_delay=list_delay,
         slow_lists=slow_lists,
         list_status=list_status,
+        forbidden=forbidden,
+        refuse_batch_with=refuse_batch_with,
         shuffle=shuffle,
         token_ttl=token_ttl,
         down=down,

@@ -63,6 +63,14 @@ class Faults(BaseModel):
     list_status: int | None = Field(
         default=None, ge=400, le=599, description="every list answers this error status"
     )
+    forbidden: bool = Field(
+        default=False, description="the gateway answers 403 to every call (a revoked key)"
+    )
+    refuse_batch_with: str | None = Field(
+        default=None,
+        description="a batch holding a record with this benefit_Code (or accum_Name) is "
+        "refused whole with a model-binding 400, as VBA refuses a value it can't bind",
+    )
     shuffle: bool = Field(default=False, description="shuffle data[] of a 207")
     token_ttl: float = Field(default=86400.0, gt=0, description="lifetime of new id tokens")
     down: bool = Field(default=False, description="answer 503 to every VBA call")
@@ -84,5 +92,5 @@ class SandboxConfig:
     admin_token: str | None = None
     seed: int | None = None
     faults: Faults = field(default_factory=Faults)
-    dialect: Dialect = "lax"
+    dialect: Dialect = "strict"
     id_spelling: IdSpelling = "exact"

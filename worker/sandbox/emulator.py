@@ -154,6 +154,8 @@ class Sandbox:
         previous = self.state.get(type(row), row.key)
         if previous is not None:
             row = row.model_copy(update={f: getattr(previous, f) for f in row.KEY})
+        if call is None:  # VBA's own write (seed, adjust, intrusion): VBA's user, whatever it held
+            row = row.model_copy(update={"update_User": None})
         row = stamp(row, previous, user)
         self.state.put(row)
         self._journal(self.journal.record(op, user, previous, row, status), call)
@@ -236,7 +238,7 @@ class Sandbox:
         h = request.headers
         if self.faults.down:
             return problem(503, "Service Unavailable", "VBA is down", self.retry_after())
-        if not h.get("user-agent", "").strip():
+        if self.faults.forbidden or not h.get("user-agent", "").strip():
             return JSONResponse({"message": "Forbidden"}, status_code=403)
         if not h.get("x-api-key"):
             # API Gateway answers 403 to a missing key too; lax keeps the 401 our client knew.

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from models.vba import PlanAccumulator, Record, SubscriberAccum, loads
-from worker.sandbox.binding import refusal
+from worker.sandbox.binding import refusal, validation_problem
 from worker.sandbox.dialect import negatives
 from worker.sandbox.emulator import Sandbox, envelope, problem
 from worker.sandbox.state import Key
@@ -248,7 +248,22 @@ async def _batch(
         return problem(400, "Bad Request", "The body must be an array")
     if sb.strict and (refused := refusal(await request.body(), model)):
         return refused
+    if (poison := sb.faults.refuse_batch_with) is not None and (
+        refused := unbindable(payload, poison)
+    ):
+        return refused
     return [_upsert(request, sb, model, raw, path) for raw in payload]
+
+
+def unbindable(payload: list[Any], poison: str) -> Response | None:
+    """The ``refuse_batch_with`` fault: one record VBA can't bind refuses the whole request."""
+    for i, raw in enumerate(payload):
+        for name in ("benefit_Code", "accum_Name"):
+            value = raw.get(name) if isinstance(raw, dict) else None
+            if isinstance(value, str) and value.rstrip(" ").casefold() == poison.casefold():
+                message = f"The value '{value}' is not valid for {name}."
+                return validation_problem({f"$[{i}].{name}": [message]})
+    return None
 
 
 def _multi_status(sb: Sandbox, items: list[Item], activity_key: str) -> Response:

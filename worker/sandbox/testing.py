@@ -69,10 +69,15 @@ class SandboxAdmin:
         return result
 
     def seed(
-        self, subscriber: Sequence[dict[str, Any]] = (), plans: Sequence[dict[str, Any]] = ()
+        self,
+        subscriber: Sequence[dict[str, Any]] = (),
+        plans: Sequence[dict[str, Any]] = (),
+        raw: bool = False,
     ) -> Any:
-        """Rows VBA already has before accumsync writes (missing amounts are 0)."""
-        return self._call("POST", "/seed", {"subscriber": list(subscriber), "plans": list(plans)})
+        """Rows VBA already has before accumsync writes (missing amounts are 0); ``raw`` stores
+        them unchecked (odd rows: nulls, long strings)."""
+        payload = {"subscriber": list(subscriber), "plans": list(plans), "raw": raw}
+        return self._call("POST", "/seed", payload)
 
     def adjust(self, key: dict[str, str], deltas: dict[str, Any]) -> dict[str, Any]:
         """VBA's own adjudication adds ``deltas`` to a row (created at zero if absent)."""

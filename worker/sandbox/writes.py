@@ -24,11 +24,15 @@ JOURNAL_LIMIT: Final = 20_000
 
 
 def stamp(row: W, previous: Record | None, user: str) -> W:
-    """Set entry/update date and user as VBA does on a write."""
+    """Set entry/update date and user as VBA does on a write: the dates are VBA's; the users
+    are the ones the request names (the seeds let a client set them), else the caller's."""
     now = datetime.now(UTC)
-    entry_date, entry_user = (previous.entry_Date, previous.entry_User) if previous else (now, user)
-    audit = {"entry_Date": entry_date, "entry_User": entry_user}
-    return row.model_copy(update=audit | {"update_Date": now, "update_User": user})
+    if previous is not None:
+        entry_date, entry_user = previous.entry_Date, previous.entry_User
+    else:
+        entry_date, entry_user = now, row.entry_User or user
+    audit = {"entry_Date": entry_date, "entry_User": entry_user, "update_Date": now}
+    return row.model_copy(update=audit | {"update_User": row.update_User or user})
 
 
 def with_deltas(

@@ -46,6 +46,8 @@ def _version() -> str:
 VERSION: Final = _version()
 USER_AGENT: Final = f"accumsync/{VERSION}"
 CONNECT_RETRY_DELAY = 0.25
+#: Non-2xx answers that are part of the protocol, not trouble: logged at info, not warning.
+EXPECTED: Final = frozenset({("accumulators.list", 404)})  # a subscriber VBA doesn't know yet
 STALE_PREPAID = 1.0  # seconds past due after which a prepaid token is dropped, not spent
 #: Transport errors raised before a request's bytes could reach VBA.
 NEVER_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -363,7 +365,8 @@ class VbaClient:
         error = classify(response, envelope)
         if error is not None:
             retry_after = getattr(error, "retry_after", None)
-            log.warning(
+            emit = log.info if (op, response.status_code) in EXPECTED else log.warning
+            emit(
                 "vba.call_failed",
                 op=op,
                 status=response.status_code,

@@ -120,17 +120,41 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 
 
 def envelope_of(response: httpx.Response) -> Envelope:
-    """VBA's envelope from any answer, whatever its Content-Type (207s come as text/plain)."""
+    """VBA's envelope from any answer, whatever its Content-Type (207s come as text/plain).
+
+    A bare ASP.NET ProblemDetails (model binding refused the request before VBA's own code
+    ran: no envelope) is read as the envelope's error, its ``traceId`` as the activity id and
+    its ``errors`` (field -> messages) as the detail."""
     try:
         payload = loads(response.content) if response.content else None
     except ValueError:
         return Envelope()
     if not isinstance(payload, dict):
         return Envelope(data=payload)
+    if "data" not in payload and ("errors" in payload or "traceId" in payload):
+        return _bare_problem(payload)
     try:
         return Envelope.model_validate(payload)
     except ValidationError:
         return Envelope(data=payload.get("data"))
+
+
+def _bare_problem(payload: dict[str, object]) -> Envelope:
+    errors = payload.get("errors")
+    detail = payload.get("detail")
+    if isinstance(errors, dict):
+        detail = "; ".join(
+            f"{field}: {' '.join(map(str, m)) if isinstance(m, list) else m}"
+            for field, m in errors.items()
+        )
+    problem = {k: payload.get(k) for k in ("type", "title", "status", "instance")}
+    trace = payload.get("traceId")
+    try:
+        return Envelope.model_validate(
+            {"error": problem | {"detail": detail}, "debug": {"activityId": trace}}
+        )
+    except ValidationError:
+        return Envelope()
 
 
 def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
