@@ -147,7 +147,9 @@ def test_secrets_are_secretstr_and_never_printed(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[SandboxHandle]:
     with running_sandbox() as handle:
-        yield handle
+        key = {"plan_Year": "2026", "plan_Type": "MED", "benefit_Code": "DED"}
+        handle.admin.seed(subscriber=[{"subscriber_ID": SUB, "group_ID": GROUP} | key])
+        yield handle  # a member VBA knows: its list answers 200 (strict: 404 for a stranger)
 
 
 def token(sandbox: SandboxHandle) -> str:

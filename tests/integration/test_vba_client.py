@@ -17,8 +17,9 @@ from redis import Redis
 
 from models.buckets import VBA_FIELDS
 from models.vba import dumps
-from worker.sandbox.config import API_KEY, DATABASE, PASSWORD
+from worker.sandbox.config import API_KEY, PASSWORD
 from worker.sandbox.testing import SandboxHandle, running_sandbox
+from worker.sandbox.testing import vba_headers as sandbox_headers
 from worker.vba import USER_AGENT, VbaAuthError, VbaClient, VbaRejected, VbaUnavailable
 
 pytestmark = pytest.mark.integration
@@ -107,13 +108,8 @@ def raw(sandbox: SandboxHandle, method: str, path: str, **kwargs: Any) -> httpx.
 
 
 def vba_headers(client: VbaClient) -> dict[str, str]:
-    """Correct VBA headers with the client's current token."""
-    return {
-        "x-api-key": API_KEY,
-        "Authorization": f"Bearer {client.auth.token()}",
-        "vbasoftware-database": DATABASE,
-        "User-Agent": USER_AGENT,
-    }
+    """Correct VBA headers with the client's current token, for hand-made calls."""
+    return sandbox_headers(client.auth.token(), USER_AGENT)
 
 
 # -- every endpoint -------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import pytest
 
 from models.buckets import VBA_FIELDS
 from models.vba import dumps
-from worker.sandbox.config import API_KEY, DATABASE
 from worker.sandbox.testing import SandboxHandle, _flag, running_sandbox
+from worker.sandbox.testing import vba_headers as sandbox_headers
 from worker.vba import USER_AGENT, VbaClient, VbaUnavailable
 
 SUB, GROUP = "123456789", "GRP-A"
@@ -357,9 +357,4 @@ def test_new_faults_are_flags_too() -> None:
 
 def vba_headers(client: VbaClient) -> dict[str, str]:
     """Correct VBA headers with the client's current token, for hand-made calls."""
-    return {
-        "x-api-key": API_KEY,
-        "Authorization": f"Bearer {client.auth.token()}",
-        "vbasoftware-database": DATABASE,
-        "User-Agent": USER_AGENT,
-    }
+    return sandbox_headers(client.auth.token(), USER_AGENT)

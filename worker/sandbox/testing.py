@@ -42,6 +42,16 @@ def _flag(name: str, value: Any) -> list[str]:
     return [opt, str(value)]
 
 
+def vba_headers(token: str, user_agent: str) -> dict[str, str]:
+    """Correct VBA headers for the sandbox's well-known credentials, for hand-made calls."""
+    return {
+        "x-api-key": c.API_KEY,
+        "Authorization": f"Bearer {token}",
+        "vbasoftware-database": c.DATABASE,
+        "User-Agent": user_agent,
+    }
+
+
 class SandboxAdmin:
     """The /_admin/ API of one sandbox; amounts come back as Decimal.
 
