@@ -25,7 +25,7 @@ from sqlalchemy import Engine, text
 
 from tests.services import create_database, drop_database, ensure_postgres, ensure_redis
 from worker.db import make_engine, upgrade
-from worker.procs import CELERY, Child
+from worker.demo.procs import CELERY, Child
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,9 +88,9 @@ class Run:
     def worker(
         self, env: dict[str, str], concurrency: int, include: Sequence[str] = (), name: str = "w"
     ) -> Child:
-        """``celery -A worker worker`` on this run's queue, started and ready."""
+        """``celery -A worker worker`` on this run's queues (ingest, flush), started and ready."""
         node = f"{name}-{self.tag}@%h"
-        argv = [*CELERY, "worker", "-n", node, "-c", str(concurrency), "-Q", env["ACCUMSYNC_QUEUE"]]
+        argv = [*CELERY, "worker", "-n", node, "-c", str(concurrency)]
         argv += ["-l", "INFO", "--without-gossip", "--without-mingle"]
         argv += [a for mod in include for a in ("-I", mod)]
         child = Child(name, argv, env, self.tmp / "logs" / f"{name}.log").start()
@@ -115,10 +115,10 @@ class Run:
 def producer_app(env: dict[str, str]) -> Any:
     """This process's Celery app, pointed at a run's broker and queue (``env`` of ``Run.env``).
 
-    ``worker.app`` configures itself from the environment when first imported, which any
+    ``worker.celery`` configures itself from the environment when first imported, which any
     ``worker`` import does; so the run's settings are applied again before anything is sent.
     """
-    from worker.app import app, configure
+    from worker.celery import app, configure
     from worker.settings import get_settings
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("ACCUMSYNC_")})

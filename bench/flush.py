@@ -25,14 +25,14 @@ from sqlalchemy import text
 from sqlmodel import Session
 
 from bench.common import Report, Run, producer_app, store, wait_until
-from worker.sandbox.testing import running_sandbox
+from worker.demo.sandboxes import running_sandbox
 
 RATE, BURST = 25.0, 50
 
 
 def seed(url: str, pairs: int) -> None:
     """``pairs`` dirty pairs, two keys each, written with the real ingest."""
-    from worker.store import ingest
+    from worker.ingest.store import ingest
 
     events = [event(i, code) for i in range(pairs) for code in ("DED", "OOP")]
     with store(url) as engine, Session(engine) as session:

@@ -22,8 +22,8 @@ from decimal import Decimal
 from typing import Any
 
 from bench.common import Report, Run, producer_app, store, wait_until
-from worker.sandbox.testing import running_sandbox
-from worker.streams import StreamSpec, generate
+from worker.demo.sandboxes import running_sandbox
+from worker.demo.streams import StreamSpec, generate
 
 TICK = 0.25
 PROBE_KEYS = 10
@@ -97,7 +97,7 @@ def main() -> None:
         env = run.env(url, **settings) | vba
         run.worker(env, 4, name="fresh")
         run.beat(env)
-        from worker.producer import publish
+        from worker.ingest.producer import publish
 
         producer_app(env)
         watcher = Watcher(sandbox.admin)

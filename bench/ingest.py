@@ -28,7 +28,7 @@ from sqlalchemy import text
 from bench.common import CpuMeter, Report, Run, events_ingested, store, wait_until
 from bench.naive import TASK as NAIVE_TASK
 from tests.stack import Stack, same_totals
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.streams import StreamSpec, expected_totals, generate
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench.common import Report, Run, events_ingested, pool_pids, producer_app, rss_mb, store
-from worker.streams import StreamSpec, generate
+from worker.demo.streams import StreamSpec, generate
 
 SEGMENT = 50_000
 IN_FLIGHT = 100_000
@@ -48,7 +48,7 @@ def main() -> None:
         child = run.worker(env, 1, name="mem")
         pid = pool_pids(child.pid)[0]
         idle = rss_mb(pid)[0]
-        from worker.producer import publish
+        from worker.ingest.producer import publish
 
         producer_app(env)
         published = 0

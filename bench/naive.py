@@ -20,7 +20,7 @@ from models.buckets import AMOUNTS, COLUMNS
 from models.events import ClaimEvent
 from models.ledger import ClaimState
 from models.tables import CLAIM_CENTS, Accumulator, Claim, Pair, ReceivedEvent
-from worker.app import app
+from worker.celery import app
 from worker.db import in_transaction
 
 TASK = "bench.naive_ingest"

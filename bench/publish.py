@@ -24,8 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     events = json.loads(args.file.read_text())
 
-    from worker.app import app
-    from worker.producer import publish
+    from worker.celery import app
+    from worker.ingest.producer import publish
 
     with app.connection_for_write() as conn:
         conn.ensure_connection()

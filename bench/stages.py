@@ -2,9 +2,10 @@
 
 ``python -m bench.stages [--events 40000] [--batch 500]`` ingests a realistic stream into a fresh
 Postgres database from this process (no broker, no Celery), one transaction per batch, and times
-each stage of ``worker.store.ingest`` per event: validation, the claim lock, the seen-hash lookup,
-each table's write. It is the profile the README's findings quote as "in-process"; the end-to-end
-figure is ``bench.ingest``'s. Baseline: the whole ingest's own time per event (the stages' share).
+each stage of ``worker.ingest.store.ingest`` per event: validation, the claim lock, the seen-hash
+lookup, each table's write. It is the profile the README's findings quote as "in-process"; the
+end-to-end figure is ``bench.ingest``'s. Baseline: the whole ingest's own time per event (the
+stages' share).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 from sqlmodel import Session
 
-import worker.store as store
+import worker.ingest.store as store
 from bench.common import Report, Run
 from worker.db import make_engine
-from worker.streams import StreamSpec, generate
+from worker.demo.streams import StreamSpec, generate
 
 STAGES = (
     "validate",
@@ -36,7 +37,7 @@ STAGES = (
 
 
 def timed(name: str, spent: Counter[str]) -> Callable[..., Any]:
-    """``worker.store``'s stage ``name``, adding its wall time to ``spent``."""
+    """``worker.ingest.store``'s stage ``name``, adding its wall time to ``spent``."""
     stage = getattr(store, name)
 
     def run(*args: Any, **kwargs: Any) -> Any:

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from models.buckets import BUCKETS, VBA_FIELDS
 from models.tables import Accumulator
 from worker.db import make_engine
-from worker.procs import Child, beat_argv, wait_for, worker_argv
-from worker.streams import Key
+from worker.demo.procs import Child, beat_argv, wait_for, worker_argv
+from worker.demo.streams import Key
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
 
@@ -93,10 +93,9 @@ class Stack:
         queue: str | None = None,
         **env: str,
     ) -> Child:
-        """Start ``celery -A worker worker`` on this stack's queue (or ``queue``) and wait
-        until it is ready."""
-        queue = queue or self.queue
-        argv = worker_argv(f"{name}-{self.queue}", concurrency, queue, pool)
+        """Start ``celery -A worker worker`` on this stack's two queues (or only ``queue``) and
+        wait until it is ready."""
+        argv = worker_argv(f"{name}-{self.queue}", concurrency, [queue] if queue else [], pool)
         log = self.tmp / "logs" / f"{name}.log"
         child = Child(name, argv, self.env | env, log).start()
         self.children.append(child)

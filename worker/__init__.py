@@ -1,9 +1,6 @@
-"""The accumsync process and its adapters: Celery app, settings, database, VBA client, sandbox, CLI.
+"""The accumsync process and its adapters (the tree is the map; README "Where things live").
 
-``celery -A worker worker`` finds the Celery app here.
+Nothing is imported here: ``import worker.vba`` (or the sandbox, or the CLI) starts no Celery
+app, reads no settings and creates no directory. ``celery -A worker`` finds the app in
+``worker/celery.py`` by itself.
 """
-
-from worker.app import app
-
-__all__ = ["app"]
-__version__ = "0.1.0"

@@ -74,7 +74,7 @@ def publish(
     batch_size: Annotated[int, typer.Option(min=1, max=50_000)] = 500,
 ) -> None:
     """Publish ClaimEvent v1 lines to the ingest queue, in batches."""
-    from worker.producer import publish as send
+    from worker.ingest.producer import publish as send
 
     total = None if file == "-" else _count_lines(Path(file))
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
@@ -89,7 +89,7 @@ def publish(
 def status(as_json: JsonFlag = False) -> None:
     """Counters: events received and applied, duplicates, dead letters, dirty accumulators."""
     from worker.db import session_scope
-    from worker.reports import status as read_status
+    from worker.ops.reports import status as read_status
 
     with session_scope() as session:
         values = read_status(session)
@@ -113,7 +113,7 @@ def dead_list(
 ) -> None:
     """The most recent dead letters with their reasons."""
     from worker.db import session_scope
-    from worker.reports import dead_letters
+    from worker.ops.reports import dead_letters
 
     with session_scope() as session:
         rows = dead_letters(session, limit, source, show_payload)
@@ -145,9 +145,9 @@ def dead_replay(
 ) -> None:
     """Re-queue dead-lettered events, or release dead-lettered accumulators, after a fix."""
     from worker.db import session_scope
-    from worker.plans import push_due
-    from worker.producer import publish as send
-    from worker.replay import replay
+    from worker.flush.plans import push_due
+    from worker.ingest.producer import publish as send
+    from worker.ops.replay import replay
 
     if not ids and not all_ and not source:
         err.print("name letters with --id N, or choose --all or --source")
@@ -178,7 +178,7 @@ def dead_resolve(
 ) -> None:
     """Settle a key held for a person: an ambiguous outcome, or a VBA row below our share."""
     from worker.db import session_scope
-    from worker.replay import NotResolvable, resolve
+    from worker.ops.replay import NotResolvable, resolve
 
     if landed is None:
         err.print("say what VBA shows: --landed or --not-landed")
@@ -199,7 +199,7 @@ def flush(
     poll: Annotated[float, typer.Option(help="seconds between checks")] = 1.0,
 ) -> None:
     """Trigger a flush now; with --wait, wait for it and exit non-zero on new dead letters."""
-    from worker.flushwait import wait_for_flush
+    from worker.ops.flushwait import wait_for_flush
 
     code = wait_for_flush(out, wait=wait, timeout=timeout, poll=poll)
     raise typer.Exit(code)
@@ -211,7 +211,7 @@ def plans_push(
     force: Annotated[bool, typer.Option(help="send plans even when unchanged")] = False,
 ) -> None:
     """Validate plan accumulator definitions and send one batch per changed plan."""
-    from worker.plans import PlanFileError, load_plans, push_plans
+    from worker.flush.plans import PlanFileError, load_plans, push_plans
 
     try:
         plans = load_plans(file)
@@ -249,7 +249,7 @@ def demo(
     """The whole pipeline against the bundled sandbox, verified to the cent; no server needed."""
     import signal
 
-    from worker.demo import Demo, Options
+    from worker.demo.demo import Demo, Options
 
     def interrupted(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
@@ -286,7 +286,7 @@ def health(
     as_json: JsonFlag = False,
 ) -> None:
     """Exit 0 when accumsync makes progress; 1, with the reasons, when it does not."""
-    from worker.health import Limits, check
+    from worker.ops.health import Limits, check
     from worker.settings import get_settings
 
     limits = Limits.of(get_settings(), max_dirty_age=max_dirty_age, max_flush_age=max_flush_age,
@@ -310,7 +310,7 @@ def metrics(
     once: Annotated[bool, typer.Option(help="print the metrics once and exit")] = False,
 ) -> None:
     """Serve Prometheus metrics read from the store and the broker at each scrape."""
-    from worker.metrics import registry, server
+    from worker.ops.metrics import registry, server
 
     if once:
         from prometheus_client import generate_latest

@@ -1,44 +1,37 @@
-"""Durable counts of events of note (token refreshes, logins, 429s), readable by any process.
+"""Durable counts of events of note (logins, token refreshes, 401s, 403s, 429s), readable by any
+process: ``accumsync metrics`` and ``health`` read them from the store's ``event_counter`` table.
 
-A worker's in-memory counters die with it and are invisible to ``accumsync metrics``; these live
-in the store's ``event_counter`` table. They are fed by observing the structured log events the
-VBA client already emits (worker/logs.py ``observe``), so the client needs no metrics code.
+A worker's in-memory counters die with it and are invisible to another process. The VBA client
+reports each event through an explicit hook (``VbaClient(on_event=counters.bump)``, wired by
+``worker.flush.protocol.client``); a log call never writes to the database.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlmodel import Session
 
 from models.tables import EventCounter
-from worker import logs
+from worker.db import insert, session_scope, utcnow
+from worker.logs import Log
 
 T_COUNTER = EventCounter.__table__  # type: ignore[attr-defined]
-
-#: log event -> counter name, counted on every occurrence.
-COUNTED = {
-    "vba.token_refreshed": "vba_token_refreshes",
-    "vba.logged_in": "vba_logins",
-}
-#: log events whose ``status`` field is counted as ``vba_<status>`` when it is one of these.
-STATUS_EVENTS = ("vba.call_failed", "vba.auth_unavailable", "vba.auth_refused")
-STATUSES_COUNTED = frozenset({401, 403, 429})
-
 NAMES = ("vba_token_refreshes", "vba_logins", "vba_429", "vba_401", "vba_403")
+log = Log("counters")
 
 
 def bump(name: str, n: int = 1) -> None:
-    """Add ``n`` to counter ``name`` in its own short transaction (never fails the caller)."""
-    from worker.bulk import insert
-    from worker.db import session_scope, utcnow
-
-    with session_scope() as s:
-        stmt = insert(s, T_COUNTER).values(name=name, value=n, updated_at=utcnow())
-        new = {"value": T_COUNTER.c.value + stmt.excluded.value, "updated_at": utcnow()}
-        s.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=new))
+    """Add ``n`` to counter ``name`` in its own short transaction; never fails the caller (a
+    count is not worth a VBA call's outcome)."""
+    try:
+        with session_scope() as s:
+            stmt = insert(s, T_COUNTER).values(name=name, value=n, updated_at=utcnow())
+            new = {"value": T_COUNTER.c.value + stmt.excluded.value, "updated_at": utcnow()}
+            s.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=new))
+    except Exception as exc:
+        log.warning("counters.not_counted", counter=name, error=type(exc).__name__)
 
 
 def read(session: Session) -> dict[str, int]:
@@ -54,21 +47,3 @@ def last(session: Session, name: str) -> datetime | None:
     query = select(T_COUNTER.c.updated_at).where(T_COUNTER.c.name == name)
     found: datetime | None = session.execute(query).scalar()
     return found
-
-
-def _count(event: str, fields: dict[str, Any]) -> None:
-    bump(COUNTED[event])
-
-
-def _count_status(event: str, fields: dict[str, Any]) -> None:
-    status = fields.get("status")
-    if status in STATUSES_COUNTED:
-        bump(f"vba_{status}")
-
-
-def install() -> None:
-    """Count the events of note in this process (idempotent; called by ``worker.app``)."""
-    for event in COUNTED:
-        logs.observe(event, _count)
-    for event in STATUS_EVENTS:
-        logs.observe(event, _count_status)

@@ -9,13 +9,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, literal, select
+from sqlalchemy import Engine, Table, create_engine, event, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool
@@ -31,6 +32,21 @@ T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 RETRYABLE_PGCODES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock n/a
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def insert(session: Session, table: Table) -> postgresql.Insert:
+    """The dialect's INSERT, which knows ON CONFLICT (SQLite's has the same API as Postgres')."""
+    return dialect_insert(table, is_postgres(session))
+
+
+def dialect_insert(table: Table, postgres: bool) -> postgresql.Insert:
+    if postgres:
+        return postgresql.insert(table)
+    return cast(postgresql.Insert, sqlite.insert(table))
 
 
 class NotMigrated(RuntimeError):

@@ -3,8 +3,7 @@
 Fields are opaque ids, counts, statuses and VBA activityIds. Never pass member data (subscriber or
 group ids, amounts) or secrets: these lines end up in log aggregators that many people read.
 
-An event can also be *observed* (``observe("vba.token_refreshed", fn)``): worker/counters.py counts
-events of note durably this way, whatever the log level, so ``accumsync metrics`` can read them.
+A log call writes a line and nothing else (durable counts have their own hook: worker/counters.py).
 """
 
 from __future__ import annotations
@@ -12,14 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 _CONFIGURED = False
-
-Observer = Callable[[str, dict[str, Any]], None]
-_OBSERVERS: dict[str, list[Observer]] = {}
 
 
 class _Formatter(logging.Formatter):
@@ -46,21 +41,6 @@ class _Formatter(logging.Formatter):
 
 #: Libraries whose INFO lines carry URLs with subscriber and group ids: WARNING and up only.
 QUIET = ("httpx", "httpcore", "urllib3")
-
-
-def observe(event: str, observer: Observer) -> None:
-    """Call ``observer(event, fields)`` whenever ``event`` is logged (idempotent per pair)."""
-    observers = _OBSERVERS.setdefault(event, [])
-    if observer not in observers:
-        observers.append(observer)
-
-
-def _notify(event: str, fields: dict[str, Any]) -> None:
-    for observer in _OBSERVERS.get(event, ()):
-        try:
-            observer(event, fields)
-        except Exception:  # an observer must never break the code that logs
-            logging.getLogger("accumsync.logs").debug("observer failed", exc_info=True)
 
 
 def reformat(logger: logging.Logger, fmt: str) -> None:
@@ -95,8 +75,6 @@ class Log:
         self._log = logging.getLogger(f"accumsync.{name}")
 
     def _emit(self, level: int, event: str, exc: bool, fields: dict[str, Any]) -> None:
-        if event in _OBSERVERS:
-            _notify(event, fields)
         if self._log.isEnabledFor(level):
             self._log.log(level, event, extra={"fields": fields}, exc_info=exc)
 

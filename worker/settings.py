@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     broker_url: str = ""
     database_url: str = ""
     redis_url: str = ""
-    queue: str = Field(default="accumsync", min_length=1, description="the Celery queue's name")
+    queue: str = Field(default="accumsync", min_length=1, description="the ingest queue's name")
+    flush_queue: str = Field(
+        default="", description="the flush tasks' queue (default: the ingest queue's + .flush)"
+    )
 
     vba_base_url: str = ""
     vba_api_key: SecretStr = SecretStr("")
@@ -131,6 +134,11 @@ class Settings(BaseSettings):
         if url.scheme not in ("", "http", "https"):
             raise ValueError("ACCUMSYNC_VBA_BASE_URL: scheme must be https (or http on loopback)")
         return self
+
+    @property
+    def effective_flush_queue(self) -> str:
+        """The flush tasks' queue: the setting, or ``<queue>.flush`` (``accumsync.flush``)."""
+        return self.flush_queue or f"{self.queue}.flush"
 
     @property
     def effective_database_url(self) -> str:

@@ -26,10 +26,10 @@ from sqlalchemy import Engine, text
 
 from tests.stack import Stack, remote_totals, same_totals
 from worker.db import make_engine
-from worker.procs import Child, wait_for
-from worker.producer import argsrepr
-from worker.sandbox.testing import SandboxHandle, free_port, running_sandbox
-from worker.streams import expected_totals
+from worker.demo.procs import Child, wait_for
+from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
+from worker.demo.streams import expected_totals
+from worker.ingest.producer import argsrepr
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -12,7 +12,7 @@ import asyncio
 import threading
 from contextlib import suppress
 
-from worker.sandbox.testing import free_port
+from worker.demo.sandboxes import free_port
 
 
 class Relay:

@@ -9,8 +9,8 @@ import pytest
 
 from tests.chaos.conftest import Chaos, EventCapture, distinctive
 from tests.chaos.netfault import Relay
-from worker.procs import wait_for
-from worker.streams import StreamSpec, generate
+from worker.demo.procs import wait_for
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
 

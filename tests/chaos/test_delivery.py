@@ -12,7 +12,7 @@ import pytest
 from redis import Redis
 
 from tests.chaos.conftest import Chaos, EventCapture, distinctive
-from worker.streams import StreamSpec, generate
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
 

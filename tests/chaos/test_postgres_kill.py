@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from models.buckets import AMOUNTS
 from tests.chaos.conftest import Chaos, distinctive
 from tests.services import PG_ADMIN
-from worker.streams import StreamSpec, generate
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
 

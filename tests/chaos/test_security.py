@@ -17,8 +17,8 @@ from pydantic import SecretStr, ValidationError
 
 from tests.chaos.conftest import API_KEY, PASSWORD
 from tests.stack import ACCUMSYNC
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
 from worker.sandbox import config as sandbox_config
-from worker.sandbox.testing import SandboxHandle, running_sandbox
 from worker.settings import Settings
 from worker.vba import VbaClient, VbaUnavailable
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.chaos.conftest import Chaos, distinctive
-from worker.sandbox.testing import SandboxHandle
-from worker.streams import StreamSpec, generate
+from worker.demo.sandboxes import SandboxHandle
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
 

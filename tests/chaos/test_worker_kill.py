@@ -14,8 +14,8 @@ import pytest
 from tests.chaos.conftest import Chaos, distinctive
 from tests.integration.test_flush import own_keys, plus, vba_rows
 from tests.stack import remote_totals
-from worker.procs import Child, wait_for
-from worker.streams import StreamSpec, generate
+from worker.demo.procs import Child, wait_for
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
 

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.stack import Stack
-from worker.sandbox.testing import SandboxHandle, running_sandbox
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
 
 FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
 

@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from tests.stack import Stack
-from worker.procs import CELERY, Child, wait_for
+from worker.demo.procs import CELERY, Child, wait_for
+from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
+from worker.demo.streams import StreamSpec, generate
 from worker.sandbox import config as sandbox_config
-from worker.sandbox.testing import SandboxHandle, free_port, running_sandbox
-from worker.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.integration
 

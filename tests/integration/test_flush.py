@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from tests.stack import Stack, remote_totals, same_totals
-from worker.procs import wait_for
-from worker.sandbox.testing import SandboxHandle
-from worker.streams import Key, StreamSpec, expected_totals, generate
+from worker.demo.procs import wait_for
+from worker.demo.sandboxes import SandboxHandle
+from worker.demo.streams import Key, StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ from sqlalchemy import select, text, update
 from models.tables import Pair
 from tests.stack import Stack, remote_totals, same_totals
 from worker.db import make_engine
-from worker.procs import Child, wait_for
-from worker.sandbox.testing import SandboxHandle
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.procs import Child, wait_for
+from worker.demo.sandboxes import SandboxHandle
+from worker.demo.streams import StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
 

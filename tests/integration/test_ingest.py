@@ -12,8 +12,8 @@ from sqlalchemy import text
 
 from tests.stack import Stack, same_totals
 from worker.db import make_engine
-from worker.procs import wait_for
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.procs import wait_for
+from worker.demo.streams import StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.stack import ACCUMSYNC
-from worker.procs import wait_for
+from worker.demo.procs import wait_for
 
 pytestmark = pytest.mark.integration
 

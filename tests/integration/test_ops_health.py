@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from tests.stack import Stack
-from worker.procs import wait_for
-from worker.sandbox.testing import SandboxHandle, running_sandbox
-from worker.streams import StreamSpec, generate
+from worker.demo.procs import wait_for
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.stack import ACCUMSYNC, Stack
-from worker.procs import Child, wait_for
-from worker.sandbox.testing import SandboxHandle, free_port, running_sandbox
-from worker.streams import StreamSpec, generate
+from worker.demo.procs import Child, wait_for
+from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
+from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from tests.stack import Stack, remote_totals, same_totals
-from worker.procs import wait_for
-from worker.sandbox.testing import SandboxHandle, running_sandbox
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.procs import wait_for
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
+from worker.demo.streams import StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ from sqlalchemy import Engine, text
 from tests.services import create_database, drop_database
 from tests.stack import Stack, same_totals
 from tests.unit.test_ledger_properties import deliveries, ingest_in_batches
-from worker.bulk import statement
 from worker.db import make_engine, upgrade
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.streams import StreamSpec, expected_totals, generate
+from worker.ingest.bulk import statement
 
 TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch"
 

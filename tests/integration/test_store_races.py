@@ -19,7 +19,7 @@ from models.tables import DeadLetter, ReceivedEvent
 from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
 from worker.db import make_engine, upgrade
-from worker.store import T_ACCUM, BatchResult, ingest
+from worker.ingest.store import T_ACCUM, BatchResult, ingest
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ from redis import Redis
 
 from models.buckets import VBA_FIELDS
 from models.vba import dumps
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
+from worker.demo.sandboxes import vba_headers as sandbox_headers
 from worker.sandbox.config import API_KEY, PASSWORD
-from worker.sandbox.testing import SandboxHandle, running_sandbox
-from worker.sandbox.testing import vba_headers as sandbox_headers
 from worker.vba import USER_AGENT, VbaAuthError, VbaClient, VbaRejected, VbaUnavailable
 
 pytestmark = pytest.mark.integration

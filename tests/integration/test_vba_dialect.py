@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.stack import Stack, remote_totals, same_totals
-from worker.sandbox.testing import SandboxHandle
-from worker.streams import StreamSpec, expected_totals, generate
+from worker.demo.sandboxes import SandboxHandle
+from worker.demo.streams import StreamSpec, expected_totals, generate
 
 pytestmark = pytest.mark.integration
 

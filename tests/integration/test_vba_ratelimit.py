@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from worker.sandbox.testing import running_sandbox
+from worker.demo.sandboxes import running_sandbox
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from tests.integration.test_flower import flower_argv
 from tests.integration.test_ops_health import HEALTH
 from tests.integration.test_ops_metrics import metrics_argv
 from worker.cli import app as cli_app
-from worker.procs import beat_argv, worker_argv
+from worker.demo.procs import beat_argv, worker_argv
 from worker.sandbox.cli import sandbox as sandbox_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def _tail(argv: list[str], after: str) -> list[str]:
 
 #: Each compose command (from its program word on) -> the argv the test-suite runs for it.
 EXERCISED: dict[tuple[str, ...], list[str]] = {
-    ("celery", "-A", "worker", "worker"): ["celery", *_tail(worker_argv("n", 2, "q"), "-A")],
+    ("celery", "-A", "worker", "worker"): ["celery", *_tail(worker_argv("n", 2, ["q"]), "-A")],
     ("celery", "-A", "worker", "beat"): ["celery", *_tail(beat_argv(Path("s")), "-A")],
     ("celery", "-A", "worker", "flower"): ["celery", *_tail(flower_argv(1), "-A")],
     ("accumsync", "metrics"): ["accumsync", *_tail(metrics_argv(1), "metrics")],
@@ -135,7 +135,7 @@ def test_healthcheck_urls_are_the_tested_ones(compose: dict[str, Any]) -> None:
     for name, path in paths.items():
         assert path in " ".join(services[name]["healthcheck"]["test"]), name
     sources = "".join(p.read_text() for p in (TESTS / "integration").glob("test_*.py"))
-    sources += (ROOT / "worker" / "sandbox" / "testing.py").read_text()
+    sources += (ROOT / "worker" / "demo" / "sandboxes.py").read_text()
     assert all(path in sources for path in paths.values())
 
 

@@ -47,10 +47,10 @@ from models.tables import DeadLetter
 from models.vba import dumps, loads
 from tests.unit.vba_fake import unit_settings, vba_json
 from worker import db
-from worker.flush import Flush
-from worker.replay import resolve
+from worker.flush.protocol import Flush
+from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
+from worker.ops.replay import resolve
 from worker.settings import get_settings
-from worker.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
 from worker.vba import VbaClient
 
 PAIR = ("S1", "G1")

@@ -1,7 +1,7 @@
 """The ledger's central property, on random streams: totals are a function of the set of events.
 
 Any order and any number of duplicate deliveries give the same 30 totals per key, to the cent,
-and they equal an independent fold of the events (``worker.streams.expected_totals``). Checked
+and they equal an independent fold of the events (``worker.demo.streams.expected_totals``). Checked
 on the pure fold and on the real store (SQLite), split into random batches.
 """
 
@@ -21,8 +21,8 @@ from models.events import ClaimEvent
 from models.ledger import Fold, totals
 from tests.stack import Stack, same_totals
 from worker.db import make_engine, upgrade
-from worker.store import ingest
-from worker.streams import expected_totals
+from worker.demo.streams import expected_totals
+from worker.ingest.store import ingest
 
 KEYS = [("S1", "G1", "2026", "MED", b) for b in ("DED", "OOP")] + [
     ("S2", "G1", "2026", "RX", "GEN")

@@ -14,10 +14,10 @@ import pytest
 
 from models.buckets import VBA_FIELDS
 from models.vba import PLAN_LIMIT_FIELDS, PlanAccumulator, Record, SubscriberAccum, loads
+from worker.demo.sandboxes import SandboxHandle, running_sandbox
 from worker.sandbox import config as c
 from worker.sandbox.binding import NOT_NULL
 from worker.sandbox.dialect import dumps
-from worker.sandbox.testing import SandboxHandle, running_sandbox
 
 SUB, GROUP = "abc123", "Grp-A"
 PLAN = "PLAN-1"

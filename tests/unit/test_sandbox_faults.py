@@ -14,8 +14,8 @@ import pytest
 
 from models.buckets import VBA_FIELDS
 from models.vba import dumps
-from worker.sandbox.testing import SandboxHandle, _flag, running_sandbox
-from worker.sandbox.testing import vba_headers as sandbox_headers
+from worker.demo.sandboxes import SandboxHandle, _flag, running_sandbox
+from worker.demo.sandboxes import vba_headers as sandbox_headers
 from worker.vba import USER_AGENT, VbaClient, VbaUnavailable
 
 SUB, GROUP = "123456789", "GRP-A"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httpx
 from redis import Redis
@@ -136,9 +136,10 @@ class Authenticator:
         store: TokenStore,
         limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
+        on_event: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.settings, self.http, self.store, self.limiter = settings, http, store, limiter
-        self.clock = clock
+        self.clock, self.on_event = clock, on_event
         self._cached: Token | None = None
 
     def token(self) -> str:
@@ -186,6 +187,7 @@ class Authenticator:
             log.warning("vba.refresh_refused", status=exc.status, activity_id=exc.activity_id)
             return None
         log.info("vba.token_refreshed")
+        self.on_event("vba_token_refreshes")
         return Token.issued(result, current.refresh_token, self.clock())
 
     def _login(self) -> Token:
@@ -195,6 +197,7 @@ class Authenticator:
         auth = "Basic " + base64.b64encode(basic).decode()
         result = self._post("/user-authentication", {"Authorization": auth})
         log.info("vba.logged_in")
+        self.on_event("vba_logins")
         return Token.issued(result, None, self.clock())
 
     def _post(self, path: str, extra: dict[str, str]) -> dict[str, Any]:
@@ -215,7 +218,13 @@ class Authenticator:
             raise VbaUnavailable(
                 f"VBA unreachable: {type(exc).__name__}", may_have_landed=False
             ) from exc
+        if (counted := STATUS_EVENTS.get(response.status_code)) is not None:
+            self.on_event(counted)
         return _auth_result(path, response)
+
+
+#: Answers worth a durable count (``accumsync metrics``, ``health``), by HTTP status.
+STATUS_EVENTS: Final = {401: "vba_401", 403: "vba_403", 429: "vba_429"}
 
 
 def _auth_result(path: str, response: httpx.Response) -> dict[str, Any]:

@@ -29,7 +29,13 @@ from models.vba import (
 )
 from worker.logs import Log
 from worker.settings import Settings
-from worker.vba.auth import Authenticator, LocalTokenStore, RedisTokenStore, store_prefix
+from worker.vba.auth import (
+    STATUS_EVENTS,
+    Authenticator,
+    LocalTokenStore,
+    RedisTokenStore,
+    store_prefix,
+)
 from worker.vba.breaker import PAUSE_CAP, Breaker, LocalBreaker, RedisBreaker, check
 from worker.vba.errors import VbaAuthError, VbaRejected, VbaUnavailable, classify, envelope_of
 from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket, client_burst
@@ -72,6 +78,7 @@ class VbaClient:
         settings: Settings,
         transport: httpx.BaseTransport | None = None,
         redis: Redis | None = None,
+        on_event: Callable[[str], None] = lambda _: None,
     ) -> None:
         if not settings.vba_base_url:
             raise ValueError("ACCUMSYNC_VBA_BASE_URL is not set")
@@ -89,7 +96,9 @@ class VbaClient:
         self._local = threading.local()
         self.breaker = self._breaker()
         store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
-        self.auth = Authenticator(settings, self.http, store or LocalTokenStore(), self.limiter)
+        self.on_event = on_event
+        tokens = store or LocalTokenStore()
+        self.auth = Authenticator(settings, self.http, tokens, self.limiter, on_event=on_event)
 
     def _limiter(self) -> RateLimiter:
         s, burst = self.settings, client_burst(self.settings.vba_burst)
@@ -354,10 +363,12 @@ class VbaClient:
         request = (method, path, op, params, body)
         response = self._send(*request, token, before_send)
         if response.status_code == 401:
+            self.on_event("vba_401")
             aid = envelope_of(response).activity_id
             log.warning("vba.unauthorized_refreshing", op=op, activity_id=aid)
             response = self._send(*request, self.auth.renew(stale=token), before_send)
             if response.status_code == 401:
+                self.on_event("vba_401")
                 aid = envelope_of(response).activity_id
                 log.error("vba.unauthorized_after_refresh", op=op, status=401, activity_id=aid)
                 raise VbaAuthError(401, "Unauthorized after a token refresh", None, aid)
@@ -365,6 +376,8 @@ class VbaClient:
         error = classify(response, envelope)
         if error is not None:
             retry_after = getattr(error, "retry_after", None)
+            if (counted := STATUS_EVENTS.get(response.status_code)) is not None:
+                self.on_event(counted)
             emit = log.info if (op, response.status_code) in EXPECTED else log.warning
             emit(
                 "vba.call_failed",

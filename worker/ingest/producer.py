@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
-from worker.app import app
+from worker.celery import app
 
 DEFAULT_BATCH = 500
 

@@ -31,10 +31,10 @@ from models.sync import backoff
 from models.tables import DeadLetter, PlanPush
 from models.vba import PlanAccumulator, dumps, loads
 from worker.db import clock, db_after, db_now, session_scope
-from worker.flush import client
+from worker.flush.protocol import client
+from worker.ingest.dead_letters import dead_letter
 from worker.logs import Log
 from worker.settings import get_settings
-from worker.store import dead_letter
 from worker.vba import BatchResult, VbaClient, VbaError
 from worker.vba.errors import refuses_data
 

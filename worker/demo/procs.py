@@ -88,11 +88,12 @@ class Child:
 
 
 def worker_argv(
-    name: str, concurrency: int = 1, queue: str | None = None, pool: str = "prefork"
+    name: str, concurrency: int = 1, queues: Sequence[str] = (), pool: str = "prefork"
 ) -> list[str]:
-    """argv of ``celery -A worker worker`` with a unique node name."""
+    """argv of ``celery -A worker worker`` with a unique node name; without ``queues`` it
+    consumes both of its environment's queues (ingest and flush)."""
     argv = [*CELERY, "worker", "-n", f"{name}@%h", "-c", str(concurrency), "-l", "INFO"]
-    return argv + ["-P", pool] + (["-Q", queue] if queue else [])
+    return argv + ["-P", pool] + (["-Q", ",".join(queues)] if queues else [])
 
 
 def beat_argv(schedule_file: Path) -> list[str]:

@@ -35,29 +35,16 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlmodel import Session
 
+from worker.db import dialect_insert, is_postgres
+
 Rows = Sequence[Mapping[str, Any]]
 Changes = Callable[[Any, Any], Mapping[str, Any]]
 """An upsert's update: (stored columns, excluded columns) -> column name -> new value."""
-
-
-def is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def insert(session: Session, table: Table) -> postgresql.Insert:
-    """The dialect's INSERT, which knows ON CONFLICT (SQLite's has the same API as Postgres')."""
-    return _insert(table, is_postgres(session))
-
-
-def _insert(table: Table, postgres: bool) -> postgresql.Insert:
-    if postgres:
-        return postgresql.insert(table)
-    return cast(postgresql.Insert, sqlite.insert(table))
 
 
 def recordset(table: Table) -> TableValuedAlias:
@@ -159,7 +146,7 @@ def statement(shape: Shape) -> Executable:
     the cache with every batch (the memory benchmark caught exactly that: +230 MB over 1M events).
     """
     table, fill = shape.table, dict(shape.fill)
-    stmt = _insert(table, shape.postgres)
+    stmt = dialect_insert(table, shape.postgres)
     if shape.postgres:
         rows = recordset(table)
         values = [

@@ -3,7 +3,7 @@
 It migrates a fresh store, starts the VBA sandbox, a worker and beat as child processes, publishes
 a realistic claim stream (duplicates, replacements, reversals, a few invalid events), waits for
 beat's flushes, and compares every sandbox row with totals computed from the stream by an
-independent oracle (``worker.streams.expected_totals``). Every child is stopped on the way out,
+independent oracle (``worker.demo.streams.expected_totals``). Every child is stopped on the way out,
 also on Ctrl-C.
 """
 
@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from models.buckets import VBA_FIELDS
-from worker.procs import Child, ChildFailed, beat_argv, wait_for, worker_argv
-from worker.sandbox.testing import free_port, sandbox_settings_kwargs
-from worker.streams import Key, StreamSpec, expected_totals, generate
+from worker.demo.procs import Child, ChildFailed, beat_argv, wait_for, worker_argv
+from worker.demo.sandboxes import free_port, sandbox_settings_kwargs
+from worker.demo.streams import Key, StreamSpec, expected_totals, generate
 
 INVALID = 6  # one of each kind the stream generator knows how to break
 KEY_NAMES = ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
@@ -91,7 +91,7 @@ def _plain(value: Any) -> str:
 
 def adopt(env: dict[str, str]) -> None:
     """Make this process use the demo's settings too (it publishes and reads the store)."""
-    from worker.app import configure
+    from worker.celery import configure
     from worker.db import reset_engine
     from worker.settings import get_settings
 
@@ -171,7 +171,7 @@ class Demo:
             raise ChildFailed(f"sandbox did not start:\n{sandbox.output()[-2000:]}")
         # Embedded SQLite: one worker process (one token, one rate-limit bucket, one writer).
         concurrency = 1 if not self.opts.database_url.startswith("postgresql") else 2
-        argv = worker_argv("demo", concurrency, env["ACCUMSYNC_QUEUE"])
+        argv = worker_argv("demo", concurrency)
         self._child("worker", argv, env, logs).ready(" ready.", timeout=90)
         beat = beat_argv(self.home / "beat-schedule")
         self._child("beat", beat, env, logs).ready("beat: Starting", timeout=60)
@@ -195,7 +195,7 @@ class Demo:
     # -- the pipeline -----------------------------------------------------------------------
 
     def _publish(self, events: list[dict[str, Any]]) -> float:
-        from worker.producer import publish
+        from worker.ingest.producer import publish
 
         started = time.monotonic()
         with self._progress("publishing") as advance:
@@ -223,7 +223,7 @@ class Demo:
 
     def _wait_flushed(self, started: float) -> None:
         from worker.db import session_scope
-        from worker.flushwait import pending
+        from worker.ops.flushwait import pending
 
         def left() -> int:
             with session_scope() as s:
@@ -245,9 +245,9 @@ class Demo:
 
     def _verify(self, events: list[dict[str, Any]], port: int) -> None:
         from worker.db import session_scope
-        from worker.flushwait import summary
-        from worker.metrics import item_statuses
-        from worker.sandbox.testing import SandboxAdmin
+        from worker.demo.sandboxes import SandboxAdmin
+        from worker.ops.flushwait import summary
+        from worker.ops.metrics import item_statuses
 
         admin = SandboxAdmin(f"http://127.0.0.1:{port}")
         try:
@@ -273,7 +273,7 @@ class Demo:
 
     def _status(self) -> dict[str, Any]:
         from worker.db import session_scope
-        from worker.reports import status
+        from worker.ops.reports import status
 
         with session_scope() as s:
             return status(s)

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select
 from sqlmodel import Session, col
 
 from models.tables import Accumulator, DeadLetter, FlushAttempt
-from worker.app import app
+from worker.celery import app
 from worker.db import session_scope, utcnow
 
 RETRIGGER_EVERY = 5.0  # seconds: retries whose time has come are picked up without beat

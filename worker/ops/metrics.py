@@ -21,9 +21,10 @@ from sqlmodel import Session, col
 
 from models.sync import HOLDS
 from models.tables import DeadLetter, FlushAttempt
-from worker import counters, health
+from worker import counters
 from worker.db import session_scope, utcnow
-from worker.reports import status
+from worker.ops import health
+from worker.ops.reports import status
 from worker.settings import get_settings
 
 EVENT_OUTCOMES = {
@@ -83,7 +84,7 @@ def snapshot(session: Session) -> dict[str, Any]:
     }
 
 
-def families(values: dict[str, Any], queue: str, queue_length: int | None) -> Iterator[Metric]:
+def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator[Metric]:
     """The Prometheus metric families of a :func:`snapshot`."""
     s = values["status"]
     events = CounterMetricFamily(
@@ -146,11 +147,12 @@ def families(values: dict[str, Any], queue: str, queue_length: int | None) -> It
         "accumsync_vba_token_refreshes", "Id tokens refreshed", value=c["vba_token_refreshes"]
     )
     yield CounterMetricFamily("accumsync_vba_logins", "Logins to VBA", value=c["vba_logins"])
-    if queue_length is not None:
+    if lengths is not None:
         length = GaugeMetricFamily(
-            "accumsync_queue_length", "Messages waiting in the broker queue", labels=["queue"]
+            "accumsync_queue_length", "Messages waiting in a broker queue", labels=["queue"]
         )
-        length.add_metric([queue], queue_length)
+        for queue, waiting in lengths.items():
+            length.add_metric([queue], waiting)
         yield length
 
 
@@ -167,13 +169,13 @@ class StoreCollector(Collector):
             return
         yield GaugeMetricFamily("accumsync_store_up", "The store answered", value=1)
         try:
-            length: int | None = health.queue_length(settings)
+            lengths: dict[str, int] | None = health.queue_lengths(settings)
         except Exception:
-            length = None
+            lengths = None
         yield GaugeMetricFamily(
-            "accumsync_broker_up", "The broker answered", value=int(length is not None)
+            "accumsync_broker_up", "The broker answered", value=int(lengths is not None)
         )
-        yield from families(values, settings.queue, length)
+        yield from families(values, lengths)
 
 
 def registry() -> CollectorRegistry:

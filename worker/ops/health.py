@@ -162,23 +162,34 @@ def holds_check(session: Session) -> Check:
     return Check("holds", count == 0, count, None, reason)
 
 
-def queue_length(settings: Settings | None = None) -> int:
-    """Messages waiting in the Celery queue (Redis lists, AMQP queue, or kombu's SQL table)."""
-    from amqp.exceptions import ChannelError
-
-    from worker.app import app
+def queue_lengths(settings: Settings | None = None) -> dict[str, int]:
+    """Messages waiting in each of the two queues, ingest and flush (Redis lists, AMQP queues,
+    or kombu's SQL table)."""
+    from worker.celery import app
 
     settings = settings or get_settings()
     with app.connection_for_read(settings.effective_broker_url) as conn:
         conn.ensure_connection(max_retries=2, interval_start=0, interval_step=1)
         channel: Any = conn.default_channel  # kombu's stubs omit queue_declare
-        try:
-            ok = channel.queue_declare(queue=settings.queue, passive=True)
-        except ChannelError as exc:
-            if str(getattr(exc, "reply_code", "")) == "404":  # never declared: nothing waits
-                return 0
-            raise
-        return int(ok.message_count)
+        queues = (settings.queue, settings.effective_flush_queue)
+        return {queue: _waiting(channel, queue) for queue in queues}
+
+
+def _waiting(channel: Any, queue: str) -> int:
+    from amqp.exceptions import ChannelError
+
+    try:
+        ok = channel.queue_declare(queue=queue, passive=True)
+    except ChannelError as exc:
+        if str(getattr(exc, "reply_code", "")) == "404":  # never declared: nothing waits
+            return 0
+        raise
+    return int(ok.message_count)
+
+
+def queue_length(settings: Settings | None = None) -> int:
+    """Messages waiting in both queues."""
+    return sum(queue_lengths(settings).values())
 
 
 def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
@@ -228,7 +239,8 @@ def sample_queue(limits: Limits, settings: Settings) -> list[int]:
 def backlog_check(limits: Limits, settings: Settings, samples: list[int]) -> Check:
     """Growing at every sample means the workers fall behind."""
     growing = len(samples) > 1 and all(b > a for a, b in pairwise(samples))
-    reason = f"queue {settings.queue!r} length over {limits.samples} samples: {samples}"
+    queues = f"{settings.queue!r} and {settings.effective_flush_queue!r}"
+    reason = f"queues {queues}: messages over {limits.samples} samples: {samples}"
     return Check("backlog", not growing, samples, None, reason + (" (growing)" if growing else ""))
 
 

@@ -34,8 +34,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from redis.exceptions import RedisError
-from sqlalchemy import RowMapping, bindparam, func, or_, select, update
+from sqlalchemy import RowMapping, bindparam, or_, select, update
 from sqlmodel import Session
 
 from models.buckets import COLUMNS
@@ -57,12 +56,12 @@ from models.sync import (
 )
 from models.tables import PUSHED, FlushAttempt
 from models.vba import SUBSCRIBER_KEY, RemoteAccum, SubscriberAccum
-from worker import failpoints
-from worker.bulk import insert
-from worker.db import as_utc, db_after, db_now, session_scope
+from worker import counters, failpoints
+from worker.db import as_utc, db_after, db_now, insert, session_scope
+from worker.ingest.dead_letters import dead_letter
+from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR
 from worker.logs import Log
 from worker.settings import Settings, get_settings
-from worker.store import KEY_COLS, T_ACCUM, T_PAIR, dead_letter
 from worker.vba import BatchResult, VbaClient, VbaError, VbaUnavailable
 from worker.vba.errors import refuses_data
 
@@ -79,8 +78,9 @@ class LeaseLost(Exception):
 
 @cache
 def client() -> VbaClient:
-    """This process's VBA client (one token and one rate-limit bucket shared via Redis)."""
-    return VbaClient(get_settings())
+    """This process's VBA client (one token and one rate-limit bucket shared via Redis), its
+    events of note counted durably."""
+    return VbaClient(get_settings(), on_event=counters.bump)
 
 
 @dataclass
@@ -705,41 +705,3 @@ _NO_INTENT: dict[str, Any] = {
 def flush_pair(pair_id: int, vba: VbaClient | None = None) -> Report:
     """Flush one pair with this process's client and settings."""
     return Flush(pair_id, vba or client(), get_settings()).run()
-
-
-def vba_paused() -> float:
-    """Seconds VBA calls stay paused fleet-wide (the breaker); 0 when they may go."""
-    if not get_settings().vba_base_url:
-        return 0.0
-    try:
-        return client().paused()
-    except RedisError:  # the breaker's Redis is away: let the flush find out for itself
-        return 0.0
-
-
-def due_pairs(session: Session, limit: int = 10_000) -> list[int]:
-    """Pairs with dirty keys or unknown outcomes whose retry time has come, oldest first
-    (every time compared by the database's clock)."""
-    a, p, now = T_ACCUM.c, T_PAIR.c, db_now()
-    query = (
-        select(p.id)
-        .join(T_ACCUM, a.pair_id == p.id)
-        .where(a.held.is_(False))
-        .where(or_(a.dirty_since.is_not(None), a.intent_target.is_not(None)))
-        .where(or_(a.next_attempt_at.is_(None), a.next_attempt_at <= now))
-        .where(or_(p.next_attempt_at.is_(None), p.next_attempt_at <= now))
-        .where(or_(p.queued_until.is_(None), p.queued_until < now))
-        .where(or_(p.lease_until.is_(None), p.lease_until < now))
-        .group_by(p.id)
-        .order_by(func.min(a.dirty_since))
-        .limit(limit)
-    )
-    return [int(r[0]) for r in session.execute(query)]
-
-
-def mark_queued(session: Session, pair_ids: list[int], seconds: float) -> None:
-    """Note that a flush task is queued for these pairs, so beat does not queue them twice."""
-    for start in range(0, len(pair_ids), 900):
-        part = pair_ids[start : start + 900]
-        stmt = update(T_PAIR).where(T_PAIR.c.id.in_(part))
-        session.execute(stmt.values(queued_until=db_after(seconds)))

@@ -14,7 +14,6 @@ the same id, and only then reads what was already received.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -38,8 +37,9 @@ from models.tables import (
     Pair,
     ReceivedEvent,
 )
-from worker.bulk import insert, rows_where_in, upsert
-from worker.db import utcnow
+from worker.db import insert, utcnow
+from worker.ingest.bulk import rows_where_in, upsert
+from worker.ingest.dead_letters import dead_letter
 
 T_CLAIM: Table = Claim.__table__  # type: ignore[attr-defined]
 T_EVENT: Table = ReceivedEvent.__table__  # type: ignore[attr-defined]
@@ -54,7 +54,6 @@ CLAIM_COLUMNS = tuple(c.name for c in T_CLAIM.c)
 """A claim row as written: every column (the amounts sparse, a missing one is 0)."""
 ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
 """An accumulator delta row as written (the cents sparse, a missing one is 0)."""
-MAX_DEAD_PAYLOAD = 65_536  # characters of a refused item kept (a valid event is ~1 KB)
 
 
 @dataclass
@@ -140,7 +139,7 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
 
     An upsert that touches existing rows locks them as they come, in claim_id order; new claims
     get a placeholder row (version -1) so the next batch on the same claim waits for this one.
-    One statement for the whole batch (``worker.bulk``).
+    One statement for the whole batch (``worker.ingest.bulk``).
     """
     rows = upsert(
         session,
@@ -346,60 +345,6 @@ def add_delta(acc: Any, new: Any) -> dict[str, Any]:
     return changes
 
 
-def dead_letter(
-    session: Session,
-    source: str,
-    payload: Any,
-    reason: str,
-    now: datetime,
-    *,
-    accumulator_id: int | None = None,
-    activity_id: str | None = None,
-    kind: str | None = None,
-) -> None:
-    """Record a refused item with its reason; the same item and reason again bumps its count."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, sort_keys=True, default=str)
-    text, reason = storable(text), storable(reason)
-    fingerprint = hashlib.sha256(f"{source}\0{reason}\0{text}".encode()).hexdigest()
-    if len(text) > MAX_DEAD_PAYLOAD:  # e.g. a 10 MB event: keep its head, size and hash
-        reason += f"; oversized ({len(text)} characters): payload truncated, sha256 kept"
-        head = {"truncated": text[:4096], "characters": len(text)}
-        text = json.dumps(head | {"sha256": hashlib.sha256(text.encode()).hexdigest()})
-    event_id = payload.get("event_id") if isinstance(payload, dict) else None
-    # The column is a lookup key: only a clean id goes there (an unstorable one stays, escaped,
-    # in the payload).
-    if not (
-        isinstance(event_id, str) and 0 < len(event_id) <= 128 and storable(event_id) == event_id
-    ):
-        event_id = None
-    row = {
-        "source": source,
-        "fingerprint": fingerprint,
-        "reason": reason,
-        "event_id": event_id,
-        "accumulator_id": accumulator_id,
-        "activity_id": activity_id,
-        "kind": kind,
-        "payload": text,
-        "first_seen": now,
-        "last_seen": now,
-        "count": 1,
-    }
-    stmt = insert(session, T_DEAD).values(row)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["fingerprint"],
-            # The same refusal again (e.g. after a replay) reopens the letter and counts it.
-            set_={
-                "last_seen": stmt.excluded.last_seen,
-                "count": T_DEAD.c["count"] + 1,
-                "replayed_at": None,
-                "resolution": None,
-            },
-        )
-    )
-
-
 def refuse(session: Session, item: Any, reason: str, now: datetime | None = None) -> BatchResult:
     """Dead-letter one raw event the store refused, and count it as an invalid event."""
     started, now = time.perf_counter(), now or utcnow()
@@ -407,14 +352,6 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
     result = BatchResult(events=1, invalid=1, reasons=[reason])
     record_batch(session, result, now, started)
     return result
-
-
-def storable(text: str) -> str:
-    """``text`` as any store takes it: NUL (which Postgres refuses in text) and lone surrogates
-    (which no UTF-8 encoder takes) written as their escapes, ``\\u0000`` and ``\\ud800``."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\u0000")
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:

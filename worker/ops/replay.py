@@ -23,7 +23,7 @@ from models.buckets import COLUMNS
 from models.sync import HOLDS, Kind
 from models.tables import PUSHED, Accumulator, DeadLetter
 from worker.db import utcnow
-from worker.plans import requeue
+from worker.flush.plans import requeue
 
 T_ACCUM = Accumulator.__table__  # type: ignore[attr-defined]
 NO_INTENT = dict.fromkeys(("intent_target", "intent_ours", "intent_seq", "intent_before"))

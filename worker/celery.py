@@ -1,6 +1,11 @@
-"""The Celery app: broker, task events for Flower, late acks, and the start-up schema check.
+"""The Celery app: broker, queues, task events for Flower, late acks, the start-up schema check.
 
-``celery -A worker worker`` / ``beat`` / ``flower`` all load this module.
+``celery -A worker worker`` / ``beat`` / ``flower`` find this module by Celery's own convention
+(``worker.celery.app``); nothing else imports it but the tasks and the producer.
+
+Two queues: ingest on ``ACCUMSYNC_QUEUE``, the flush tasks on ``ACCUMSYNC_FLUSH_QUEUE``, so slow
+VBA calls never hold the slots ingest needs, and the reverse. A worker started without ``-Q``
+consumes both; compose runs one worker per queue.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from celery.signals import (
     worker_init,
     worker_process_init,
 )
+from kombu import Queue
 
-from worker import counters, logs
+from worker import logs
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
 TASK_MODULES = ["tasks.ingest", "tasks.flush"]
+FLUSH_TASKS = ("accumsync.flush_due", "accumsync.flush_pair", "accumsync.push_plans")
 
 app = Celery("accumsync")
 
@@ -67,6 +74,8 @@ def configure(settings: Settings) -> None:
         # unacknowledgeable: their messages come back (acks_late) and every task is idempotent.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=settings.queue,
+        task_queues=[Queue(settings.queue), Queue(settings.effective_flush_queue)],
+        task_routes={name: {"queue": settings.effective_flush_queue} for name in FLUSH_TASKS},
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -87,7 +96,6 @@ def configure(settings: Settings) -> None:
     if settings.effective_broker_url.startswith("sqla"):
         _poll_sql_broker_every(0.1)
     logs.configure(settings.log_format, settings.log_level)
-    counters.install()
 
 
 def _poll_sql_broker_every(seconds: float) -> None:

@@ -1,0 +1,2 @@
+"""What operators run: health, metrics, status and dead-letter reports, replay and resolve,
+``flush --wait``, and the queries they share (queries)."""
