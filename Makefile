@@ -5,10 +5,15 @@ BIN := $(VENV)/bin
 
 .PHONY: install services lint test test-fast demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# Every dependency at the version and hash requirements-dev.lock names; then this checkout,
+# resolving nothing again. Regenerate the locks after changing pyproject.toml's dependencies:
+#   pip-compile --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+#     --extra dev -o requirements-dev.lock pyproject.toml   (and --extra flower -o requirements.lock)
+$(VENV)/.installed: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,6 +25,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy models tasks worker
+	$(BIN)/lint-imports
 
 # The whole suite: unit, integration (real Redis, Postgres, workers, sandbox) and chaos.
 test: install services lint

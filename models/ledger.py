@@ -17,12 +17,15 @@ from models.events import AccumKey, ClaimEvent
 
 
 class Kind(StrEnum):
-    """What an event did."""
+    """What became of an event: the one vocabulary of ingest outcomes. The batch result, the
+    ``ingest_batch`` table's columns, ``status``, metrics and logs all spell them so."""
 
+    RECEIVED = "received"  # every item of a message, whatever became of it
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     STALE = "stale"
     CONFLICT = "conflict"
+    INVALID = "invalid"
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,7 @@ class Act(StrEnum):
     REFUSE = "refuse"  # cannot or must not be sent as it is (a dead letter)
 
 
-class Kind(StrEnum):
+class LetterKind(StrEnum):
     """Why a key is held or refused: the dead letter's ``kind``."""
 
     AMBIGUOUS = "ambiguous"
@@ -131,7 +131,7 @@ class Kind(StrEnum):
     UNREADABLE = "unreadable"
 
 
-HOLDS = frozenset({Kind.AMBIGUOUS, Kind.BELOW_SHARE})
+HOLDS = frozenset({LetterKind.AMBIGUOUS, LetterKind.BELOW_SHARE})
 """Kinds that wait for an operator's ``dead-letters resolve`` (and turn health red)."""
 
 
@@ -145,7 +145,7 @@ class Plan:
     confirmed: tuple[Cents, int] | None = None
     target: Cents | None = None
     before: Cents | None = None
-    kind: Kind | None = None
+    kind: LetterKind | None = None
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
     keep_intent: bool = False
@@ -180,7 +180,7 @@ def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> 
     base = Plan(item, Act.CONFIRM, confirmed)
     if broken := unbalanced(item.ours):
         why = f"ledger invariant: total != in + out for {', '.join(broken)}"
-        return replace(base, act=Act.REFUSE, kind=Kind.INVARIANT, reason=why)
+        return replace(base, act=Act.REFUSE, kind=LetterKind.INVARIANT, reason=why)
     if same(item.ours, base.pushed):
         return replace(base, confirmed=(item.ours, item.seq))
     if ownership == "shared" and remote is not None:
@@ -190,7 +190,7 @@ def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> 
     goal = target(item.ours, base.pushed, remote, ownership)
     if negative := [COLUMN_TO_VBA[c] for c in COLUMNS if goal[c] < 0]:
         why = f"never sent: negative amounts for {', '.join(negative)}"
-        return replace(base, act=Act.REFUSE, kind=Kind.NEGATIVE, reason=why)
+        return replace(base, act=Act.REFUSE, kind=LetterKind.NEGATIVE, reason=why)
     before = dict(remote) if ownership == "shared" and remote is not None else None
     return replace(base, act=Act.SEND, target=goal, before=before)
 
@@ -222,7 +222,7 @@ def after_send(
     if fate is Fate.CONFIRMED:
         return replace(done, confirmed=(item.ours, item.seq))
     if fate is Fate.REFUSED:
-        return replace(done, act=Act.REFUSE, kind=Kind.REFUSED, reason=reason)
+        return replace(done, act=Act.REFUSE, kind=LetterKind.REFUSED, reason=reason)
     if fate is Fate.UNKNOWN and ownership == "shared":
         if remote is None:
             return replace(done, act=Act.WAIT, keep_intent=True, reason=reason)
@@ -236,7 +236,7 @@ def after_send(
         return replace(done, act=Act.RETRY, reason=reason, counted=False)
     if item.attempts + 1 >= max_attempts:
         why = f"gave up after {item.attempts + 1} attempts: {reason}"
-        return replace(done, act=Act.REFUSE, kind=Kind.GAVE_UP, reason=why)
+        return replace(done, act=Act.REFUSE, kind=LetterKind.GAVE_UP, reason=why)
     return replace(done, act=Act.RETRY, reason=reason)
 
 
@@ -264,7 +264,7 @@ def ambiguous(
     return Plan(
         item,
         Act.HOLD,
-        kind=Kind.AMBIGUOUS,
+        kind=LetterKind.AMBIGUOUS,
         reason=why,
         detail={"candidates": candidates},
         keep_intent=True,
@@ -288,7 +288,7 @@ def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan
         "VBA?); nothing is sent. Check VBA, then `accumsync dead-letters resolve ID "
         "--not-landed` to send our whole share again"
     )
-    return replace(base, act=Act.HOLD, kind=Kind.BELOW_SHARE, reason=why, detail=detail)
+    return replace(base, act=Act.HOLD, kind=LetterKind.BELOW_SHARE, reason=why, detail=detail)
 
 
 def money(cents: int) -> str:

@@ -154,11 +154,12 @@ class IngestBatch(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(index=True)
-    events: int = 0
+    # One column per ingest outcome, named as models.ledger.Kind spells it.
+    received: int = 0
     applied: int = 0
-    duplicates: int = 0
+    duplicate: int = 0
     stale: int = 0
-    conflicts: int = 0
+    conflict: int = 0
     invalid: int = 0
     duration_ms: int = 0
 

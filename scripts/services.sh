@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start the services the integration tests talk to (Redis, PostgreSQL), installing them if absent.
+# Start the services the integration tests talk to (Redis, PostgreSQL), installing them (and the
+# compose checker) if absent.
 # Idempotent: a running service is left alone.
 set -euo pipefail
 
@@ -13,6 +14,9 @@ need() {  # need COMMAND PACKAGE...
 }
 
 need redis-server redis-server
+# compose.yaml is checked by Debian's docker-compose (1.29: `config` needs no engine) and the
+# Compose Specification's JSON schema it ships (tests/unit/test_compose.py).
+need docker-compose docker-compose
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "services: starting redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no

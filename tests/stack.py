@@ -72,10 +72,10 @@ class Stack:
         path = self.tmp / f"events-{uuid.uuid4().hex[:8]}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(e) + "\n" for e in events))
-        received = self.status()["events_received"] if wait else 0
+        received = self.status()["received"] if wait else 0
         self.cli("publish", str(path), env=env)
         if wait:
-            done = lambda: self.status()["events_received"] >= received + len(events)  # noqa: E731
+            done = lambda: self.status()["received"] >= received + len(events)  # noqa: E731
             assert wait_for(done, 120, 0.5), f"{len(events)} events not received in 120s"
 
     def flush_wait(self, timeout: int = 180, expect: int = 0) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from sqlalchemy import Engine, text
+from sqlmodel import Session
 
 from tests.stack import Stack, remote_totals, same_totals
 from worker.db import make_engine
@@ -30,6 +31,7 @@ from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
 from worker.demo.streams import expected_totals
 from worker.ingest.producer import argsrepr
+from worker.ops.queries import outcomes, waiting_for_flush
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -178,19 +180,14 @@ class ChaosStack(Stack):
         return self.scalar(f"SELECT count(*) FROM dead_letter WHERE source = '{source}'")
 
     def pending(self) -> int:
-        """Accumulators still to flush (dirty or of unknown outcome), dead-lettered excluded."""
-        return self.scalar(
-            "SELECT count(*) FROM accumulator WHERE NOT held "
-            "AND (dirty_since IS NOT NULL OR intent_target IS NOT NULL)"
-        )
+        """Accumulators still to flush, read straight from the store (the one query)."""
+        with Session(self.engine) as session:
+            return waiting_for_flush(session)[0]
 
     def figures(self) -> dict[str, int]:
-        """The status counters, read straight from the store."""
-        sums = ("events", "applied", "duplicates", "stale", "conflicts", "invalid")
-        sql = ", ".join(f"coalesce(sum({c}), 0)" for c in sums)
-        with self.engine.connect() as conn:
-            row = conn.execute(text(f"SELECT {sql} FROM ingest_batch")).one()
-        return dict(zip(sums, map(int, row), strict=True))
+        """Every ingest outcome's count, read straight from the store (the one query)."""
+        with Session(self.engine) as session:
+            return outcomes(session)
 
     def send(self, events: list[Any], batch: int = 100) -> int:
         """Publish as the producer API does (same task, argsrepr), without a CLI start-up."""
@@ -349,7 +346,7 @@ class Chaos:
             "events_in": events_in,
             "distinct_valid_events": len({e["event_id"] for e in valid}),
             "events_applied": figures["applied"],
-            "duplicates": figures["duplicates"],
+            "duplicates": figures["duplicate"],
             "stale": figures["stale"],
             "invalid": figures["invalid"],
             "dead_letters_ingest": stack.dead("ingest"),

@@ -48,7 +48,7 @@ def test_clean_run_with_beat(
     assert wait_for(
         lambda: same_totals(remote_totals(sandbox.admin.rows()), expected) == [], 120, 1
     )
-    assert stack.status()["dirty_accumulators"] == 0 or stack.flush_wait()
+    assert stack.status()["waiting_for_flush"] == 0 or stack.flush_wait()
 
 
 def test_faults_retries_and_token_expiry(
@@ -88,7 +88,7 @@ def test_sandbox_down_for_a_while(
     sandbox.stop()
     stack.cli("flush")  # flushes fail against a closed port
     time.sleep(4)
-    assert stack.status()["dirty_accumulators"] > 0
+    assert stack.status()["waiting_for_flush"] > 0
     sandbox.start()
     stack.flush_wait()
     assert same_totals(remote_totals(sandbox.admin.rows()), expected_totals(events)) == []

@@ -181,7 +181,7 @@ def test_one_event_id_on_two_claims_in_concurrent_workers_counts_once(
     stack.publish([first], wait=False)
     time.sleep(1.5)  # "slow" holds its transaction open for 4 s
     stack.publish([second], wait=False, env=other)
-    assert wait_for(lambda: stack.status()["events_received"] == 2, 60, 0.3)
+    assert wait_for(lambda: stack.status()["received"] == 2, 60, 0.3)
     stack.flush_wait(timeout=60)
     (row,) = sandbox.admin.rows()
     assert Decimal(str(row["copay_Amt"])) == Decimal("10.00")

@@ -29,9 +29,7 @@ def valid(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def drained(stack: Stack, n: int, timeout: float = 120) -> dict[str, Any]:
     """Wait until the store has received ``n`` events; returns the final status."""
-    assert wait_for(lambda: stack.status()["events_received"] >= n, timeout, 0.5), stack.logs()[
-        -4000:
-    ]
+    assert wait_for(lambda: stack.status()["received"] >= n, timeout, 0.5), stack.logs()[-4000:]
     return stack.status()
 
 
@@ -48,8 +46,8 @@ def test_publish_to_worker_on_redis_and_postgres(
     )
     assert "published 3000 events" in out.stdout
     status = drained(stack, len(events))
-    assert status["invalid"] == status["conflicts"] == status["dead_letters"] == 0
-    assert status["events_applied"] + status["duplicates"] + status["stale"] == len(events)
+    assert status["invalid"] == status["conflict"] == status["dead_letters"] == 0
+    assert status["applied"] + status["duplicate"] + status["stale"] == len(events)
     assert same_totals(stack.totals(), expected_totals(events)) == []
 
 
@@ -79,7 +77,7 @@ def test_two_workers_on_the_same_claims_lose_nothing(
     stack.worker("w2", concurrency=1)
     stack.cli("publish", str(write_jsonl(tmp_path / "e.jsonl", stream)), "--batch-size", "100")
     status = drained(stack, len(stream), timeout=180)
-    assert status["events_applied"] + status["duplicates"] + status["stale"] == len(stream)
+    assert status["applied"] + status["duplicate"] + status["stale"] == len(stream)
     assert same_totals(stack.totals(), expected_totals(events)) == []
     logs = stack.logs()
     assert "succeeded" in logs
@@ -98,7 +96,7 @@ def test_three_invalid_among_a_thousand(
     stack.worker("w1")
     stack.cli("publish", str(write_jsonl(tmp_path / "e.jsonl", events)), "--batch-size", "1000")
     status = drained(stack, 1_000)
-    assert (status["events_applied"], status["invalid"], status["dead_letters"]) == (997, 3, 3)
+    assert (status["applied"], status["invalid"], status["dead_letters"]) == (997, 3, 3)
     reasons = {d["reason"] for d in json.loads(stack.cli("dead-letters", "list", "--json").stdout)}
     assert reasons == {
         "amounts.copay: at most 2 decimals",
@@ -155,7 +153,7 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
     stack.worker("w1")
     stack.cli("publish", str(write_jsonl(tmp_path / "e.jsonl", batch)), "--batch-size", "500")
     status = drained(stack, len(batch))
-    assert (status["events_applied"], status["invalid"], status["dead_letters"]) == (
+    assert (status["applied"], status["invalid"], status["dead_letters"]) == (
         len(rest), 1, 1,
     )  # fmt: skip
     (letter,) = json.loads(stack.cli("dead-letters", "list", "--json").stdout)

@@ -82,11 +82,11 @@ def test_metrics_and_json_logs_after_a_faulty_run(
         return m[(name, tuple(sorted(labels.items())))]
 
     assert one("accumsync_events_total", outcome="received") == len(events)
-    assert one("accumsync_events_total", outcome="applied") == status["events_applied"]
-    assert one("accumsync_events_total", outcome="duplicate") == status["duplicates"]
+    assert one("accumsync_events_total", outcome="applied") == status["applied"]
+    assert one("accumsync_events_total", outcome="duplicate") == status["duplicate"]
     assert one("accumsync_events_total", outcome="invalid") == 6
     assert one("accumsync_dead_letters", source="ingest") == 6
-    assert one("accumsync_dirty_accumulators") == 0
+    assert one("accumsync_waiting_accumulators") == 0
     assert one("accumsync_oldest_dirty_age_seconds") == 0
     assert one("accumsync_vba_batch_items_total", status="201") > 0
     assert one("accumsync_vba_batch_items_total", status="500") > 0

@@ -77,7 +77,7 @@ def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: En
         letters = s.execute(select(DeadLetter.reason)).scalars().all()  # type: ignore[call-overload]
         received = s.execute(select(ReceivedEvent.claim_id)).scalars().all()  # type: ignore[call-overload]
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
-    assert (outcome["first"].applied, outcome["second"].conflicts) == (1, 1)
+    assert (outcome["first"].applied, outcome["second"].conflict) == (1, 1)
     assert letters == ["event_id: already received with different content"]
     assert received == ["claim-a"]
     assert waited, "the second batch did not wait for the first"
@@ -96,7 +96,7 @@ def test_received_row_is_the_event_the_batch_applied_not_its_first_delivery(
     with Session(engine) as s:
         result = ingest(s, [clash, later])
         s.commit()
-    assert (result.conflicts, result.applied) == (1, 1)
+    assert (result.conflict, result.applied) == (1, 1)
     with Session(engine) as s:
         rows = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.version)).all()  # type: ignore[call-overload]
     assert sorted(map(tuple, rows)) == [("evt-0", 1), ("evt-1", 2)]

@@ -18,7 +18,7 @@ from models.sync import (
     Fate,
     Intent,
     Item,
-    Kind,
+    LetterKind,
     Plan,
     Verdict,
     after_send,
@@ -95,7 +95,7 @@ def test_lost_answer_then_vba_write_is_held_not_resent() -> None:
     sent = Intent(one(col, 10_000), one(col, 10_000), 3, ZERO)
     item = Item(1, ("S", "G", "2026", "MED", "DED"), 3, one(col, 10_000), ZERO, sent)
     decided = plan(item, one(col, 15_000), "shared")
-    assert (decided.act, decided.kind) == (Act.HOLD, Kind.AMBIGUOUS)
+    assert (decided.act, decided.kind) == (Act.HOLD, LetterKind.AMBIGUOUS)
     both = decided.detail["candidates"]["deductible_Used"]
     assert both["if_landed"] == {"our_share": "100.00", "vba_own": "50.00"}
     assert both["if_not_landed"] == {"our_share": "0.00", "vba_own": "150.00"}
@@ -108,7 +108,7 @@ def test_row_below_our_share_is_held_and_nothing_negative_is_sent() -> None:
     col = "copay_total"
     item = Item(1, ("S", "G", "2026", "MED", "DED"), 2, ZERO, one(col, 3_000))
     decided = plan(item, one(col, 1_000), "shared")
-    assert (decided.act, decided.kind) == (Act.HOLD, Kind.BELOW_SHARE)
+    assert (decided.act, decided.kind) == (Act.HOLD, LetterKind.BELOW_SHARE)
 
 
 @given(ours=totals, pushed=totals, remote=totals, shared=st.booleans())

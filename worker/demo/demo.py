@@ -205,7 +205,7 @@ class Demo:
 
     def _wait_ingested(self, total: int, started: float) -> None:
         def received() -> int:
-            return int(self._status()["events_received"])
+            return int(self._status()["received"])
 
         with self._progress("ingesting ") as advance:
             step = advance(total)
@@ -308,8 +308,8 @@ def summary_lines(f: Figures, total: int) -> list[str]:
         "",
         f"published {total} events in {f.published_s:.1f}s; all ingested after "
         f"{f.ingested_s:.1f}s ([bold]{rate:,.0f} events/s[/bold])",
-        f"  applied {s['events_applied']}, duplicates {s['duplicates']}, stale {s['stale']}, "
-        f"conflicts {s['conflicts']}, invalid {s['invalid']}",
+        f"  applied {s['applied']}, duplicates {s['duplicate']}, stale {s['stale']}, "
+        f"conflicts {s['conflict']}, invalid {s['invalid']}",
         f"flushed {s['accumulators']} accumulators over {s['pairs']} (subscriber, group) pairs; "
         f"all confirmed {f.flushed_s:.1f}s after the first publish",
         f"  batch calls {f.flush['batch_calls']}; 207 item outcomes {_by_status(f.items)}",

@@ -46,7 +46,7 @@ from models.sync import (
     Fate,
     Intent,
     Item,
-    Kind,
+    LetterKind,
     Plan,
     after_send,
     backoff,
@@ -371,7 +371,7 @@ class Flush:
                 why = f"more than 2 decimals in {', '.join(fields)}: cents are all we keep"
             if why is not None:
                 reason = f"VBA's row can't be read as it is ({why}); fix it in VBA, then replay"
-                return Plan(item, Act.REFUSE, kind=Kind.UNREADABLE, reason=reason)
+                return Plan(item, Act.REFUSE, kind=LetterKind.UNREADABLE, reason=reason)
         return plan(item, self._cents(item, remote), self._mode)
 
     @staticmethod
@@ -393,7 +393,7 @@ class Flush:
                     records.append(self._record(p, row, known_absent=remote is not None))
                 except ValidationError as exc:
                     why = f"record fails VBA's field rules: {exc.errors()[0]['msg']}"
-                    p = replace(p, act=Act.REFUSE, kind=Kind.UNSENDABLE, reason=why)
+                    p = replace(p, act=Act.REFUSE, kind=LetterKind.UNSENDABLE, reason=why)
             out.append(p)
         return out, records
 

@@ -58,13 +58,14 @@ ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
 
 @dataclass
 class BatchResult:
-    """Outcome counts of one ingested batch (no member data: safe for logs and Flower)."""
+    """Outcome counts of one ingested batch, by :class:`models.ledger.Kind` (no member data:
+    safe for logs and Flower)."""
 
-    events: int = 0
+    received: int = 0
     applied: int = 0
-    duplicates: int = 0
+    duplicate: int = 0
     stale: int = 0
-    conflicts: int = 0
+    conflict: int = 0
     invalid: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -74,7 +75,8 @@ class BatchResult:
         return BatchResult(**counts, reasons=self.reasons + other.reasons)
 
     def summary(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+        """Every outcome's count, in the vocabulary's order."""
+        return {kind.value: getattr(self, kind.value) for kind in Kind}
 
 
 Valid = list[tuple[ClaimEvent, str, dict[str, Any]]]
@@ -112,7 +114,7 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     """Apply one batch of raw events; invalid ones become dead letters. Caller commits."""
     started, now = time.perf_counter(), now or utcnow()
     good, bad = validate(raw)
-    result = BatchResult(events=len(raw), invalid=len(bad))
+    result = BatchResult(received=len(raw), invalid=len(bad))
     claim_ids = sorted({e.claim_id for e, _, _ in good})
     current = lock_claims(session, claim_ids)
     firsts = first_of_each_id(good)
@@ -127,8 +129,8 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
         bad.append((raw_of[id(event)], reason))
     for item, reason in bad:
         dead_letter(session, "ingest", item, reason, now)
-    result.applied, result.duplicates = fold.counts[Kind.APPLIED], fold.counts[Kind.DUPLICATE]
-    result.stale, result.conflicts = fold.counts[Kind.STALE], fold.counts[Kind.CONFLICT]
+    for kind in (Kind.APPLIED, Kind.DUPLICATE, Kind.STALE, Kind.CONFLICT):
+        setattr(result, kind.value, fold.counts[kind])
     result.reasons = [r for _, r in bad]
     record_batch(session, result, now, started)
     return result
@@ -349,7 +351,7 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
     """Dead-letter one raw event the store refused, and count it as an invalid event."""
     started, now = time.perf_counter(), now or utcnow()
     dead_letter(session, "ingest", item, reason, now)
-    result = BatchResult(events=1, invalid=1, reasons=[reason])
+    result = BatchResult(received=1, invalid=1, reasons=[reason])
     record_batch(session, result, now, started)
     return result
 

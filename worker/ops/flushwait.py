@@ -8,22 +8,20 @@ from collections import Counter
 from datetime import datetime
 
 from rich.console import Console
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from models.tables import Accumulator, DeadLetter, FlushAttempt
+from models.tables import DeadLetter, FlushAttempt
 from worker.celery import app
 from worker.db import session_scope, utcnow
+from worker.ops.queries import waiting_for_flush
 
 RETRIGGER_EVERY = 5.0  # seconds: retries whose time has come are picked up without beat
 
 
 def pending(session: Session) -> int:
-    """Accumulators still to flush: dirty or of unknown outcome, and not dead-lettered."""
-    a = Accumulator
-    query = select(func.count()).select_from(a).where(col(a.held).is_(False))
-    query = query.where(or_(col(a.dirty_since).is_not(None), col(a.intent_target).is_not(None)))
-    return int(session.execute(query).scalar_one())
+    """Accumulators still to flush (:func:`worker.ops.queries.waiting_for_flush`)."""
+    return waiting_for_flush(session)[0]
 
 
 def summary(session: Session, since: datetime) -> dict[str, int]:

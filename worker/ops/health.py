@@ -24,13 +24,14 @@ from datetime import datetime
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlmodel import Session, col
 
 from models.sync import HOLDS
-from models.tables import Accumulator, DeadLetter, FlushAttempt, IngestBatch
+from models.tables import FlushAttempt, IngestBatch
 from worker import counters
 from worker.db import age_seconds, as_utc, session_scope, utcnow
+from worker.ops.queries import held, open_dead_letters, waiting_for_flush
 from worker.settings import Settings, get_settings
 
 SUCCESS = ("ok", "partial", "recovered")
@@ -89,15 +90,6 @@ def _age(since: datetime | None, now: datetime) -> float | None:
     return age_seconds(since, now, places=1)
 
 
-def waiting(session: Session) -> tuple[int, datetime | None]:
-    """Accumulators waiting for a flush (not dead-lettered), and the oldest one's dirty time."""
-    a = Accumulator
-    pending = or_(col(a.dirty_since).is_not(None), col(a.intent_target).is_not(None))
-    query = select(func.count(), func.min(a.dirty_since)).where(pending, col(a.held).is_(False))
-    count, oldest = session.execute(query).one()
-    return int(count), oldest
-
-
 def last_success(session: Session) -> datetime | None:
     """When a batch call to VBA last succeeded (a 207, whatever its items said)."""
     query = select(func.max(FlushAttempt.started_at)).where(col(FlushAttempt.outcome).in_(SUCCESS))
@@ -110,21 +102,6 @@ def last_progress(session: Session) -> datetime | None:
     ingested = session.execute(select(func.max(IngestBatch.at))).scalar_one()
     called = session.execute(select(func.max(FlushAttempt.started_at))).scalar_one()
     return max((t for t in (ingested, called) if t is not None), default=None, key=as_utc)
-
-
-def open_dead_letters(session: Session) -> int:
-    query = (
-        select(func.count()).select_from(DeadLetter).where(col(DeadLetter.replayed_at).is_(None))
-    )
-    return int(session.execute(query).scalar_one())
-
-
-def held(session: Session) -> dict[str, int]:
-    """Accumulators held by an open flush dead letter, by its kind (``ambiguous``, ...)."""
-    d = DeadLetter
-    kind = func.coalesce(col(d.kind), "refused")
-    query = select(kind, func.count()).where(col(d.source) == "flush", col(d.replayed_at).is_(None))
-    return {str(k): int(n) for k, n in session.execute(query.group_by(kind))}
 
 
 def access_check(session: Session, limits: Limits, now: datetime) -> Check:
@@ -195,7 +172,7 @@ def queue_length(settings: Settings | None = None) -> int:
 def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
     """The two progress checks read from the store."""
     report = Report()
-    count, oldest = waiting(session)
+    count, oldest = waiting_for_flush(session)
     dirty_age = _age(oldest, now) or 0.0
     report.checks.append(
         Check(
@@ -221,7 +198,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
     )
     report.checks.append(holds_check(session))
     report.checks.append(access_check(session, limits, now))
-    report.info = {"waiting": count, "open_dead_letters": open_dead_letters(session)}
+    report.info = {"waiting": count, "open_dead_letters": sum(open_dead_letters(session).values())}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report
 

@@ -19,22 +19,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
+from models.ledger import Kind
 from models.sync import HOLDS
-from models.tables import DeadLetter, FlushAttempt
+from models.tables import FlushAttempt
 from worker import counters
-from worker.db import session_scope, utcnow
+from worker.db import age_seconds, session_scope, utcnow
 from worker.ops import health
+from worker.ops.queries import held, open_dead_letters
 from worker.ops.reports import status
 from worker.settings import get_settings
-
-EVENT_OUTCOMES = {
-    "received": "events_received",
-    "applied": "events_applied",
-    "duplicate": "duplicates",
-    "stale": "stale",
-    "conflict": "conflicts",
-    "invalid": "invalid",
-}
 
 
 def item_statuses(session: Session) -> Counter[str]:
@@ -56,30 +49,17 @@ def batch_calls(session: Session) -> dict[tuple[str, str], int]:
     return {(str(o), "" if s is None else str(s)): int(n) for o, s, n in session.execute(query)}
 
 
-def dead_letters(session: Session) -> dict[str, int]:
-    """Open dead letters by source."""
-    d = DeadLetter
-    source = col(d.source)
-    query = select(source, func.count()).where(col(d.replayed_at).is_(None)).group_by(source)
-    found = {str(s): int(n) for s, n in session.execute(query)}
-    return {source: found.get(source, 0) for source in ("ingest", "flush", "plans")} | found
-
-
 def snapshot(session: Session) -> dict[str, Any]:
     """Every figure, as plain values (also what ``accumsync metrics --once`` prints)."""
     now = utcnow()
-    base = status(session, now)
-    count, oldest = health.waiting(session)
     last = health.last_success(session)
     return {
-        "status": base,
-        "waiting": count,
-        "oldest_waiting_age_s": health._age(oldest, now) or 0.0,
-        "last_success_age_s": health._age(last, now),
+        "status": status(session, now),
+        "last_success_age_s": age_seconds(last, now, places=1),
         "items": dict(item_statuses(session)),
         "calls": batch_calls(session),
-        "dead_letters": dead_letters(session),
-        "held": health.held(session),
+        "dead_letters": open_dead_letters(session),
+        "held": held(session),
         "counters": counters.read(session),
     }
 
@@ -90,8 +70,8 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
     events = CounterMetricFamily(
         "accumsync_events", "ClaimEvents by ingest outcome", labels=["outcome"]
     )
-    for label, key in EVENT_OUTCOMES.items():
-        events.add_metric([label], s[key])
+    for kind in Kind:
+        events.add_metric([kind.value], s[kind.value])
     yield events
     dead = GaugeMetricFamily("accumsync_dead_letters", "Open dead letters", labels=["source"])
     for source, n in values["dead_letters"].items():
@@ -103,22 +83,20 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
         "wait for an operator)",
         labels=["kind"],
     )
-    for kind in sorted(set(values["held"]) | set(HOLDS)):
-        held.add_metric([kind], values["held"].get(kind, 0))
+    for letter_kind in sorted(set(values["held"]) | set(HOLDS)):
+        held.add_metric([letter_kind], values["held"].get(letter_kind, 0))
     yield held
     yield GaugeMetricFamily("accumsync_accumulators", "Accumulator keys", value=s["accumulators"])
     yield GaugeMetricFamily(
-        "accumsync_dirty_accumulators", "Keys changed since VBA last confirmed them",
-        value=s["dirty_accumulators"],
-    )  # fmt: skip
+        "accumsync_waiting_accumulators",
+        "Keys waiting for a flush (held keys excluded)",
+        value=s["waiting_for_flush"],
+    )
     yield GaugeMetricFamily(
-        "accumsync_waiting_accumulators", "Keys waiting for a flush (dead letters excluded)",
-        value=values["waiting"],
-    )  # fmt: skip
-    yield GaugeMetricFamily(
-        "accumsync_oldest_dirty_age_seconds", "Age of the oldest change not yet flushed",
-        value=values["oldest_waiting_age_s"],
-    )  # fmt: skip
+        "accumsync_oldest_dirty_age_seconds",
+        "Age of the oldest change not yet flushed",
+        value=s["oldest_waiting_age_s"],
+    )
     if values["last_success_age_s"] is not None:
         yield GaugeMetricFamily(
             "accumsync_last_flush_age_seconds", "Seconds since a batch call last succeeded",

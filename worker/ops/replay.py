@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 from models.buckets import COLUMNS
-from models.sync import HOLDS, Kind
+from models.sync import HOLDS, LetterKind
 from models.tables import PUSHED, Accumulator, DeadLetter
 from worker.db import utcnow
 from worker.flush.plans import requeue
@@ -114,7 +114,7 @@ def resolve(session: Session, letter_id: int, landed: bool) -> str:
 def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
     """The accumulator's new confirmed share and state for the operator's answer."""
     values: dict[str, Any] = dict(RELEASED) | NO_INTENT
-    if letter.kind == Kind.BELOW_SHARE:
+    if letter.kind == LetterKind.BELOW_SHARE:
         if landed:
             raise NotResolvable(
                 f"letter {letter.id}: VBA's row is below our confirmed share, so it cannot "

@@ -8,20 +8,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from models.tables import Accumulator, DeadLetter, IngestBatch, Pair
+from models.ledger import Kind
+from models.tables import Accumulator, DeadLetter, Pair
 from worker.db import age_seconds, utcnow
+from worker.ops.queries import open_dead_letters, outcomes, waiting_for_flush
 
 STATUS_KEYS = (
-    "events_received",
-    "events_applied",
-    "duplicates",
-    "stale",
-    "conflicts",
-    "invalid",
+    *(kind.value for kind in Kind),
     "dead_letters",
     "accumulators",
-    "dirty_accumulators",
-    "oldest_dirty_age_s",
+    "waiting_for_flush",
+    "oldest_waiting_age_s",
     "pairs",
 )
 
@@ -29,30 +26,16 @@ STATUS_KEYS = (
 def status(session: Session, now: datetime | None = None) -> dict[str, Any]:
     """The counters an operator checks first; every key in :data:`STATUS_KEYS`."""
     now = now or utcnow()
-    b = IngestBatch
-    sums = session.execute(
-        select(
-            func.coalesce(func.sum(b.events), 0),
-            func.coalesce(func.sum(b.applied), 0),
-            func.coalesce(func.sum(b.duplicates), 0),
-            func.coalesce(func.sum(b.stale), 0),
-            func.coalesce(func.sum(b.conflicts), 0),
-            func.coalesce(func.sum(b.invalid), 0),
-        )
-    ).one()
-    a = Accumulator
-    dirty = a.dirty_since.is_not(None)  # type: ignore[union-attr]
-    accums, n_dirty, oldest = session.execute(
-        select(func.count(), func.count().filter(dirty), func.min(a.dirty_since))
-    ).one()
-    open_dead = DeadLetter.replayed_at.is_(None)  # type: ignore[union-attr]
-    dead = session.execute(
-        select(func.count()).select_from(DeadLetter).where(open_dead)
-    ).scalar_one()
+    waiting, oldest = waiting_for_flush(session)
+    accumulators = session.execute(select(func.count()).select_from(Accumulator)).scalar_one()
     pairs = session.execute(select(func.count()).select_from(Pair)).scalar_one()
-    oldest_age = age_seconds(oldest, now) or 0.0
-    values = [*map(int, sums), int(dead), int(accums), int(n_dirty), oldest_age, int(pairs)]
-    return dict(zip(STATUS_KEYS, values, strict=True))
+    return outcomes(session) | {
+        "dead_letters": sum(open_dead_letters(session).values()),
+        "accumulators": int(accumulators),
+        "waiting_for_flush": waiting,
+        "oldest_waiting_age_s": age_seconds(oldest, now) or 0.0,
+        "pairs": int(pairs),
+    }
 
 
 def dead_letters(
