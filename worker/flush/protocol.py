@@ -34,7 +34,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import RowMapping, bindparam, or_, select, update
+from sqlalchemy import RowMapping, or_, select, update
 from sqlmodel import Session
 
 from models.buckets import COLUMNS
@@ -58,6 +58,7 @@ from models.tables import PUSHED, FlushAttempt
 from models.vba import SUBSCRIBER_KEY, RemoteAccum, SubscriberAccum
 from worker import counters, failpoints
 from worker.db import as_utc, db_after, db_now, insert, session_scope
+from worker.ingest.bulk import update_rows
 from worker.ingest.dead_letters import dead_letter
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR
 from worker.logs import Log
@@ -537,26 +538,21 @@ class Flush:
             self.lease.release(session, now, attempts=0, next_attempt_at=None, last_error=None)
 
     def _write(self, session: Session, now: datetime, plans: list[Plan]) -> None:
-        """Every decision's row changes (bulk, one statement per shape) and dead letters."""
+        """Every decision's row changes (bulk: one statement per shape of change) and its dead
+        letter if any; a confirmed key is clean unless the ledger changed it since."""
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         confirmed = []
         for p in plans:
-            row = self._changes(p, now)
-            bound = {f"b_{k}": v for k, v in row.items()} | {"b_id": p.item.id}
-            shapes.setdefault(tuple(sorted(row)), []).append(bound)
+            row = {"id": p.item.id} | self._changes(p, now)
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
             if p.confirmed is not None:
-                confirmed.append({"b_id": p.item.id, "b_seq": p.confirmed[1]})
+                confirmed.append({"id": p.item.id, "change_seq": p.confirmed[1]})
             if p.act in (Act.HOLD, Act.REFUSE):
                 self._dead_letter(session, now, p)
-        a = T_ACCUM.c
-        for names, rows in shapes.items():
-            stmt = update(T_ACCUM).where(a.id == bindparam("b_id"))
-            session.execute(stmt.values({n: bindparam(f"b_{n}") for n in names}), rows)
-        if confirmed:  # clean unless the ledger changed the key since the confirmed snapshot
-            stmt = update(T_ACCUM).where(
-                a.id == bindparam("b_id"), a.change_seq == bindparam("b_seq")
-            )
-            session.execute(stmt.values(dirty_since=None), confirmed)
+        for rows in shapes.values():
+            update_rows(session, T_ACCUM, rows, match=["id"])
+        clean = {"dirty_since": None}
+        update_rows(session, T_ACCUM, confirmed, match=["id", "change_seq"], constant=clean)
 
     def _changes(self, p: Plan, now: datetime) -> dict[str, Any]:
         """The accumulator columns one decision sets."""

@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy import update as sa_update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import TableValuedAlias
@@ -165,3 +166,59 @@ def statement(shape: Shape) -> Executable:
     if shape.returning:
         final = cast(postgresql.Insert, final).returning(table)
     return final
+
+
+def update_rows(
+    session: Session,
+    table: Table,
+    rows: Rows,
+    *,
+    match: Sequence[str],
+    constant: Mapping[str, Any] | None = None,
+) -> None:
+    """Update many rows in one statement: each row names its ``match`` columns' values and the
+    values to set; ``constant`` sets the same value on every matched row. Every row carries the
+    same columns (callers group them by shape).
+
+    Postgres: ``UPDATE table SET c = rows.c FROM json_populate_recordset(...) AS rows WHERE
+    table.key = rows.key``, one round trip whatever the count; SQLite: ``executemany``.
+    """
+    if not rows:
+        return
+    names = tuple(rows[0])
+    shape = UpdateShape(table, is_postgres(session), names, tuple(match), tuple(constant or {}))
+    stmt = update_statement(shape)
+    params = {f"same_{k}": v for k, v in (constant or {}).items()}
+    if shape.postgres:
+        session.execute(stmt, {"rows": as_json(rows)} | params)
+    else:
+        session.execute(stmt, [{f"b_{k}": v for k, v in r.items()} | params for r in rows])
+
+
+class UpdateShape(NamedTuple):
+    """Everything an update statement depends on: statements are built once per shape."""
+
+    table: Table
+    postgres: bool
+    names: tuple[str, ...]
+    match: tuple[str, ...]
+    constant: tuple[str, ...]
+
+
+@lru_cache(maxsize=64)
+def update_statement(shape: UpdateShape) -> Executable:
+    """The update statement of ``shape``, built once per process."""
+    table = shape.table
+    changed = [n for n in shape.names if n not in shape.match]
+    values: dict[str, ColumnElement[Any]] = {
+        n: bindparam(f"same_{n}", type_=table.c[n].type) for n in shape.constant
+    }
+    if shape.postgres:
+        rows = recordset(table)
+        values |= {n: rows.c[n] for n in changed}
+        return (
+            sa_update(table).where(*[table.c[n] == rows.c[n] for n in shape.match]).values(values)
+        )
+    values |= {n: bindparam(f"b_{n}", type_=table.c[n].type) for n in changed}
+    matched = [table.c[n] == bindparam(f"b_{n}") for n in shape.match]
+    return sa_update(table).where(*matched).values(values)
