@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 import subprocess
 import threading
@@ -100,9 +101,15 @@ def issued_tokens(sandbox: SandboxHandle) -> set[str]:
     return {t for row in rows for t in row if isinstance(t, str) and len(t) >= 16}
 
 
+#: A number with 3 or more decimals (a task's runtime, an epoch timestamp) is never money, which
+#: has at most 2; its digits can still spell a needle's cents (``0.0047399360009876546s``).
+NOT_MONEY = re.compile(r"\d+\.\d{3,}(?:e-?\d+)?")
+
+
 def leaks(texts: dict[str, str], values: set[str]) -> list[str]:
-    """``where: value`` for each value found in each text."""
-    return [f"{where}: {v!r}" for where, body in texts.items() for v in values if v in body]
+    """``where: value`` for each value found in each text (numbers that can't be money aside)."""
+    scrubbed = {where: NOT_MONEY.sub("", body) for where, body in texts.items()}
+    return [f"{where}: {v!r}" for where, body in scrubbed.items() for v in values if v in body]
 
 
 class EventCapture:

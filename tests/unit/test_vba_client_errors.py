@@ -205,3 +205,14 @@ def test_a_403_pauses_every_call_and_refreshes_no_token() -> None:
             client.delete_accumulator("1", "G", "2026", "MED", "DED")
     assert len(fake.calls) == 1
     assert not [r for r in fake.requests if r.url.path.endswith("/user-refresh-tokens")]
+
+
+def test_a_406_is_about_our_headers_and_may_have_landed() -> None:
+    """A 406 refuses our Accept, not the records (never split into dead letters), and ASP.NET
+    decides it after the action ran: the write's outcome is unknown."""
+    from worker.vba.errors import refuses_data
+
+    fake = FakeVba(problem(406, "Not Acceptable"))
+    with fake.client() as client, pytest.raises(VbaRejected) as info:
+        client.delete_accumulator("1", "G", "2026", "MED", "DED")
+    assert not refuses_data(info.value) and info.value.may_have_landed

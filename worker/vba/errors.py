@@ -68,7 +68,11 @@ class VbaUnavailable(VbaError):
 
 
 class VbaRejected(VbaError):
-    """VBA refused the request; repeating it unchanged will not help."""
+    """VBA refused the request; repeating it unchanged will not help.
+
+    ``may_have_landed`` is True only for a 406: ASP.NET negotiates the answer's content type
+    after the action ran, so the write may have taken effect though the answer was refused.
+    """
 
     def __init__(
         self,
@@ -81,17 +85,23 @@ class VbaRejected(VbaError):
         super().__init__(text, status=status, activity_id=activity_id)
         self.title = title
         self.detail = detail
+        self.may_have_landed = status == 406
 
 
 class VbaAuthError(VbaRejected):
     """VBA refused our credentials or token, even after one refresh: fix the configuration."""
 
 
+#: Refusals of the request's form, not of its records: our credentials (401), a revoked key or a
+#: gateway rule (403), what we accept or send (406, 415).
+NOT_THE_DATA: Final = frozenset({401, 403, 406, 415})
+
+
 def refuses_data(error: VbaError) -> bool:
-    """VBA refused what the request carried (a 4xx other than 401 and 403): splitting it finds
-    the records it refuses. Anything else (an outage, our credentials, a gateway rule) is no
-    fault of the records, and backs off instead."""
-    return isinstance(error, VbaRejected) and error.status not in (401, 403)
+    """VBA refused what the request carried (a 4xx but those of :data:`NOT_THE_DATA`): splitting
+    it finds the records it refuses. Anything else (an outage, our credentials, a gateway rule,
+    our headers) is no fault of the records, and backs off instead."""
+    return isinstance(error, VbaRejected) and error.status not in NOT_THE_DATA
 
 
 def is_retryable(status: int) -> bool:
