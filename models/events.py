@@ -17,6 +17,7 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
 )
 
 from models.buckets import AMOUNTS, Network
@@ -44,10 +45,24 @@ def _no_float_artifacts(value: Any) -> Any:
 # in Rust; constraints listed after it would run as Python functions (a quarter of validation's
 # time). A value breaking several rules is reported under the first the core checks (decimals
 # before bounds): still a true reason.
+AMOUNT_STRING: Final = r"^[0-9]{1,12}(\.[0-9]{1,2})?$"
+"""The JSON Schema's form of an amount string: a subset of what the worker accepts (it also takes
+a sign, an exponent, surrounding zeros), so a string the schema passes the worker passes too."""
+
 Money = Annotated[
     Decimal,
     Field(ge=0, le=MAX_AMOUNT, decimal_places=2, allow_inf_nan=False),
     BeforeValidator(_no_float_artifacts),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": AMOUNT_STRING},
+                {"type": "number", "minimum": 0, "maximum": float(MAX_AMOUNT)},
+            ],
+            "description": "dollars, >= 0, at most 2 decimals; a decimal string is exact, and "
+            "the schema cannot check a JSON number's decimals (the worker refuses more than 2)",
+        }
+    ),
 ]
 
 
@@ -99,20 +114,27 @@ class ClaimEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    event_id: Str128
-    claim_id: Str64
-    version: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
-    status: Literal["adjudicated", "reversed"]
-    subscriber_id: Key9
-    group_id: Key20
-    plan_year: Key8
-    plan_type: Key6
-    benefit_code: Key10
-    network: Network
-    member_seq: Str2 | None = None
-    service_date: date | None = None
-    adjudicated_at: AwareDatetime | None = None
-    amounts: Amounts = Amounts()
+    event_id: Str128 = Field(description="unique per event: the idempotency key")
+    claim_id: Str64 = Field(description="the unit later versions replace (claim, or claim + line)")
+    version: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = Field(
+        description="adjustment sequence, an integer without a fraction; a higher version "
+        "replaces a lower one"
+    )
+    status: Literal["adjudicated", "reversed"] = Field(
+        description="reversed: the claim contributes nothing from this version on"
+    )
+    subscriber_id: Key9 = Field(description="VBA subscriber_ID")
+    group_id: Key20 = Field(description="VBA group_ID")
+    plan_year: Key8 = Field(description="VBA plan_Year code")
+    plan_type: Key6 = Field(description="VBA plan_Type")
+    benefit_code: Key10 = Field(description="VBA benefit_Code")
+    network: Network = Field(description="in-network (_Net/PPO columns) or out-of-network (_OON)")
+    member_seq: Str2 | None = Field(default=None, description="stored for member-level accums")
+    service_date: date | None = Field(default=None, description="stored, not used for arithmetic")
+    adjudicated_at: AwareDatetime | None = Field(
+        default=None, description="RFC 3339 with its offset; stored, not used for arithmetic"
+    )
+    amounts: Amounts = Field(default=Amounts(), description="missing amounts are 0")
 
     @property
     def key(self) -> AccumKey:
@@ -150,6 +172,17 @@ def canon(value: str) -> str:
     ignored): trailing spaces removed, ASCII letters upper-cased. Other letters are left as
     they are (upper-casing them can change a value's length, ``ß`` -> ``SS``)."""
     return value.rstrip(" ").translate(_ASCII_UPPER)
+
+
+SCHEMA_ID: Final = "urn:accumsync:schema:claim-event:v1"
+
+
+def json_schema() -> dict[str, Any]:
+    """ClaimEvent v1 as a JSON Schema (draft 2020-12), for producers that validate before they
+    publish; ``schemas/claim_event.v1.json`` is this, written by ``accumsync schema``."""
+    body = ClaimEvent.model_json_schema(mode="validation")
+    body["title"] = "ClaimEvent v1"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **body}
 
 
 def describe(error: ValidationError) -> str:

@@ -86,6 +86,14 @@ def publish(
 
 
 @app.command()
+def schema() -> None:
+    """Print ClaimEvent v1 as a JSON Schema (the file in schemas/), for producers to validate."""
+    from models.events import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command()
 def status(as_json: JsonFlag = False) -> None:
     """Counters: events received and applied, duplicates, dead letters, dirty accumulators."""
     from worker.db import session_scope
