@@ -28,6 +28,28 @@ out = Console()
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            envvar="ACCUMSYNC_DEBUG",
+            help="show the whole traceback of a configuration or connection problem",
+        ),
+    ] = False,
+) -> None:
+    _debug["on"] = debug
+
+
+def _require_store() -> None:
+    """Stop here, naming the fix, unless the store answers and its schema is current."""
+    from worker.db import check_migrated
+
+    check_migrated()
 
 
 @db_app.command("upgrade")
@@ -41,14 +63,8 @@ def db_upgrade() -> None:
 
 @db_app.command("check")
 def db_check() -> None:
-    """Exit non-zero unless the store's schema is current."""
-    from worker.db import NotMigrated, check_migrated
-
-    try:
-        check_migrated()
-    except NotMigrated as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    """Exit 0 when the store's schema is current; 2, naming the fix, when it is not."""
+    _require_store()
     out.print("database schema is current")
 
 
@@ -74,8 +90,10 @@ def publish(
     batch_size: Annotated[int, typer.Option(min=1, max=50_000)] = 500,
 ) -> None:
     """Publish ClaimEvent v1 lines to the ingest queue, in batches."""
+    from worker.ingest.producer import connect
     from worker.ingest.producer import publish as send
 
+    connect()  # an unreachable broker is said before a progress bar starts
     total = None if file == "-" else _count_lines(Path(file))
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
     columns = (TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -99,6 +117,7 @@ def status(as_json: JsonFlag = False) -> None:
     from worker.db import session_scope
     from worker.ops.reports import status as read_status
 
+    _require_store()
     with session_scope() as session:
         values = read_status(session)
     if as_json:
@@ -123,6 +142,7 @@ def dead_list(
     from worker.db import session_scope
     from worker.ops.reports import dead_letters
 
+    _require_store()
     with session_scope() as session:
         rows = dead_letters(session, limit, source, show_payload)
     if as_json:
@@ -160,6 +180,7 @@ def dead_replay(
     if not ids and not all_ and not source:
         err.print("name letters with --id N, or choose --all or --source")
         raise typer.Exit(2)
+    _require_store()
     with session_scope() as session:
         done = replay(session, ids, source)
         # Publish before the commit marks them replayed: a failed publish leaves them open.
@@ -191,6 +212,7 @@ def dead_resolve(
     if landed is None:
         err.print("say what VBA shows: --landed or --not-landed")
         raise typer.Exit(2)
+    _require_store()
     try:
         with session_scope() as session:
             message = resolve(session, letter, landed)
@@ -209,6 +231,7 @@ def flush(
     """Trigger a flush now; with --wait, wait for it and exit non-zero on new dead letters."""
     from worker.ops.flushwait import wait_for_flush
 
+    _require_store()
     code = wait_for_flush(out, wait=wait, timeout=timeout, poll=poll)
     raise typer.Exit(code)
 
@@ -226,6 +249,7 @@ def plans_push(
     except PlanFileError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+    _require_store()
     report = push_plans(plans, force=force)
     _print_pushes(report, "plans push")
     if report.failed:
@@ -345,5 +369,15 @@ _mount_sandbox()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: a configuration or connection problem prints the line or two
+    that name it and its fix, and exits 2; ``--debug`` (ACCUMSYNC_DEBUG=1) shows the traceback."""
+    from worker.problems import explain
+
+    try:
+        app()
+    except Exception as exc:
+        problem = explain(exc)
+        if problem is None or _debug["on"]:
+            raise
+        sys.stderr.write(problem + "\n")
+        sys.exit(2)

@@ -131,7 +131,11 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # hide_parameters: an error message must never carry member data into logs or Flower.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True)
+    # connect_timeout: a host that drops packets is said within seconds, not after minutes.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True,
+        connect_args={"connect_timeout": 10},
+    )  # fmt: skip
 
 
 @cache

@@ -14,6 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_HOME = Path.home() / ".accumsync"
 
 
+class NotConfigured(ValueError):
+    """A setting a command needs is missing; the message names it."""
+
+
 def _loopback(host: str | None) -> bool:
     if host in (None, ""):
         return False

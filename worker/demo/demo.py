@@ -141,6 +141,7 @@ class Demo:
 
     def _run(self) -> int:
         from worker.db import upgrade
+        from worker.ingest.producer import connect
 
         port = free_port()
         env = child_env(self.opts, self.home, f"http://127.0.0.1:{port}")
@@ -148,6 +149,7 @@ class Demo:
         self.out.print(f"home [bold]{self.home}[/bold], queue {env['ACCUMSYNC_QUEUE']}")
         upgrade()
         self.out.print("store migrated")
+        connect()  # an unreachable broker is said now, not as a publish that never ends
         self._start_children(env, port)
         events = generate(
             StreamSpec(events=self.opts.events, members=self.opts.members, invalid=INVALID,

@@ -29,6 +29,12 @@ def batches(events: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield batch
 
 
+def connect(retries: int = 1) -> None:
+    """Raise kombu's ``OperationalError`` unless the broker takes a connection (a retry or two)."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=retries)
+
+
 def publish(
     events: Iterable[Any],
     batch_size: int = DEFAULT_BATCH,

@@ -239,7 +239,7 @@ def check(limits: Limits, settings: Settings | None = None) -> Report:
         with session_scope() as session:
             report = store_checks(session, limits, utcnow())
     except Exception as exc:
-        report = Report([Check("store", False, None, None, f"store unreachable: {_name(exc)}")])
+        report = Report([Check("store", False, None, None, _name(exc))])
     try:
         samples = sample_queue(limits, settings)
         report.checks.append(backlog_check(limits, settings, samples))
@@ -247,12 +247,14 @@ def check(limits: Limits, settings: Settings | None = None) -> Report:
             age = report.info["last_progress_age_s"]
             report.checks.append(consuming_check(limits, samples, age))
     except Exception as exc:
-        report.checks.append(
-            Check("broker", False, None, None, f"broker unreachable: {_name(exc)}")
-        )
+        report.checks.append(Check("broker", False, None, None, _name(exc)))
     return report
 
 
 def _name(exc: Exception) -> str:
-    # The type only: a driver's message can carry a URL with a password in it.
-    return type(exc).__name__
+    """What is wrong and what to fix (the password masked), on one line; else the type only: a
+    driver's message can carry a URL with a password in it."""
+    from worker.problems import explain
+
+    problem = explain(exc)
+    return problem.replace("\n", "; ") if problem else type(exc).__name__

@@ -28,7 +28,7 @@ from models.vba import (
     dumps,
 )
 from worker.logs import Log
-from worker.settings import Settings
+from worker.settings import NotConfigured, Settings
 from worker.vba.auth import (
     STATUS_EVENTS,
     Authenticator,
@@ -81,7 +81,9 @@ class VbaClient:
         on_event: Callable[[str], None] = lambda _: None,
     ) -> None:
         if not settings.vba_base_url:
-            raise ValueError("ACCUMSYNC_VBA_BASE_URL is not set")
+            raise NotConfigured(
+                "ACCUMSYNC_VBA_BASE_URL is not set: VBA's API address (https://...)"
+            )
         self.settings = settings
         self.http = httpx.Client(
             base_url=settings.vba_base_url,

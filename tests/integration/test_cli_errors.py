@@ -1,0 +1,189 @@
+"""Every command, facing an unmigrated store, an unreachable store or broker, or an invalid setting,
+says in one or two lines what is wrong and how to fix it (the setting, the host:port, the command
+to run) and exits 2; no traceback unless ``--debug``.
+
+Each command runs as a new user would run it: the installed ``accumsync`` script in a fresh
+process, with a fresh home. The runs are started together (they are a second each) and each case
+then checks its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCUMSYNC = str(Path(sys.executable).with_name("accumsync"))
+DOWN_STORE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/test"
+DOWN_BROKER = "redis://:s3cret-pw@127.0.0.1:1/0"
+FAULTS = ("unmigrated", "store_down", "broker_down", "bad_setting")
+
+UPGRADE = "run `accumsync db upgrade`"
+STORE = ("127.0.0.1:1", "ACCUMSYNC_DATABASE_URL")
+BROKER = ("127.0.0.1:1", "ACCUMSYNC_BROKER_URL")
+SETTING = ("ACCUMSYNC_VBA_BATCH_MAX", "valid integer")
+
+
+@dataclass(frozen=True)
+class Expect:
+    code: int
+    says: tuple[str, ...] = ()
+
+
+OK = Expect(0)
+# command -> fault -> what it must do. A command that does not need the faulty part works.
+CASES: dict[str, dict[str, Expect]] = {
+    "status": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": OK,
+    },
+    "db check": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": OK,
+    },
+    "db upgrade": {"unmigrated": OK, "store_down": Expect(2, STORE), "broker_down": OK},
+    "publish {events}": {
+        "unmigrated": OK,  # queued: workers refuse to start until the store is migrated
+        "store_down": OK,
+        "broker_down": Expect(2, BROKER),
+    },
+    "dead-letters list": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": OK,
+    },
+    "dead-letters replay --all": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": OK,  # nothing to re-publish
+    },
+    "dead-letters resolve 1 --landed": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": Expect(1, ("not a hold",)),  # no such letter: not a fault of the broker
+    },
+    "flush": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": Expect(2, BROKER),
+    },
+    "plans push {plans}": {
+        "unmigrated": Expect(2, (UPGRADE,)),
+        "store_down": Expect(2, STORE),
+        "broker_down": Expect(2, BROKER),  # the shared rate limit lives on the broker's Redis
+    },
+    # health's job is to report these: exit 1 (unhealthy) with the same named reasons.
+    "health --samples 1 --interval 0": {
+        "unmigrated": Expect(1, (UPGRADE,)),
+        "store_down": Expect(1, STORE),
+        "broker_down": Expect(1, BROKER),
+    },
+    # metrics' job is to go on serving: the parts that do not answer read 0.
+    "metrics --once": {
+        "unmigrated": Expect(0, ("accumsync_store_up 0.0",)),
+        "store_down": Expect(0, ("accumsync_store_up 0.0",)),
+        "broker_down": Expect(0, ("accumsync_broker_up 0.0",)),
+    },
+    # The demo keeps its own store and broker unless told: the faults come as its options.
+    "demo --events 100 --members 5 --timeout 60 {demo_fault}": {
+        "store_down": Expect(2, STORE),
+        "broker_down": Expect(2, ("127.0.0.1:1",)),
+    },
+    "schema": {"unmigrated": OK, "store_down": OK, "broker_down": OK},
+}
+for _faults in CASES.values():
+    _faults.setdefault("bad_setting", Expect(2, SETTING))
+CASES["schema"]["bad_setting"] = OK  # it reads no setting
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _env(fault: str, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
+    env.update(ACCUMSYNC_HOME=str(home), ACCUMSYNC_VBA_BASE_URL="http://127.0.0.1:9")
+    env.update(COLUMNS="200")
+    if fault == "store_down":
+        env["ACCUMSYNC_DATABASE_URL"] = DOWN_STORE
+    elif fault == "broker_down":
+        env["ACCUMSYNC_BROKER_URL"] = DOWN_BROKER
+    elif fault == "bad_setting":
+        env["ACCUMSYNC_VBA_BATCH_MAX"] = "abc"
+    return env
+
+
+def _run(command: str, fault: str, root: Path) -> Ran:
+    home = root / f"{fault}-{abs(hash(command))}"
+    home.mkdir()
+    env = _env(fault, home)
+    if fault in ("broker_down", "bad_setting"):  # a store that is there and current
+        shutil.copy(root / "migrated" / "accumsync.db", home / "accumsync.db")
+    (home / "events.jsonl").write_text('{"event_id": "e-1"}\n')
+    (home / "plans.yaml").write_text("- {plan_ID: P1, accum_Name: RXDED, member_Deductible: 5}\n")
+    demo_fault = {"store_down": f"--database-url {DOWN_STORE}",
+                  "broker_down": f"--broker-url {DOWN_BROKER}"}.get(fault, "")  # fmt: skip
+    argv = command.format(events=home / "events.jsonl", plans=home / "plans.yaml",
+                          demo_fault=demo_fault).split()  # fmt: skip
+    done = subprocess.run(
+        [ACCUMSYNC, *argv], env=env, cwd=home, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=120,
+    )  # fmt: skip
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+PAIRS = [(command, fault) for command, faults in CASES.items() for fault in faults]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Ran]:
+    root = tmp_path_factory.mktemp("cli-errors")
+    (root / "migrated").mkdir()
+    env = _env("", root / "migrated")
+    subprocess.run([ACCUMSYNC, "db", "upgrade"], env=env, check=True, capture_output=True)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {pair: pool.submit(_run, *pair, root) for pair in PAIRS}
+        return {pair: future.result() for pair, future in futures.items()}
+
+
+def _id(command: str, fault: str) -> str:
+    words = [w for w in command.split()[:2] if not w.startswith(("{", "-"))]
+    return "-".join([*words, fault])
+
+
+@pytest.mark.parametrize(("command", "fault"), PAIRS, ids=[_id(*pair) for pair in PAIRS])
+def test_each_command_names_the_problem_and_the_fix(
+    results: dict[tuple[str, str], Ran], command: str, fault: str
+) -> None:
+    ran, expect = results[(command, fault)], CASES[command][fault]
+    both = ran.stdout + ran.stderr
+    assert ran.code == expect.code, both[-2000:]
+    assert "Traceback" not in both
+    assert "s3cret-pw" not in both, "a password was printed"
+    for words in expect.says:
+        assert words in both, both[-2000:]
+    if expect.code == 2:
+        lines = [line for line in ran.stderr.splitlines() if line.strip()]
+        problem = [line for line in lines if not line.startswith(("home ", "store migrated"))]
+        assert 1 <= len(problem) <= 2, ran.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    env = _env("bad_setting", tmp_path)
+    done = subprocess.run(
+        [ACCUMSYNC, "--debug", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr
+    assert "vba_batch_max" in done.stderr
