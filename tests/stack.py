@@ -80,7 +80,7 @@ class Stack:
 
     def flush_wait(self, timeout: int = 180, expect: int = 0) -> str:
         """``accumsync flush --wait``; asserts its exit code (0: nothing pending, no new dead
-        letter; 1: new dead letters; 2: still pending)."""
+        letter; 1: new dead letters; 3: still pending)."""
         proc = self.cli("flush", "--wait", "--timeout", str(timeout), check=False)
         assert proc.returncode == expect, proc.stdout + proc.stderr + self.logs()[-4000:]
         return proc.stdout

@@ -228,7 +228,8 @@ def flush(
     timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 600.0,
     poll: Annotated[float, typer.Option(help="seconds between checks")] = 1.0,
 ) -> None:
-    """Trigger a flush now; with --wait, wait for it and exit non-zero on new dead letters."""
+    """Trigger a flush now; with --wait, wait for it: exit 1 on new dead letters, 3 if some are
+    still pending at the timeout."""
     from worker.ops.flushwait import wait_for_flush
 
     _require_store()

@@ -50,7 +50,8 @@ def summary(session: Session, since: datetime) -> dict[str, int]:
 
 
 def wait_for_flush(console: Console, wait: bool, timeout: float, poll: float) -> int:
-    """0: all flushed; 1: some items ended as dead letters; 2: still pending at the timeout."""
+    """0: all flushed; 1: some items ended as dead letters; 3: still pending at the timeout (2 is
+    every command's "cannot work": a setting, an unreachable store or broker)."""
     started = utcnow()
     app.send_task("accumsync.flush_due")
     if not wait:
@@ -77,6 +78,6 @@ def wait_for_flush(console: Console, wait: bool, timeout: float, poll: float) ->
         return 1
     if left:
         console.print(f"[yellow]{left} accumulators still pending after {timeout}s[/yellow]")
-        return 2
+        return 3
     console.print("[green]flushed: nothing left to send[/green]")
     return 0
