@@ -56,6 +56,7 @@ def snapshot(session: Session) -> dict[str, Any]:
     return {
         "status": status(session, now),
         "last_success_age_s": age_seconds(last, now, places=1),
+        "last_progress_age_s": age_seconds(health.last_progress(session), now, places=1),
         "items": dict(item_statuses(session)),
         "calls": batch_calls(session),
         "dead_letters": open_dead_letters(session),
@@ -102,6 +103,12 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
             "accumsync_last_flush_age_seconds", "Seconds since a batch call last succeeded",
             value=values["last_success_age_s"],
         )  # fmt: skip
+    if values["last_progress_age_s"] is not None:
+        yield GaugeMetricFamily(
+            "accumsync_last_progress_age_seconds",
+            "Seconds since a task last made progress (an ingested batch or a batch call)",
+            value=values["last_progress_age_s"],
+        )
     calls = CounterMetricFamily(
         "accumsync_vba_batch_calls", "Batch PUTs to VBA by outcome and HTTP status",
         labels=["outcome", "status"],
