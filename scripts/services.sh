@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the services the integration tests talk to (Redis, PostgreSQL), installing them (and the
-# compose checker) if absent.
+# compose checker and promtool) if absent.
 # Idempotent: a running service is left alone.
 set -euo pipefail
 
@@ -17,6 +17,15 @@ need redis-server redis-server
 # compose.yaml is checked by Debian's docker-compose (1.29: `config` needs no engine) and the
 # Compose Specification's JSON schema it ships (tests/unit/test_compose.py).
 need docker-compose docker-compose
+# promtool checks and unit-tests ops/prometheus (tests/unit/test_alerts.py); Debian ships it in
+# the prometheus package, whose server the tests do not need: stopped if the install started it.
+if ! command -v promtool >/dev/null 2>&1; then
+  pgrep -x prometheus >/dev/null 2>&1 && running=1 || running=0
+  need promtool --no-install-recommends prometheus  # not node-exporter and its collectors
+  if [ "$running" = 0 ] && pgrep -x prometheus >/dev/null 2>&1; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "services: starting redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
