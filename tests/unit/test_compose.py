@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,8 +27,10 @@ from worker.sandbox.cli import sandbox as sandbox_command
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 WORKERS = ("worker-ingest", "worker-flush")
+MONITORING = ("prometheus", "grafana")
 SERVICES = {"redis", "postgres", "migrate", "sandbox", *WORKERS, "beat", "flower", "metrics"}
-APP_SERVICES = SERVICES - {"redis", "postgres"}
+SERVICES |= set(MONITORING)
+APP_SERVICES = SERVICES - {"redis", "postgres", *MONITORING}
 TESTS = ROOT / "tests"
 
 
@@ -58,9 +61,12 @@ def options(argv: list[str]) -> set[str]:
 
 
 def test_services_and_redis_durability(compose: dict[str, Any]) -> None:
-    """All nine services; Redis keeps an append-only file and never evicts queued messages."""
+    """All eleven services, Grafana's only under its profile; Redis keeps an append-only file
+    and never evicts queued messages."""
     services = compose["services"]
     assert set(services) == SERVICES
+    profiled = {name: s["profiles"] for name, s in services.items() if "profiles" in s}
+    assert profiled == {"grafana": ["grafana"]}
     redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
 
@@ -103,8 +109,8 @@ def test_environment_points_at_redis_and_postgres(compose: dict[str, Any]) -> No
 def _commands(compose: dict[str, Any]) -> list[list[str]]:
     found = []
     for s in compose["services"].values():
-        if s.get("image", "").startswith(("redis", "postgres")):
-            continue
+        if s["image"] != compose["x-accumsync"]["image"]:
+            continue  # not ours: Redis, Postgres, Prometheus and Grafana (below) run their own
         found.append(s["command"])
         check = s.get("healthcheck", {}).get("test", [])
         if check[1:2] == ["accumsync"]:
@@ -141,6 +147,47 @@ def test_healthcheck_urls_are_the_tested_ones(compose: dict[str, Any]) -> None:
     sources = "".join(p.read_text() for p in (TESTS / "integration").glob("test_*.py"))
     sources += (ROOT / "worker" / "demo" / "sandboxes.py").read_text()
     assert all(path in sources for path in paths.values())
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A service's bind mounts: its path in the container -> the file or directory here."""
+    sources = (volume.split(":")[:2] for volume in service["volumes"])
+    return {target: ROOT / source for source, target in sources if source.startswith("./")}
+
+
+def test_prometheus_runs_the_checked_config(compose: dict[str, Any]) -> None:
+    """Prometheus loads ops/prometheus/prometheus.yml and its rules (promtool checks both:
+    tests/unit/test_alerts.py) and scrapes the metrics service at the port it serves."""
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    assert _mounts(prometheus) == {"/etc/prometheus": ROOT / "ops" / "prometheus"}
+    flags = dict(word.split("=", 1) for word in prometheus["command"])
+    assert flags["--config.file"] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
+    metrics = services["metrics"]["command"]
+    statics = [static for job in config["scrape_configs"] for static in job["static_configs"]]
+    targets = [target for static in statics for target in static["targets"]]
+    assert targets == [f"metrics:{metrics[metrics.index('--port') + 1]}"]
+    assert prometheus["image"].startswith("prom/prometheus:v")  # a pinned tag, never latest
+
+
+def test_grafana_is_provisioned_with_the_dashboard(compose: dict[str, Any]) -> None:
+    """Grafana's provisioning points at the mounted dashboard and at the prometheus service."""
+    grafana = compose["services"]["grafana"]
+    mounts = _mounts(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    assert provisioning == ROOT / "ops" / "grafana" / "provisioning"
+    providers = yaml.safe_load((provisioning / "dashboards" / "accumsync.yml").read_text())
+    folder = providers["providers"][0]["options"]["path"]
+    dashboards = {t: path for t, path in mounts.items() if t.startswith(folder + "/")}
+    assert dashboards == {f"{folder}/accumsync.json": ROOT / "ops" / "grafana" / "accumsync.json"}
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    source = sources["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    assert "127.0.0.1:9090:9090" in compose["services"]["prometheus"]["ports"]
+    panels = json.loads(dashboards[f"{folder}/accumsync.json"].read_text())["panels"]
+    assert {p["datasource"]["uid"] for p in panels} == {source["uid"]}
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
 
 
 def test_one_worker_per_queue(compose: dict[str, Any]) -> None:
