@@ -212,3 +212,36 @@ class EventCounter(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     value: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime
+
+
+class ReconcileRun(SQLModel, table=True):
+    """One ``accumsync reconcile``: its scope, its cursor (pairs are checked in id order, so a
+    run interrupted resumes after the last pair it finished) and its counts."""
+
+    __tablename__ = "reconcile_run"
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=200, description="what was asked: all, a pair, a file")
+    scope_hash: str = Field(max_length=64, index=True, description="sha256 of the pair ids")
+    ownership: str = Field(max_length=16)
+    repair: bool = False
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    last_pair_id: int = Field(default=0, description="the cursor: every pair <= it is done")
+    pairs_done: int = 0
+    keys_checked: int = 0
+
+
+class ReconcileFinding(SQLModel, table=True):
+    """A key a reconcile run found not equal: drift, or a key it could not judge (in flight,
+    held, unreadable). ``fields`` holds the amounts: member data, kept in the store only."""
+
+    __tablename__ = "reconcile_finding"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT_ID)
+    run_id: int = Field(foreign_key="reconcile_run.id", index=True)
+    accumulator_id: int = Field(sa_type=BIGINT_ID)
+    finding: str = Field(max_length=16)
+    fields: str = Field(default="[]", sa_type=Text, description="JSON: the fields not as expected")
+    repaired: bool = False

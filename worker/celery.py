@@ -26,8 +26,13 @@ from worker import logs
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 
-TASK_MODULES = ["tasks.ingest", "tasks.flush"]
-FLUSH_TASKS = ("accumsync.flush_due", "accumsync.flush_pair", "accumsync.push_plans")
+TASK_MODULES = ["tasks.ingest", "tasks.flush", "tasks.ops"]
+FLUSH_TASKS = (
+    "accumsync.flush_due",
+    "accumsync.flush_pair",
+    "accumsync.push_plans",
+    "accumsync.reconcile",
+)
 
 app = Celery("accumsync")
 

@@ -237,6 +237,112 @@ def flush(
     raise typer.Exit(code)
 
 
+@app.command()
+def reconcile(
+    subscriber: Annotated[str | None, typer.Option(help="one pair: its subscriber_id")] = None,
+    group: Annotated[str | None, typer.Option(help="one pair: its group_id")] = None,
+    pairs: Annotated[
+        Path | None, typer.Option(help="a file of subscriber_id,group_id lines")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every pair in the store")] = False,
+    repair: Annotated[
+        bool, typer.Option(help="mark drifted keys for the next flush to rewrite (no VBA write)")
+    ] = False,
+    as_json: JsonFlag = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="write the keys not equal here (member data)")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="VBA reads/s of the shared budget (ACCUMSYNC_RECONCILE_RATE)"),
+    ] = None,
+    restart: Annotated[bool, typer.Option(help="start over instead of resuming")] = False,
+) -> None:
+    """Is VBA right? Each key against VBA's row and the ledger; exit 1 on drift.
+
+    Resumable: after Ctrl-C or a crash, the same command goes on after the last pair it
+    finished. Reads take a share (--rate) of the fleet's VBA budget, so flushing goes on.
+    """
+    from worker.db import session_scope
+    from worker.flush.protocol import client
+    from worker.ops.reconcile import Reconcile, ScopeError, findings, scope_of, summary
+    from worker.settings import get_settings
+    from worker.vba import VbaError
+
+    settings = get_settings()
+    _require_store()
+    try:
+        with session_scope() as session:
+            scope = scope_of(session, subscriber, group, pairs, all_)
+    except ScopeError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    columns = (TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        bar = progress.add_task("pairs", total=len(scope.pair_ids))
+        runner = Reconcile(
+            client(), settings.ownership, rate or settings.reconcile_rate, repair,
+            on_pair=lambda: progress.advance(bar),
+        )  # fmt: skip
+        run_id, resumed = runner.start(scope, restart)
+        left = runner.left(run_id, scope)
+        progress.update(bar, completed=len(scope.pair_ids) - len(left))
+        try:
+            runner.run(run_id, left)
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print("interrupted: run the same command again to go on where this stopped")
+            raise typer.Exit(130) from None
+        except VbaError as exc:
+            progress.stop()
+            err.print(f"[red]VBA: {exc}[/red]; run the same command again to go on from here")
+            raise typer.Exit(2) from None
+    report = summary(run_id, scope, resumed)
+    rows = findings(run_id)
+    if csv_file is not None:
+        _write_findings(csv_file, rows)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict() | {"keys": rows}))
+    else:
+        _print_reconcile(report, csv_file)
+    raise typer.Exit(1 if report.drifted else 0)
+
+
+def _print_reconcile(report: Any, csv_file: Path | None) -> None:
+    resumed = f", resumed run {report.run_id}" if report.resumed else f", run {report.run_id}"
+    table = Table("keys", "count", title=f"reconcile: {report.scope}{resumed}")
+    table.add_row("checked", str(report.keys_checked))
+    table.add_row("equal", str(report.equal))
+    for finding, n in sorted(report.findings.items()):
+        table.add_row(finding.replace("_", " "), str(n))
+    if report.repaired:
+        table.add_row("repaired (the next flush rewrites them)", str(report.repaired))
+    out.print(table)
+    if report.fields:
+        by_field = Table("VBA field", "keys", title="not as expected, by field")
+        for name, n in sorted(report.fields.items(), key=lambda kv: (-kv[1], kv[0])):
+            by_field.add_row(name, str(n))
+        out.print(by_field)
+    if csv_file is not None:
+        out.print(f"keys not equal: {csv_file}")
+    if report.drifted:
+        err.print(f"[red]{report.drifted} keys drifted[/red]")
+
+
+def _write_findings(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    names = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code", "finding",
+             "repaired", "of", "field", "found", "expected", "vba_own")  # fmt: skip
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            key = {k: row[k] for k in names[:7]}
+            for diff in row["fields"] or [{}]:
+                writer.writerow(key | diff)
+
+
 @plans_app.command("push")
 def plans_push(
     file: Annotated[Path, typer.Argument(help="YAML or JSON: a list of plan accumulators")],

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="seconds messages may wait with no task making progress"
     )
 
+    reconcile_rate: float = Field(
+        default=5.0, gt=0, description="VBA reads/s reconcile may take of the shared budget"
+    )
+    reconcile_cron: str = Field(
+        default="",
+        description="beat runs reconcile of every pair at these times (crontab: 'm h dom mon dow')",
+    )
+
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 
@@ -114,6 +122,34 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @field_validator("reconcile_cron")
+    @classmethod
+    def _crontab(cls, v: str) -> str:
+        if not v.strip():
+            return ""
+        from celery.schedules import crontab
+
+        fields = v.split()
+        if len(fields) != 5:
+            raise ValueError("five fields, 'minute hour day-of-month month day-of-week'")
+        try:
+            minute, hour, day_of_month, month, day_of_week = fields
+            crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
+                    day_of_week=day_of_week)  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"not a crontab line: {exc}") from None
+        return " ".join(fields)
+
+    @model_validator(mode="after")
+    def _reconcile_leaves_room(self) -> Settings:
+        """Reconcile takes a share of VBA's rate: the flush must keep the rest."""
+        if self.reconcile_rate >= self.vba_rate:
+            raise ValueError(
+                f"ACCUMSYNC_RECONCILE_RATE ({self.reconcile_rate:g}/s) must be below "
+                f"ACCUMSYNC_VBA_RATE ({self.vba_rate:g}/s): flushes need the rest"
+            )
+        return self
 
     @model_validator(mode="after")
     def _grace_outlasts_a_request(self) -> Settings:
