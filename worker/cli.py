@@ -343,6 +343,68 @@ def _write_findings(path: Path, rows: list[dict[str, Any]]) -> None:
                 writer.writerow(key | diff)
 
 
+@app.command()
+def explain(
+    subscriber: Annotated[str, typer.Option(help="the member's subscriber_id")],
+    group: Annotated[str, typer.Option(help="the member's group_id")],
+    benefit: Annotated[str | None, typer.Option(help="one benefit_code only")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Why a member's totals are what they are: the claims behind each, what VBA confirmed.
+
+    Prints member data, to this terminal only (nothing of it is logged).
+    """
+    from worker.db import session_scope
+    from worker.ops.explain import NotFound
+    from worker.ops.explain import explain as read
+
+    _require_store()
+    try:
+        with session_scope() as session:
+            story = read(session, subscriber, group, benefit)
+    except NotFound as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps(story))
+        return
+    _print_story(story)
+
+
+def _print_story(story: dict[str, Any]) -> None:
+    pair = story["pair"]
+    out.print(f"[bold]subscriber {story['subscriber_id']}, group {story['group_id']}[/bold]")
+    confirmed = pair["last_confirmed_at"] or "never"
+    out.print(f"VBA last confirmed a write {confirmed} (activityId {pair['last_activity_id']})")
+    if pair["last_error"]:
+        out.print(f"[yellow]last error: {pair['last_error']}[/yellow] "
+                  f"(attempts {pair['attempts']}, next {pair['next_attempt_at']})")  # fmt: skip
+    for key in story["keys"]:
+        name = f"{key['plan_year']} / {key['plan_type']} / {key['benefit_code']}"
+        totals = Table("VBA field", "ours", "VBA confirmed", "from the claims", title=name)
+        for f in key["totals"]:
+            totals.add_row(f["field"], f["ours"], f["confirmed"], f["claims"])
+        out.print(totals)
+        if not key["adds_up"]:
+            err.print("[red]the claims do not add up to our total: run `accumsync reconcile`[/red]")
+        claims = Table("claim", "version", "versions received", "network", "amounts", "received")
+        for c in key["claims"]:
+            amounts = ", ".join(f"{k} {v}" for k, v in c["amounts"].items())
+            received = ", ".join(map(str, c["versions_received"]))
+            claims.add_row(c["claim_id"], str(c["version"]), received, c["network"], amounts,
+                           c["received_at"] or "")  # fmt: skip
+        out.print(claims)
+        state = key["state"]
+        out.print(f"state: {state['what']}; attempts {state['attempts']}")
+        if state["in_flight"]:
+            out.print(
+                f"in flight since {state['in_flight']['since']}: {state['in_flight']['target']}"
+            )
+        for d in key["dead_letters"]:
+            mark = "open" if d["open"] else f"closed ({d['resolution'] or 'replayed'})"
+            out.print(f"dead letter {d['id']} [{d['kind'] or 'refused'}, {mark}]: {d['reason']}")
+
+
 @plans_app.command("push")
 def plans_push(
     file: Annotated[Path, typer.Argument(help="YAML or JSON: a list of plan accumulators")],
