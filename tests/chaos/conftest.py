@@ -91,6 +91,25 @@ def needles(events: list[dict[str, Any]], sandbox: SandboxHandle | None) -> set[
     return {n for n in found if len(n) >= 6}
 
 
+def operator_logs(stack: Stack, valid: list[dict[str, Any]], tmp: Path) -> dict[str, str]:
+    """The logs (stderr, JSON lines) of ``reconcile`` over some of the run's pairs and of
+    ``explain`` of one member. Their stdout is member data on purpose (the operator's terminal)
+    and is not scanned, but it must hold it: proof the runs looked at the right members."""
+    pairs = sorted({(e["subscriber_id"], e["group_id"]) for e in valid})[:10]
+    listed = tmp / "reconcile-pairs.csv"
+    listed.write_text("".join(f"{s},{g}\n" for s, g in pairs))
+    env = {"ACCUMSYNC_LOG_FORMAT": "json"}
+    # Stack.cli, not ChaosStack.cli: their stdout must not join the scanned CLI output.
+    reconcile = Stack.cli(stack, "reconcile", "--pairs", str(listed), "--rate", "20", "--json",
+                          "--csv", str(tmp / "drift.csv"), env=env, check=False)  # fmt: skip
+    assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
+    assert json.loads(reconcile.stdout)["keys_checked"] > 0
+    subscriber, group = pairs[0]
+    explain = Stack.cli(stack, "explain", "--subscriber", subscriber, "--group", group, env=env)
+    assert subscriber in explain.stdout
+    return {"reconcile log": reconcile.stderr, "explain log": explain.stderr}
+
+
 def issued_tokens(sandbox: SandboxHandle) -> set[str]:
     """Every id and refresh token the sandbox issued (read from its state file)."""
     path = sandbox.flags.get("state")
@@ -337,6 +356,7 @@ class Chaos:
         extra: dict[str, Any] | None = None,
         monitor: str = "",
         expected_plus: Callable[[dict[Any, Any]], dict[Any, Any]] | None = None,
+        operators: bool = False,
     ) -> dict[str, Any]:
         """Compare VBA with the oracle, write the figures, scan for leaks; returns the figures."""
         assert self.sandbox is not None
@@ -371,6 +391,8 @@ class Chaos:
         texts |= {"sandbox log": self.sandbox.log_path.read_text(errors="replace")}
         texts |= {"cli": "\n".join(o for s in self.stacks for o in s.outputs)}
         texts |= {"celery events": monitor}
+        if operators:
+            texts |= operator_logs(stack, valid, stack.tmp)
         values = needles(valid, self.sandbox)
         found = leaks(texts, values)
         assert found == [], "leaked: " + "; ".join(found[:10])
