@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path.home() / ".accumsync"
+SECRET_FILES = ("vba_password", "vba_api_key")
 
 
 class NotConfigured(ValueError):
@@ -55,6 +56,12 @@ class Settings(BaseSettings):
     vba_database: str = ""
     vba_username: str = ""
     vba_password: SecretStr = SecretStr("")
+    vba_api_key_file: Path | None = Field(
+        default=None, description="a file holding the API key (Docker/Kubernetes secrets)"
+    )
+    vba_password_file: Path | None = Field(
+        default=None, description="a file holding the password (Docker/Kubernetes secrets)"
+    )
     vba_client_id: str = ""
     vba_client_code: str = ""
     vba_rate: float = Field(default=25.0, gt=0)
@@ -117,6 +124,27 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, data: Any) -> Any:
+        """ACCUMSYNC_VBA_PASSWORD_FILE / _API_KEY_FILE: the secret is the file's content (its
+        final newline dropped), the convention of Docker and Kubernetes secrets."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECRET_FILES:
+            path = data.get(f"{name}_file")
+            if not path:
+                continue
+            env = f"ACCUMSYNC_{name.upper()}"
+            if data.get(name):
+                raise ValueError(f"{env} and {env}_FILE are both set: keep one")
+            try:
+                data[name] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = getattr(exc, "strerror", None) or str(exc)
+                raise ValueError(f"{env}_FILE: cannot read {path}: {why}") from None
+        return data
 
     @field_validator("vba_base_url")
     @classmethod
