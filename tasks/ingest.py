@@ -18,6 +18,7 @@ from worker import failpoints
 from worker.celery import app
 from worker.ingest.poison import isolating
 from worker.ingest.producer import argsrepr
+from worker.ingest.undeliverable import undeliverable
 from worker.logs import Log
 
 log = Log("ingest")
@@ -33,12 +34,18 @@ log = Log("ingest")
     soft_time_limit=300,
     time_limit=330,
 )
-def ingest(self: Task[Any, Any], events: list[Any]) -> dict[str, int]:
-    """Validate, dedupe and apply ``events``; invalid ones become dead letters."""
+def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
+    """Validate, dedupe and apply the events of ``args[0]``; invalid ones become dead letters."""
     # A producer that sends one object (or anything else) instead of a list gets it applied or
     # dead-lettered as one item, not iterated key by key (or character by character).
+    events = args[0] if len(args) == 1 and not kwargs else None
     batch = events if isinstance(events, list) else [events]
     try:
+        if len(args) != 1 or kwargs:  # a foreign producer's message of the wrong shape
+            why = (f"accumsync.ingest takes one argument, a list of events; this message had "
+                   f"{len(args)} and keywords {sorted(kwargs)}")  # fmt: skip
+            undeliverable({"args": args, "kwargs": kwargs}, "bad_arguments", why, self.name)
+            return {"received": 0, "bad_arguments": 1}
         result = isolating(batch)
     except (DBAPIError, SoftTimeLimitExceeded) as exc:
         delay = min(60, 2 ** min(self.request.retries, 6))

@@ -93,6 +93,9 @@ def configure(settings: Settings) -> None:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        # A message no task can run becomes a dead letter (source broker), never a log line
+        # carrying its body: worker/ingest/undeliverable.py (by name: no import upward).
+        worker_consumer="worker.ingest.undeliverable:Consumer",
         timezone="UTC",
         enable_utc=True,
         include=TASK_MODULES,

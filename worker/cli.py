@@ -133,7 +133,7 @@ def status(as_json: JsonFlag = False) -> None:
 def dead_list(
     as_json: JsonFlag = False,
     limit: Annotated[int, typer.Option(min=1)] = 50,
-    source: Annotated[str | None, typer.Option(help="ingest | flush | plans")] = None,
+    source: Annotated[str | None, typer.Option(help="ingest | flush | plans | broker")] = None,
     show_payload: Annotated[
         bool, typer.Option(help="include the raw payload (it holds member data)")
     ] = False,

@@ -11,7 +11,7 @@ from sqlmodel import Session, col
 from models.ledger import Kind
 from models.tables import Accumulator, DeadLetter, IngestBatch
 
-SOURCES = ("ingest", "flush", "plans")
+SOURCES = ("ingest", "flush", "plans", "broker")
 
 
 def outcomes(session: Session) -> dict[str, int]:

@@ -6,6 +6,8 @@ and settle the keys held for a person.
 - A flush dead letter releases its accumulator: attempts reset, no longer held, so the next
   flush sends it.
 - A plans dead letter puts its record back into its plan's pending push, sent at once.
+- A broker dead letter (a message no task could run) is never replayed: its producer is fixed
+  and publishes the events again.
 - A hold (an ambiguous outcome, a row below our share) is never replayed: a person checks VBA
   and says what happened with ``resolve``, which sets our confirmed share accordingly.
 """
@@ -72,6 +74,13 @@ def _replay_one(session: Session, letter: DeadLetter, done: Replayed) -> bool:
             done.refused.append(str(exc))
             return False
         done.plans = sorted({*done.plans, plan_id})
+    elif letter.source == "broker":
+        done.refused.append(
+            f"letter {letter.id}: a message no task could run ({letter.kind}) is not replayed; "
+            "fix its producer and publish the events again (`dead-letters list --source broker "
+            "--show-payload` shows the body)"
+        )
+        return False
     elif letter.kind in HOLDS:
         done.refused.append(
             f"letter {letter.id}: a {letter.kind} hold is settled with "
