@@ -14,14 +14,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from tests.services import create_database, drop_database, ensure_postgres, ensure_redis
 from worker.db import make_engine, upgrade
@@ -86,13 +86,20 @@ class Run:
         return env
 
     def worker(
-        self, env: dict[str, str], concurrency: int, include: Sequence[str] = (), name: str = "w"
+        self,
+        env: dict[str, str],
+        concurrency: int,
+        include: Sequence[str] = (),
+        name: str = "w",
+        queues: Sequence[str] = (),
     ) -> Child:
-        """``celery -A worker worker`` on this run's queues (ingest, flush), started and ready."""
+        """``celery -A worker worker`` started and ready: on ``queues``, or without ``-Q`` on
+        both of this run's queues (ingest, flush)."""
         node = f"{name}-{self.tag}@%h"
         argv = [*CELERY, "worker", "-n", node, "-c", str(concurrency)]
         argv += ["-l", "INFO", "--without-gossip", "--without-mingle"]
         argv += [a for mod in include for a in ("-I", mod)]
+        argv += ["-Q", ",".join(queues)] if queues else []
         child = Child(name, argv, env, self.tmp / "logs" / f"{name}.log").start()
         self.children.append(child)
         return child.ready(" ready.", timeout=90)
@@ -124,6 +131,12 @@ def producer_app(env: dict[str, str]) -> Any:
     os.environ.update({k: v for k, v in env.items() if k.startswith("ACCUMSYNC_")})
     get_settings.cache_clear()
     configure(get_settings())
+    # The app keeps the connection and producer pools of the broker it first sent to: forget
+    # them, or a later phase on another broker (Redis, then the embedded one) sends to the old.
+    # (Not closed: kombu's registry hands the same pools out again for the same broker.)
+    app._pool = None  # type: ignore[attr-defined]
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None  # type: ignore[attr-defined]
     return app
 
 
@@ -172,31 +185,98 @@ def pids_named(*names: str) -> list[int]:
 class CpuMeter:
     """CPU seconds used by each part of the system between ``start()`` and ``stop()``.
 
-    Postgres and Redis count every process of theirs (backends, WAL writer, checkpointer):
-    all of it is work the run causes, as nothing else runs on the machine meanwhile.
+    ``worker_pid`` (or each of ``workers``, named) counts as two parts: its pool (the processes
+    it forked) and its main process (broker I/O). ``others`` are single processes (the sandbox),
+    their children included. Postgres and Redis count every process of theirs (backends, WAL
+    writer, checkpointer, the postmaster): work the run causes when nothing else runs on the
+    machine meanwhile. Given the run's ``database_url``, Postgres leaves out the backends of
+    every other database (another suite's tests on the same server), so only Redis, one process
+    for every client, still counts whatever else uses it. ``services=()`` leaves both out (the
+    embedded defaults use neither).
     """
 
-    def __init__(self, worker_pid: int) -> None:
-        self.worker_pid = worker_pid
+    def __init__(
+        self,
+        worker_pid: int | None = None,
+        *,
+        workers: Mapping[str, int] | None = None,
+        others: Mapping[str, int] | None = None,
+        services: Sequence[str] = ("postgres", "redis"),
+        database_url: str | None = None,
+    ) -> None:
+        self.workers = dict(workers or {})
+        if worker_pid is not None:
+            self.workers[""] = worker_pid
+        self.others = dict(others or {})
+        self.services = tuple(services)
+        self.database_url = database_url
         self.before: dict[str, float] = {}
         self.used: dict[str, float] = {}
+        self._pg_before: dict[int, float] = {}
+        self._datname: dict[int, str] = {}
+        #: CPU seconds of other databases' backends, left out of "postgres".
+        self.foreign_postgres = 0.0
+        #: "postgres" split: this database's backends, and the server's own processes
+        #: (postmaster, WAL writer, checkpointer, background writer: shared with anything else).
+        self.postgres_split: dict[str, float] = {}
 
     def sample(self) -> dict[str, float]:
-        pool = pool_pids(self.worker_pid)
-        return {
-            "worker pool": sum(cpu_seconds(p) for p in pool),
-            "worker main (broker I/O)": cpu_seconds(self.worker_pid),
-            "postgres": sum(cpu_seconds(p) for p in pids_named("postgres")),
-            "redis": sum(cpu_seconds(p) for p in pids_named("redis-server")),
-        }
+        out: dict[str, float] = {}
+        for name, pid in self.workers.items():
+            prefix = f"{name} worker" if name else "worker"
+            out[f"{prefix} pool"] = sum(cpu_seconds(p) for p in pool_pids(pid))
+            out[f"{prefix} main (broker I/O)"] = cpu_seconds(pid)
+        for name, pid in self.others.items():
+            out[name] = cpu_seconds(pid) + sum(cpu_seconds(p) for p in pool_pids(pid))
+        if "redis" in self.services:
+            out["redis"] = sum(cpu_seconds(p) for p in pids_named("redis-server"))
+        return out
+
+    def _postgres(self) -> dict[int, float]:
+        """CPU seconds of every postgres process; notes which database each backend serves."""
+        if self.database_url:
+            self._datname |= backends(self.database_url)
+        return {p: cpu_seconds(p) for p in pids_named("postgres")}
 
     def start(self) -> None:
+        if "postgres" in self.services:
+            self._pg_before = self._postgres()
         self.before = self.sample()
 
     def stop(self) -> dict[str, float]:
         after = self.sample()
         self.used = {k: after[k] - self.before[k] for k in after}
+        if "postgres" in self.services:
+            # Per process: one that ended meanwhile is left out rather than subtracted.
+            pg = self._postgres()
+            delta = {p: v - self._pg_before.get(p, 0.0) for p, v in pg.items()}
+            ours = make_url(self.database_url).database if self.database_url else None
+            split = {"backends": 0.0, "shared": 0.0, "other databases": 0.0}
+            for pid, seconds in delta.items():
+                db = self._datname.get(pid)
+                part = "shared" if db is None else "backends" if db == ours else "other databases"
+                split[part] += seconds
+            if not self.database_url:  # nothing to tell them apart by
+                split = {"backends": 0.0, "shared": sum(delta.values()), "other databases": 0.0}
+            self.foreign_postgres = split.pop("other databases")
+            self.postgres_split = split
+            self.used["postgres"] = sum(split.values())
         return self.used
+
+
+def backends(database_url: str) -> dict[int, str]:
+    """The database each Postgres backend serves, by PID (asked through the ``postgres``
+    database, so the question's own backend is another database's)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    sql = text("SELECT pid, datname FROM pg_stat_activity WHERE datname IS NOT NULL")
+    engine = create_engine(make_url(database_url).set(database="postgres"), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return {int(pid): str(db) for pid, db in conn.execute(sql)}
+    finally:
+        engine.dispose()
 
 
 def wait_until(
@@ -212,7 +292,9 @@ def wait_until(
 def events_ingested(engine: Engine) -> int:
     """How many events the workers have committed (the sum over ``ingest_batch`` rows)."""
     with engine.connect() as conn:
-        return int(conn.execute(text("SELECT coalesce(sum(events), 0) FROM ingest_batch")).scalar())
+        return int(
+            conn.execute(text("SELECT coalesce(sum(received), 0) FROM ingest_batch")).scalar() or 0
+        )
 
 
 @contextmanager

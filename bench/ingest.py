@@ -69,7 +69,12 @@ def run_phase(
     """Start a worker, publish ``events`` from a producer process, wait for the last commit."""
     env = run.env(database_url, broker_url)
     child = run.worker(env, concurrency, include=["bench.naive"], name=name)
-    meter = CpuMeter(child.pid)
+    postgres = database_url.startswith("postgresql")
+    meter = CpuMeter(
+        child.pid,
+        services=("postgres", "redis") if postgres else (),
+        database_url=database_url if postgres else None,
+    )
     meter.start()
     path = run.tmp / f"{name}.json"
     path.write_text(json.dumps(events))

@@ -6,6 +6,9 @@ benchmark times "first publish to last commit" without counting the load, and th
 seconds it spent publishing (``cpu=``). Settings come from the
 environment (``ACCUMSYNC_BROKER_URL``, ``ACCUMSYNC_QUEUE``), as for any producer.
 ``--batch 1`` with ``--task bench.naive_ingest`` sends one message per event (the baseline).
+``--rate R`` paces the batches at R events/s (batch k leaves at t0 + k * batch / R): it prints
+``started t0=...`` as the first one leaves, and at the end how late the latest batch left
+(``late_max=`` seconds behind its schedule), so a publisher starved of CPU shows.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -21,6 +25,7 @@ def main() -> None:
     parser.add_argument("file", type=Path)
     parser.add_argument("--task", default="accumsync.ingest")
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: as fast as it can")
     args = parser.parse_args()
     events = json.loads(args.file.read_text())
 
@@ -30,6 +35,11 @@ def main() -> None:
     with app.connection_for_write() as conn:
         conn.ensure_connection()
     t0, cpu0 = time.time(), time.process_time()
+    if args.rate > 0:
+        late = paced(events, args.batch, args.rate, t0)
+        print(f"t0={t0:.6f} t1={time.time():.6f} cpu={time.process_time() - cpu0:.3f}", end="")
+        print(f" late_max={late:.3f}", flush=True)
+        return
     if args.task == "accumsync.ingest":
         publish(events, args.batch)
     else:
@@ -37,6 +47,24 @@ def main() -> None:
             for event in events:
                 app.send_task(args.task, args=[event], argsrepr="(1 event)", producer=producer)
     print(f"t0={t0:.6f} t1={time.time():.6f} cpu={time.process_time() - cpu0:.3f}", flush=True)
+
+
+def paced(events: list[Any], batch: int, rate: float, t0: float) -> float:
+    """Publish ``events`` in messages of ``batch`` at ``rate`` events/s from ``t0``; the most
+    seconds a message left behind its schedule."""
+    from worker.ingest.producer import batches, publish
+
+    print(f"started t0={t0:.6f}", flush=True)
+    late = 0.0
+    for k, part in enumerate(batches(events, batch)):
+        due = t0 + k * batch / rate
+        wait = due - time.time()
+        if wait > 0:
+            time.sleep(wait)
+        else:
+            late = max(late, -wait)
+        publish(part, batch)
+    return late
 
 
 if __name__ == "__main__":
