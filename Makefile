@@ -42,6 +42,7 @@ demo: install
 bench: install services
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.flush
+	$(BIN)/python -m bench.mixed
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.freshness
 
