@@ -111,8 +111,10 @@ def _poll_sql_broker_every(seconds: float) -> None:
     per second. Every 0.03 s the embedded flush reaches VBA's 25 calls/s (at 0.1 s it made 9.5,
     at 0.05 s 18); an idle worker's main process then spends about 8% of a core polling (2% at
     0.1 s), measured with bench.flush's embedded phase. A larger prefetch would be faster still,
-    but this transport loses a prefetched, unacknowledged message when its worker is killed. Celery's ``broker_polling_interval`` does not reach kombu's virtual transports, and
-    this transport hands every transport option to ``create_engine`` (which refuses
+    but this transport loses a prefetched, unacknowledged message when its worker is killed.
+
+    Celery's ``broker_polling_interval`` does not reach kombu's virtual transports, and this
+    transport hands every transport option to ``create_engine`` (which refuses
     ``polling_interval``), so the transport's class attribute is the one place to set it."""
     from kombu.transport import sqlalchemy
 
