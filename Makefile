@@ -29,7 +29,7 @@ lint: install
 
 # The whole suite: unit, integration (real Redis, Postgres, workers, sandbox) and chaos.
 test: install services lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # Unit tests only: no services needed.
 test-fast: install

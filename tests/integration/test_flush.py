@@ -61,11 +61,11 @@ def test_faults_retries_and_token_expiry(
     stack = flush_stack(sandbox)
     stack.worker("w1", concurrency=2)
     stack.beat()
-    events = generate(StreamSpec(events=2_000, members=60, seed=22))
-    stack.publish(events[:1_000])
+    events = generate(StreamSpec(events=1_000, members=30, seed=22))
+    stack.publish(events[:500])
     stack.flush_wait()  # the fleet holds a token now
     sandbox.admin.set_faults(rate_429=1.0)  # a storm: everything answered 429 for a while
-    stack.publish(events[1_000:])
+    stack.publish(events[500:])
     time.sleep(3)
     sandbox.admin.set_faults(rate_429=0.05, expire_tokens=True)  # and every token dies at once
     stack.flush_wait()

@@ -288,12 +288,14 @@ def test_plan_pushes_retry_and_replays_resend(
     sandbox = sandboxes()
     stack = flush_stack(sandbox, max_attempts="2")
     stack.worker("w1")
-    stack.beat()
     path = tmp_path / "plans.yaml"
     path.write_text(yaml.safe_dump([{"plan_ID": "PLAN1", "accum_Name": "RX-DED"}]))
     sandbox.admin.set_faults(error_503=1.0, retry_after=0.2)
     stack.cli("plans", "push", str(path), check=False)
     sandbox.admin.set_faults(error_503=0.0)
+    # Beat starts once VBA is back: a retry of its inside the 503 window would be the second
+    # and last of max_attempts, and the plan would rightly give up (a loaded box ran one there).
+    stack.beat()
     assert wait_for(lambda: len(sandbox.admin.plans()) == 1, 60, 0.5), stack.logs()[-3000:]
     assert letters(stack, "plans") == []
     path.write_text(yaml.safe_dump([{"plan_ID": "PLAN2", "accum_Name": "RX-OOP"}]))
