@@ -171,6 +171,24 @@ def canonical(key: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(canon(v) for v in key)
 
 
+def read_remote(
+    vba: VbaClient,
+    subscriber_id: str,
+    group_id: str,
+    before_page: Callable[[], object] | None = None,
+) -> Remote:
+    """VBA's rows for the pair, every page, in a stable order, by canonical key; raises
+    :class:`Unattributable` for a listed row whose key can't be read."""
+    remote = Remote()
+    for page in vba.pages(subscriber_id, group_id, sort_by=SORT_BY, before_page=before_page):
+        remote.rows |= {canonical(r.key): r for r in page.items}
+        for key, why in page.unreadable:
+            if key is None:
+                raise Unattributable(f"VBA listed a row whose key can't be read: {why}")
+            remote.unreadable[canonical(key)] = why
+    return remote
+
+
 class Lease:
     """A pair's flush lease: taken by bumping its generation, fenced on it afterwards."""
 
@@ -353,14 +371,7 @@ class Flush:
         """VBA's rows for the pair, every page, in a stable order, by canonical key; the PUT's
         rate-limit token is taken with the read's, so it leaves right after (client.prepay)."""
         self.vba.prepay(2 if then_put else 1)
-        remote = Remote()
-        for page in self.vba.pages(self.subscriber_id, self.group_id, sort_by=SORT_BY):
-            remote.rows |= {canonical(r.key): r for r in page.items}
-            for key, why in page.unreadable:
-                if key is None:
-                    raise Unattributable(f"VBA listed a row whose key can't be read: {why}")
-                remote.unreadable[canonical(key)] = why
-        return remote
+        return read_remote(self.vba, self.subscriber_id, self.group_id)
 
     def _decide(self, item: Item, remote: Remote | None) -> Plan:
         """:func:`models.sync.plan` for the key, unless VBA's row for it can't be taken as it

@@ -8,6 +8,7 @@ purpose and goes to the terminal only: nothing here logs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -54,12 +55,17 @@ def explain(
     claim_rows = session.execute(claims.order_by(c.claim_id)).mappings().all()
     versions = _versions(session, [r["claim_id"] for r in claim_rows])
     letters = _letters(session, [k["id"] for k in keys])
+    by_key: dict[tuple[str, ...], list[Any]] = {}
+    for r in claim_rows:
+        by_key.setdefault(_key_of(r), []).append(r)
+    summed: dict[Any, dict[str, int]] = totals(claim_state(r) for r in claim_rows)
+    nothing = dict.fromkeys(COLUMNS, 0)
     return {
         "subscriber_id": sub,
         "group_id": grp,
         "pair": _pair(session, pair),
         "keys": [
-            _key(k, [r for r in claim_rows if _key_of(r) == _key_of(k)], versions, letters)
+            _key(k, by_key.get(_key_of(k), []), summed.get(_key_of(k), nothing), versions, letters)
             for k in keys
         ],
     }
@@ -72,14 +78,12 @@ def _key_of(row: Any) -> tuple[str, ...]:
 def _key(
     row: Any,
     claims: list[Any],
+    from_claims: dict[str, int],
     versions: dict[str, list[dict[str, Any]]],
     letters: dict[int, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     ours = {col: row[col] for col in COLUMNS}
     pushed = {col: row[p] for col, p in zip(COLUMNS, PUSHED, strict=True)}
-    # The claims passed are this key's only: their sum is the one total, or nothing.
-    summed = totals(claim_state(r) for r in claims)
-    from_claims = next(iter(summed.values()), dict.fromkeys(COLUMNS, 0))
     fields = [
         {"field": COLUMN_TO_VBA[col], "ours": money(ours[col]), "confirmed": money(pushed[col]),
          "claims": money(from_claims[col])}
@@ -134,8 +138,6 @@ def _state(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _money_of(raw: str) -> dict[str, str]:
-    import json
-
     cents = json.loads(raw)
     return {COLUMN_TO_VBA[col]: money(cents[col]) for col in COLUMNS if cents.get(col)}
 

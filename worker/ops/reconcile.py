@@ -31,7 +31,7 @@ from models.reconcile import DRIFT, REPAIRABLE, Finding, Ownership, Verdict, jud
 from models.sync import cents_of_vba
 from models.tables import PUSHED, ReconcileFinding, ReconcileRun
 from worker.db import as_utc, session_scope, utcnow
-from worker.flush.protocol import SORT_BY, canonical
+from worker.flush.protocol import Unattributable, read_remote
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_CLAIM, T_PAIR, claim_state
 from worker.logs import Log
 from worker.vba import VbaClient
@@ -44,6 +44,7 @@ CHUNK = 100  # pairs whose claims are read in one query
 SLICE = 1800  # seconds a scheduled reconcile task checks before it queues the next
 BUSY = 600.0  # seconds: an unfinished run that moved this recently is still being run
 Key = tuple[str, ...]
+Cents = dict[str, int]
 
 
 class ScopeError(ValueError):
@@ -198,7 +199,7 @@ class Reconcile:
                 if until is not None and time.monotonic() >= until:
                     return False
                 subscriber, group, states = keys[pair_id]
-                remote = self._read(subscriber, group)
+                remote = self._read(subscriber, group, [state.key for state in states])
                 verdicts = [(s, self._judge(s, remote, ledgers)) for s in states]
                 with session_scope() as session:
                     record(session, run_id, pair_id, verdicts, remote, self)
@@ -209,25 +210,22 @@ class Reconcile:
         log.info("reconcile.finished", run=run_id, pairs=len(pair_ids))
         return True
 
-    def _read(self, subscriber: str, group: str) -> dict[Key, dict[str, int] | str]:
-        """VBA's rows of the pair by canonical key: cents, or why a row can't be read."""
-        out: dict[Key, dict[str, int] | str] = {}
-        page = 1
-        while True:
-            self.bucket.acquire()
-            result = self.vba.list_accumulators(subscriber, group, page, sort_by=SORT_BY)
-            for row in result.items:
-                fields = row.sub_cent()
-                key = canonical(row.key)
-                out[key] = f"more than 2 decimals in {', '.join(fields)}" if fields else (
-                    cents_of_vba(row.amounts())
-                )  # fmt: skip
-            for key_or_none, why in result.unreadable:
-                if key_or_none is not None:
-                    out[canonical(key_or_none)] = why
-            if not (result.items or result.unreadable) or not result.has_next:
-                return out
-            page += 1
+    def _read(
+        self, subscriber: str, group: str, keys: list[Key]
+    ) -> dict[Key, dict[str, int] | str]:
+        """VBA's rows of the pair by canonical key: cents, or why a row can't be read (every
+        key's, when a listed row's own key can't be read: it could be any of them)."""
+        try:
+            remote = read_remote(self.vba, subscriber, group, before_page=self.bucket.acquire)
+        except Unattributable as exc:
+            return dict.fromkeys(keys, str(exc))
+        out: dict[Key, Cents | str] = {}
+        for key, row in remote.rows.items():
+            fields = row.sub_cent()
+            out[key] = f"more than 2 decimals in {', '.join(fields)}" if fields else (
+                cents_of_vba(row.amounts())
+            )  # fmt: skip
+        return out | remote.unreadable
 
     def _judge(
         self, s: KeyState, remote: dict[Key, dict[str, int] | str], ledgers: dict[Key, Any]

@@ -209,11 +209,19 @@ class VbaClient:
             yield from result.items
 
     def pages(
-        self, subscriber_id: str, group_id: str, page_size: int = 100, sort_by: str | None = None
+        self,
+        subscriber_id: str,
+        group_id: str,
+        page_size: int = 100,
+        sort_by: str | None = None,
+        before_page: Callable[[], object] | None = None,
     ) -> Iterator[Page]:
-        """Every page of the pair's accumulators (with the rows that could not be read)."""
+        """Every page of the pair's accumulators (with the rows that could not be read);
+        ``before_page`` runs before each request (a caller's own rate share)."""
         page = 1
         while True:
+            if before_page is not None:
+                before_page()
             result = self.list_accumulators(subscriber_id, group_id, page, page_size, sort_by)
             yield result
             if not (result.items or result.unreadable) or not result.has_next:
