@@ -58,7 +58,7 @@ def test_broker_restarts_and_partition_lose_nothing_and_workers_resume(chaos: Ch
         chaos.drain(stack, len({e["event_id"] for e in valid}), timeout=120)
     finally:
         relay.stop()
-    assert all(w.alive() for w in workers)
+    assert all(w.alive() for w in workers), stack.logs()[-8000:]  # why a worker stopped
     chaos.finish(
         stack,
         valid,
