@@ -320,12 +320,15 @@ class Chaos:
         self.redises.append(redis)
         return redis
 
-    def stack(self, broker_url: str | None = None, **settings: str) -> ChaosStack:
-        """A Postgres + Redis stack on the sandbox, migrated, with :data:`FAST` timings."""
+    def stack(
+        self, broker_url: str | None = None, database_url: str | None = None, **settings: str
+    ) -> ChaosStack:
+        """A Postgres + Redis stack on the sandbox, migrated, with :data:`FAST` timings (the
+        test's database unless ``database_url`` names another, e.g. a private server's)."""
         env = FAST | settings
         stack = ChaosStack(
             self.tmp / f"stack{len(self.stacks)}",
-            database_url=self.pg_url,
+            database_url=database_url or self.pg_url,
             broker_url=broker_url or self.redis_url,
             **env,
         )
