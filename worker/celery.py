@@ -62,6 +62,11 @@ def transport_options(
             "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
             "unacked_restore_throttle": 1,
         } | link
+    if broker_url.startswith(("amqp", "pyamqp")):
+        # Publisher confirms: each publish waits for RabbitMQ's basic.ack, so a publish the
+        # broker never took (connection closed under it, app stopped, a broker-side refusal)
+        # raises, and Celery's publish retry or the caller sees it, instead of a silent drop.
+        return {"confirm_publish": True}
     return {}
 
 
@@ -133,12 +138,14 @@ def _celery_lines_too(logger: logging.Logger, **_: Any) -> None:
 
 @worker_init.connect
 def _refuse_unmigrated(**_: Any) -> None:
-    """A worker on an unmigrated store exits at once, naming the command to run."""
-    from worker.db import NotMigrated, check_migrated
+    """A worker exits before it consumes anything, naming what to do, when the store's schema is
+    not its own: behind it (run ``accumsync db upgrade``) or newer (this worker is older than
+    the schema: upgrade it). Beat is not checked: it never opens the store."""
+    from worker.db import SchemaMismatch, check_migrated
 
     try:
         check_migrated()
-    except NotMigrated as exc:
+    except SchemaMismatch as exc:
         raise SystemExit(f"accumsync: {exc}") from None
 
 

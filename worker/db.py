@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
@@ -49,8 +49,16 @@ def dialect_insert(table: Table, postgres: bool) -> postgresql.Insert:
     return cast(postgresql.Insert, sqlite.insert(table))
 
 
-class NotMigrated(RuntimeError):
-    """The database schema is not at the latest migration."""
+class SchemaMismatch(RuntimeError):
+    """The store's schema is not the one this accumsync was written for: nothing may start."""
+
+
+class NotMigrated(SchemaMismatch):
+    """The store's schema is behind this accumsync's (or absent): migrate it first."""
+
+
+class SchemaTooNew(SchemaMismatch):
+    """The store's schema was written by a newer accumsync: this one must not touch it."""
 
 
 def utcnow() -> datetime:
@@ -196,18 +204,54 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(url: str | None = None) -> None:
-    """Migrate the store to the latest schema (``accumsync db upgrade``)."""
+    """Migrate the store to the latest schema (``accumsync db upgrade``); a store migrated by a
+    newer accumsync is refused with :class:`SchemaTooNew` (alembic would only say it can't
+    locate the revision)."""
+    eng = make_engine(url or get_settings().effective_database_url)
+    try:
+        if isinstance(problem := _mismatch(eng), SchemaTooNew):
+            raise problem
+    finally:
+        eng.dispose()
     command.upgrade(alembic_config(url), "head")
 
 
-def check_migrated(eng: Engine | None = None) -> None:
-    """Raise :class:`NotMigrated`, naming the command to run, unless the schema is current."""
-    eng = eng or engine()
-    head = ScriptDirectory.from_config(alembic_config(str(eng.url))).get_current_head()
-    with eng.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    if current != head:
-        raise NotMigrated(
-            f"database schema is at {current or 'nothing'}, expected {head}: "
+def known_revisions(script: ScriptDirectory) -> list[str]:
+    """Every revision this accumsync's migrations define, oldest first."""
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def schema_mismatch(store: Sequence[str], known: Sequence[str]) -> SchemaMismatch | None:
+    """What is wrong with a store at revision(s) ``store`` for code whose migrations are
+    ``known`` (oldest first, the last is its head); None when they agree.
+
+    A revision the code does not know was written by a newer accumsync (a migration applied
+    before this process was upgraded): it must not run, as its statements may no longer match
+    the tables. A store behind the code's head must be migrated before the code runs on it."""
+    head = known[-1]
+    newer = [r for r in store if r not in known]
+    if newer:
+        return SchemaTooNew(
+            f"this accumsync knows schema up to {head}; the store is at {', '.join(newer)}, "
+            "written by a newer accumsync: upgrade this worker to the release that migrated it"
+        )
+    if list(store) != [head]:
+        return NotMigrated(
+            f"database schema is at {', '.join(store) or 'nothing'}, expected {head}: "
             "run `accumsync db upgrade` (same ACCUMSYNC_DATABASE_URL) before starting workers"
         )
+    return None
+
+
+def check_migrated(eng: Engine | None = None) -> None:
+    """Raise :class:`NotMigrated` or :class:`SchemaTooNew`, naming what to do, unless the store's
+    schema is the one this code's head describes. One connection: the version table's rows."""
+    if problem := _mismatch(eng or engine()):
+        raise problem
+
+
+def _mismatch(eng: Engine) -> SchemaMismatch | None:
+    known = known_revisions(ScriptDirectory(str(MIGRATIONS)))
+    with eng.connect() as conn:
+        store = MigrationContext.configure(conn).get_current_heads()
+    return schema_mismatch(store, known)

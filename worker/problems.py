@@ -20,14 +20,14 @@ _STORE_MISSING_TABLE: Final = ("no such table", "UndefinedTable", "does not exis
 def explain(exc: BaseException) -> str | None:
     """The problem ``exc`` shows, as a line or two naming what to fix; None when it is not one
     of the configuration or reachability problems an operator fixes outside accumsync."""
-    from worker.db import NotMigrated
+    from worker.db import SchemaMismatch
     from worker.settings import NotConfigured
 
     if isinstance(exc, ValidationError) and exc.title == "Settings":
         return _setting(exc)
     if isinstance(exc, NotConfigured):
         return f"{exc}\nset it in the environment (or .env) and run the command again"
-    if isinstance(exc, NotMigrated):
+    if isinstance(exc, SchemaMismatch):
         return str(exc)
     if _is_sqlalchemy(exc):
         return _store(exc)
