@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start the services the integration tests talk to (Redis, PostgreSQL), installing them (and the
-# compose checker and promtool) if absent.
+# Start the services the integration tests talk to (Redis, PostgreSQL, RabbitMQ), installing them
+# (and the compose checker and promtool) if absent.
 # Idempotent: a running service is left alone.
 set -euo pipefail
 
@@ -36,6 +36,18 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "services: starting postgresql"
   version=$(ls /etc/postgresql | sort -V | tail -n 1)
   as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+fi
+
+# RabbitMQ (the amqp:// tests): its app started again if a run left it stopped, else the server.
+rabbit_up() { timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672' >/dev/null 2>&1; }
+need rabbitmq-server rabbitmq-server
+if ! rabbit_up; then
+  echo "services: starting rabbitmq"
+  as_root rabbitmqctl start_app >/dev/null 2>&1 \
+    || as_root rabbitmq-server -detached >/dev/null 2>&1 \
+    || as_root service rabbitmq-server start >/dev/null 2>&1 || true
+  for _ in $(seq 1 60); do rabbit_up && break; sleep 1; done
+  rabbit_up || { echo "services: rabbitmq did not come up" >&2; exit 1; }
 fi
 
 for _ in $(seq 1 60); do

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import create_database, drop_database, ensure_postgres, ensure_redis
+from tests.services import (
+    create_database,
+    drop_database,
+    ensure_postgres,
+    ensure_rabbitmq,
+    ensure_redis,
+)
 from tests.stack import Stack
 
 
@@ -15,6 +21,12 @@ from tests.stack import Stack
 def redis_url() -> str:
     """Redis on loopback, started if it is down."""
     return ensure_redis()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ on loopback (guest/guest, vhost /), started if it is down."""
+    return ensure_rabbitmq()
 
 
 @pytest.fixture(scope="session")

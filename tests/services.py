@@ -7,10 +7,12 @@ import time
 import uuid
 from pathlib import Path
 
+import amqp
 import psycopg
 import redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -66,6 +68,36 @@ def ensure_postgres() -> str:
         )
         _wait(connect, "postgres")
     return PG_ADMIN
+
+
+def ensure_rabbitmq() -> str:
+    """RabbitMQ on 127.0.0.1:5672 (guest/guest): its app started again if a test left it stopped,
+    else the server started (``rabbitmq-server -detached``, then the service); waits up to 60 s."""
+
+    def connect() -> None:
+        conn = amqp.Connection("127.0.0.1:5672", "guest", "guest", connect_timeout=3)
+        conn.connect()
+        conn.close()
+
+    try:
+        connect()
+    except Exception:
+        for argv in (
+            ["rabbitmqctl", "start_app"],
+            ["rabbitmq-server", "-detached"],
+            ["service", "rabbitmq-server", "start"],
+        ):
+            try:
+                subprocess.run(argv, check=False, capture_output=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            try:
+                _wait(connect, "rabbitmq", timeout=20)
+                break
+            except RuntimeError:
+                continue
+        _wait(connect, "rabbitmq", timeout=60)
+    return AMQP_URL
 
 
 def create_database() -> tuple[str, str]:
