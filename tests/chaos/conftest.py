@@ -321,17 +321,24 @@ class Chaos:
         return redis
 
     def stack(
-        self, broker_url: str | None = None, database_url: str | None = None, **settings: str
+        self,
+        broker_url: str | None = None,
+        database_url: str | None = None,
+        embedded: bool = False,
+        **settings: str,
     ) -> ChaosStack:
         """A Postgres + Redis stack on the sandbox, migrated, with :data:`FAST` timings (the
-        test's database unless ``database_url`` names another, e.g. a private server's)."""
+        test's database unless ``database_url`` names another, e.g. a private server's);
+        ``embedded``: the defaults instead, SQLite store and broker under the stack's home."""
         env = FAST | settings
         stack = ChaosStack(
             self.tmp / f"stack{len(self.stacks)}",
-            database_url=database_url or self.pg_url,
-            broker_url=broker_url or self.redis_url,
+            database_url="" if embedded else database_url or self.pg_url,
+            broker_url="" if embedded else broker_url or self.redis_url,
             **env,
         )
+        if embedded:  # the test's own publishing goes to the same SQLite broker file
+            stack.producer_url = f"sqla+sqlite:///{stack.tmp / 'home' / 'broker.db'}"
         self.stacks.append(stack)
         if self.sandbox is not None:
             stack.use_sandbox(self.sandbox.env())
