@@ -10,6 +10,7 @@
 - ``FlushAttempt``: one row per batch call to VBA, for audit (items, statuses, activityId).
 - ``PlanPush``: the content hash of each plan's accumulator definitions as last accepted by VBA.
 - ``EventCounter``: durable counts of events of note (token refreshes, 429s) for ``metrics``.
+- ``BeatTick``: each celery beat's first and last scheduled flush, so ``health`` sees beat.
 """
 
 from __future__ import annotations
@@ -212,6 +213,18 @@ class EventCounter(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     value: int = Field(default=0, sa_type=BigInteger)
     updated_at: datetime
+
+
+class BeatTick(SQLModel, table=True):
+    """One celery beat process (``host:pid``): when it first and last queued a scheduled flush,
+    by the database's clock. ``health`` reads it: no tick lately, or two beats at once."""
+
+    __tablename__ = "beat_tick"
+
+    beat: str = Field(primary_key=True, max_length=128)
+    first_at: datetime
+    last_at: datetime
+    ticks: int = Field(default=0, sa_type=BigInteger)
 
 
 class ReconcileRun(SQLModel, table=True):

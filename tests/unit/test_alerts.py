@@ -18,7 +18,7 @@ import pytest
 import yaml
 from sqlmodel import Session
 
-from models.tables import FlushAttempt, IngestBatch
+from models.tables import BeatTick, FlushAttempt, IngestBatch
 from worker.db import make_engine
 from worker.settings import Settings
 
@@ -177,7 +177,8 @@ def _accumsync(env: dict[str, str], *args: str) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Sample names ``accumsync metrics --once`` prints for a migrated SQLite store holding an
-    ingested batch and a successful batch call (the ages and call counts need one)."""
+    ingested batch, a successful batch call and a beat tick (the ages and call counts need
+    one)."""
     home = tmp_path_factory.mktemp("home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
     env["ACCUMSYNC_HOME"] = str(home)
@@ -190,6 +191,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             started_at=started, items=2, http_status=207, statuses='{"200": 2}', outcome="ok"
         )
         session.add(attempt)
+        session.add(BeatTick(beat="host:1", first_at=started, last_at=started, ticks=1))
         session.commit()
     engine.dispose()
     text = _accumsync(env, "metrics", "--once")

@@ -10,6 +10,9 @@ Three checks, each with a reason an operator can act on:
   (a known Celery failure mode) turns this red even when the backlog is flat;
 - VBA did not answer 403 since the last successful batch call (a revoked key, a gateway rule:
   configuration, not data; calls pause fleet-wide and nothing is dead-lettered);
+- one celery beat ticks: some beat queued a scheduled flush within 3 flush intervals
+  (``beat_silence``, at least 5 s), and no two beats ticked at once (a store that never saw a
+  tick says so and stays green: the other checks judge a deployment that never ran beat);
 - no accumulator is held for an operator: a write of unknown outcome that VBA's own write has
   since hidden (ambiguous), or a VBA row below our confirmed share. Nothing flushes those keys
   until someone runs ``accumsync dead-letters resolve``.
@@ -30,8 +33,9 @@ from sqlmodel import Session, col
 from models.sync import HOLDS
 from models.tables import FlushAttempt, IngestBatch
 from worker import counters
-from worker.db import age_seconds, as_utc, session_scope, utcnow
+from worker.db import age_seconds, as_utc, clock, session_scope, utcnow
 from worker.ops.queries import held, open_dead_letters, waiting_for_flush
+from worker.schedule import T_BEAT
 from worker.settings import Settings, get_settings
 
 SUCCESS = ("ok", "partial", "recovered")
@@ -44,6 +48,7 @@ class Limits:
     max_dirty_age: float
     max_flush_age: float
     max_idle: float = 300.0
+    beat_silence: float = 180.0
     samples: int = 3
     interval: float = 1.0
 
@@ -54,6 +59,7 @@ class Limits:
             "max_dirty_age": settings.health_max_dirty_age,
             "max_flush_age": settings.health_max_flush_age,
             "max_idle": settings.health_max_idle,
+            "beat_silence": beat_silence(settings),
         }
         return cls(**(defaults | given))
 
@@ -139,6 +145,55 @@ def holds_check(session: Session) -> Check:
     return Check("holds", count == 0, count, None, reason)
 
 
+def beat_silence(settings: Settings) -> float:
+    """Seconds without a beat tick that mean no beat runs: three flush intervals (at least 5 s,
+    as ``queued_for``: a tick a moment late is not a dead beat)."""
+    return max(3 * settings.flush_interval, 5.0)
+
+
+@dataclass(frozen=True)
+class Beats:
+    """What the store says of celery beat: seconds since any beat last ticked (None: never),
+    and the beats running now (``host:pid``; two or more is a mistake)."""
+
+    last_tick_age: float | None
+    running: list[str]
+
+
+def beats(session: Session, silence: float) -> Beats:
+    """Beats that ticked within ``silence`` seconds; of those, every one that ticked while
+    another did (two beats at once), else the latest (a restarted beat follows its dead self)."""
+    now = clock(session)
+    rows = session.execute(select(T_BEAT.c.beat, T_BEAT.c.first_at, T_BEAT.c.last_at)).all()
+    spans = [(str(b), as_utc(first), as_utc(last)) for b, first, last in rows]
+    if not spans:
+        return Beats(None, [])
+    latest = max(spans, key=lambda span: span[2])
+    live = [span for span in spans if (now - span[2]).total_seconds() <= silence]
+    together = sorted(
+        {a[0] for a in live for b in live if a[0] != b[0] and min(a[2], b[2]) > max(a[1], b[1])}
+    )
+    running = together or ([latest[0]] if latest in live else [])
+    return Beats(age_seconds(latest[2], now, places=1), running)
+
+
+def beat_check(session: Session, limits: Limits) -> Check:
+    """Exactly one beat ticks: none lately means no flush is scheduled; two double every
+    scheduled task (no money: each flush is fenced by its pair's lease)."""
+    seen = beats(session, limits.beat_silence)
+    age, running = seen.last_tick_age, seen.running
+    if len(running) > 1:
+        reason = f"{len(running)} beats are running: {', '.join(running)}; run exactly one"
+    elif age is None:
+        reason = "no beat tick recorded yet"
+    elif not running:
+        reason = f"no beat tick for {age:.0f}s; is celery beat running?"
+    else:
+        reason = f"one beat ticking ({running[0]}), last tick {age:.0f}s ago"
+    ok = len(running) == 1 or age is None
+    return Check("beat", ok, age, limits.beat_silence, reason)
+
+
 def queue_lengths(settings: Settings | None = None) -> dict[str, int]:
     """Messages waiting in each of the two queues, ingest and flush (Redis lists, AMQP queues,
     or kombu's SQL table)."""
@@ -198,6 +253,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
     )
     report.checks.append(holds_check(session))
     report.checks.append(access_check(session, limits, now))
+    report.checks.append(beat_check(session, limits))
     report.info = {"waiting": count, "open_dead_letters": sum(open_dead_letters(session).values())}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report

@@ -53,6 +53,7 @@ def snapshot(session: Session) -> dict[str, Any]:
     """Every figure, as plain values (also what ``accumsync metrics --once`` prints)."""
     now = utcnow()
     last = health.last_success(session)
+    beats = health.beats(session, health.beat_silence(get_settings()))
     return {
         "status": status(session, now),
         "last_success_age_s": age_seconds(last, now, places=1),
@@ -62,6 +63,8 @@ def snapshot(session: Session) -> dict[str, Any]:
         "dead_letters": open_dead_letters(session),
         "held": held(session),
         "counters": counters.read(session),
+        "beats_running": len(beats.running),
+        "last_beat_tick_age_s": beats.last_tick_age,
     }
 
 
@@ -108,6 +111,17 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
             "accumsync_last_progress_age_seconds",
             "Seconds since a task last made progress (an ingested batch or a batch call)",
             value=values["last_progress_age_s"],
+        )
+    yield GaugeMetricFamily(
+        "accumsync_beats_running",
+        "Celery beats ticking now (health's beat check: 1 is right, 2 or more double the schedule)",
+        value=values["beats_running"],
+    )
+    if values["last_beat_tick_age_s"] is not None:
+        yield GaugeMetricFamily(
+            "accumsync_last_beat_tick_age_seconds",
+            "Seconds since a celery beat last queued a scheduled flush",
+            value=values["last_beat_tick_age_s"],
         )
     calls = CounterMetricFamily(
         "accumsync_vba_batch_calls", "Batch PUTs to VBA by outcome and HTTP status",
