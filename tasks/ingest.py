@@ -20,8 +20,17 @@ from worker.ingest.poison import isolating
 from worker.ingest.producer import argsrepr
 from worker.ingest.undeliverable import undeliverable
 from worker.logs import Log
+from worker.settings import get_settings
 
 log = Log("ingest")
+
+
+def retry_delay(retries: int) -> float:
+    """Seconds before a batch whose database was away runs again: 1, 2, 4... up to 60, and never
+    more than half the broker's visibility timeout. Redis hands a message that waits out a longer
+    countdown to another worker meanwhile, and every copy retries on its own: during an outage
+    they multiply (a 30 s Postgres stop ran 5 batches 13 extra times at a visibility of 8 s)."""
+    return min(60.0, 2.0 ** min(retries, 6), get_settings().broker_visibility_timeout / 2)
 
 
 # A batch of 500 takes tenths of a second; the limits only catch a stuck one (a lock held by a
@@ -48,7 +57,7 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
             return {"received": 0, "bad_arguments": 1}
         result = isolating(batch)
     except (DBAPIError, SoftTimeLimitExceeded) as exc:
-        delay = min(60, 2 ** min(self.request.retries, 6))
+        delay = retry_delay(self.request.retries)
         error = type(getattr(exc, "orig", exc)).__name__
         log.warning("ingest.db_unavailable", retry_in_s=delay, error=error)
         # The re-sent message keeps the opaque argsrepr (celery-types omits retry's **options).
