@@ -55,19 +55,21 @@ def runs(logs: str, task: str, ended: str) -> int:
 
 
 def tally(logs: str) -> dict[str, int]:
-    """Ingest retries and failed flush tasks in the logs so far."""
+    """Ingest retries, failed flush tasks and beat ticks not noted in the store, so far."""
     return {
         "ingest_retries": logs.count("ingest.db_unavailable"),
         "flush_pair_failed": runs(logs, "flush_pair", "raised unexpected"),
         "flush_due_failed": runs(logs, "flush_due", "raised unexpected"),
+        "beat_ticks_not_recorded": logs.count("beat.tick_not_recorded"),
     }
 
 
 def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos: Chaos) -> None:
     """Postgres restarted, later stopped for 30 s, mid-run: workers reconnect, totals exact."""
     chaos.vba()
-    pg = PrivatePostgres().start()
+    pg = PrivatePostgres()
     chaos.exits.callback(pg.close)  # after the stack's processes are gone
+    pg.start()
     stack = chaos.stack(database_url=pg.url)
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=77)))
     waves = [events[i :: len(FAULTS) + 2] for i in range(len(FAULTS) + 2)]
