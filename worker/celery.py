@@ -108,6 +108,7 @@ def configure(settings: Settings) -> None:
     )
     if settings.effective_broker_url.startswith("sqla"):
         _poll_sql_broker_every(0.03)
+        _lease_sql_broker_messages(settings.broker_visibility_timeout)
     logs.configure(settings.log_format, settings.log_level)
 
 
@@ -124,6 +125,18 @@ def _poll_sql_broker_every(seconds: float) -> None:
     from kombu.transport import sqlalchemy
 
     sqlalchemy.Transport.polling_interval = seconds
+
+
+def _lease_sql_broker_messages(visibility_timeout: float) -> None:
+    """kombu's SQL transport loses a message its worker took and died holding; the channel of
+    worker/sqlbroker.py leases it instead, as Redis does (set on the class, for the reason
+    above)."""
+    from kombu.transport import sqlalchemy
+
+    from worker.sqlbroker import LeasedChannel
+
+    LeasedChannel.visibility_timeout = visibility_timeout
+    sqlalchemy.Transport.Channel = LeasedChannel
 
 
 configure(get_settings())

@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     broker_visibility_timeout: float = Field(
         default=300.0,
         ge=2,
-        description="Redis broker: seconds before a dead worker's unacked message is redelivered",
+        description="Redis and embedded brokers: seconds before a dead worker's unacked message "
+        "is delivered again",
     )
     broker_health_check_interval: float = Field(
         default=10.0, gt=0, description="Redis broker: seconds between checks of a silent link"
