@@ -66,10 +66,12 @@ def tally(logs: str) -> dict[str, int]:
 
 def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos: Chaos) -> None:
     """Postgres restarted, later stopped for 30 s, mid-run: workers reconnect, totals exact."""
-    chaos.vba()
     pg = PrivatePostgres()
     chaos.exits.callback(pg.close)  # after the stack's processes are gone
-    pg.start()
+    with ThreadPoolExecutor() as pool:  # initdb beside the sandbox's start-up
+        initdb = pool.submit(pg.start)
+        chaos.vba()
+        initdb.result()
     stack = chaos.stack(database_url=pg.url)
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=77)))
     waves = [events[i :: len(FAULTS) + 2] for i in range(len(FAULTS) + 2)]
