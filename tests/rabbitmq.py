@@ -7,6 +7,7 @@ A test's own vhost keeps its queues apart and lets it close only its own connect
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from kombu import Connection, Producer
+
+from tests.services import RABBITMQ_STOPPED
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
@@ -38,29 +41,28 @@ def private_vhost(amqp_url: str) -> Iterator[tuple[str, str]]:
         rabbitmqctl("delete_vhost", vhost)
 
 
-def connections(vhost: str) -> int:
-    """Open client connections to ``vhost``."""
-    out = rabbitmqctl("list_connections", "-q", "--no-table-headers", "-p", vhost, "name")
-    return len([line for line in out.splitlines() if line.strip()])
-
-
 def close_connections(vhost: str, why: str = "chaos") -> int:
     """Close every client connection to ``vhost`` (as an operator or a failover would);
-    returns how many were open."""
-    n = connections(vhost)
-    rabbitmqctl("close_all_connections", "-p", vhost, why)
-    return n
+    returns how many were closed."""
+    out = rabbitmqctl("close_all_connections", "-p", vhost, why)
+    closed = re.search(r"Closed (\d+) connection", out)
+    assert closed, out
+    return int(closed.group(1))
 
 
 @contextmanager
 def app_stopped() -> Iterator[None]:
     """``rabbitmqctl stop_app`` (the node stays up, its listeners close); ``start_app`` at the
     end, whatever happened inside."""
-    rabbitmqctl("stop_app", timeout=120)
+    RABBITMQ_STOPPED.touch()  # ensure_rabbitmq() elsewhere waits rather than starts it
     try:
+        rabbitmqctl("stop_app", timeout=120)
         yield
     finally:
-        rabbitmqctl("start_app", timeout=120)
+        try:
+            rabbitmqctl("start_app", timeout=120)
+        finally:
+            RABBITMQ_STOPPED.unlink(missing_ok=True)
 
 
 def publish_raw(

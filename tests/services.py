@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import amqp
@@ -13,6 +15,8 @@ import redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+#: Present while a test keeps RabbitMQ's app stopped on purpose (tests/rabbitmq.py): others wait.
+RABBITMQ_STOPPED = Path(tempfile.gettempdir()) / "accumsync-tests-rabbitmq-stopped"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -71,33 +75,50 @@ def ensure_postgres() -> str:
 
 
 def ensure_rabbitmq() -> str:
-    """RabbitMQ on 127.0.0.1:5672 (guest/guest): its app started again if a test left it stopped,
-    else the server started (``rabbitmq-server -detached``, then the service); waits up to 60 s."""
+    """RabbitMQ on 127.0.0.1:5672 (guest/guest). If it is down (and no test holds it stopped on
+    purpose), its app is started again (a test may have left it stopped), else the server
+    (``rabbitmq-server -detached``, then the service); each given 20 s, the whole 60 s more."""
+    if _amqp_up():
+        return AMQP_URL
+    _wait(_not_stopped_on_purpose, "a test's stop of rabbitmq", timeout=120)
+    for argv in (
+        ["rabbitmqctl", "start_app"],
+        ["rabbitmq-server", "-detached"],
+        ["service", "rabbitmq-server", "start"],
+    ):
+        if _amqp_up():
+            break
+        try:
+            subprocess.run(argv, check=False, capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        _wait_quietly(_amqp_up, 20)
+    _wait_quietly(_amqp_up, 60)
+    if not _amqp_up():
+        raise RuntimeError("rabbitmq did not come up within 60s")
+    return AMQP_URL
 
-    def connect() -> None:
+
+def _amqp_up() -> bool:
+    try:
         conn = amqp.Connection("127.0.0.1:5672", "guest", "guest", connect_timeout=3)
         conn.connect()
         conn.close()
-
-    try:
-        connect()
     except Exception:
-        for argv in (
-            ["rabbitmqctl", "start_app"],
-            ["rabbitmq-server", "-detached"],
-            ["service", "rabbitmq-server", "start"],
-        ):
-            try:
-                subprocess.run(argv, check=False, capture_output=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            try:
-                _wait(connect, "rabbitmq", timeout=20)
-                break
-            except RuntimeError:
-                continue
-        _wait(connect, "rabbitmq", timeout=60)
-    return AMQP_URL
+        return False
+    return True
+
+
+def _wait_quietly(check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _not_stopped_on_purpose() -> None:
+    """Raise while a test (not a crashed one: 2 minutes at most) holds RabbitMQ stopped."""
+    if RABBITMQ_STOPPED.exists() and time.time() - RABBITMQ_STOPPED.stat().st_mtime < 120:
+        raise RuntimeError("rabbitmq is stopped by a test")
 
 
 def create_database() -> tuple[str, str]:

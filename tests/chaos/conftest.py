@@ -27,6 +27,7 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from tests.stack import Stack, remote_totals, same_totals
+from worker.celery import transport_options
 from worker.db import make_engine
 from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
@@ -219,8 +220,10 @@ class ChaosStack(Stack):
         """Publish as the producer API does (same task, argsrepr), without a CLI start-up."""
         if self._producer is None:
             self._producer = Celery("chaos-producer", set_as_current=False)
+            url = self.producer_url or self.env["ACCUMSYNC_BROKER_URL"]
             self._producer.conf.update(
-                broker_url=self.producer_url or self.env["ACCUMSYNC_BROKER_URL"],
+                broker_url=url,
+                broker_transport_options=transport_options(url),  # publisher confirms on AMQP
                 broker_connection_retry_on_startup=True,
                 task_serializer="json",
                 task_send_sent_event=True,
