@@ -98,11 +98,31 @@ def _broker(exc: BaseException) -> str:
     parts = urlsplit(raw)
     shown = mask(raw)
     where = f"{parts.hostname}:{parts.port}" if parts.hostname else shown
+    if _nacked(exc):
+        return (
+            f"the broker at {where} ({shown}) refused a message (it nacked the publish: a queue "
+            "at its max-length with overflow reject-publish, or another broker-side limit)\n"
+            "the events before it were published, the rest were not: publish them all again "
+            "once the broker takes messages (a duplicate event changes nothing)"
+        )
     detail = _driver_line(exc, parts.password)
     return (
         f"cannot reach the broker at {where} ({shown}): {detail}\n"
         f"is it running, and is {name} right?"
     )
+
+
+def _nacked(exc: BaseException) -> bool:
+    """RabbitMQ refused a publish (publisher confirms: kombu raises its OperationalError from
+    py-amqp's MessageNacked)."""
+    from amqp.exceptions import MessageNacked
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, MessageNacked):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_redis_error(exc: BaseException) -> bool:
