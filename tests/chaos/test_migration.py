@@ -85,13 +85,13 @@ def newer_schema(tmp: Path, url: str) -> Config:
     return cfg
 
 
-def refused(child: Child, timeout: float = 90) -> tuple[int, str]:
-    """Start ``child`` again; its exit code and what it printed, once it has exited."""
-    offset = len(child.output())
+def refused(child: Child, timeout: float = 90) -> tuple[int, str, float]:
+    """Start ``child`` again; its exit code, what it printed and how long it ran."""
+    offset, started = len(child.output()), time.monotonic()
     child.start()
     assert child.proc is not None
     code = child.proc.wait(timeout)
-    return code, child.output()[offset:]
+    return code, child.output()[offset:], round(time.monotonic() - started, 2)
 
 
 def assert_refused(code: int, said: str, expected: str) -> None:
@@ -133,7 +133,7 @@ def test_migration_under_ingest_then_workers_older_than_the_schema_refuse(chaos:
     stack.send(waves[6], batch=25)
     depth, received = broker.llen(stack.queue), stack.received()
     assert depth > 0
-    code_newer, said_newer = refused(w2)
+    code_newer, said_newer, ran_newer = refused(w2)
     assert_refused(
         code_newer,
         said_newer,
@@ -150,7 +150,7 @@ def test_migration_under_ingest_then_workers_older_than_the_schema_refuse(chaos:
     previous = ScriptDirectory(str(MIGRATIONS)).get_revision(real_head).down_revision
     assert isinstance(previous, str)
     command.downgrade(newer, previous)
-    code_behind, said_behind = refused(w2)
+    code_behind, said_behind, ran_behind = refused(w2)
     assert_refused(code_behind, said_behind, "run `accumsync db upgrade`")
     assert (broker.llen(stack.queue), stack.received()) == (depth, received)
 
@@ -161,8 +161,10 @@ def test_migration_under_ingest_then_workers_older_than_the_schema_refuse(chaos:
     stack.cli("db", "upgrade")
     upgrade_seconds = time.monotonic() - started
     publishing.join(30)
+    upgraded = time.monotonic()
     w2.start().ready(" ready.", timeout=90)
     chaos.drain(stack, len({e["event_id"] for e in events}), timeout=120)
+    recovered = time.monotonic() - upgraded
     chaos.finish(
         stack,
         events,
@@ -179,10 +181,19 @@ def test_migration_under_ingest_then_workers_older_than_the_schema_refuse(chaos:
             "index_concurrently_seconds": round(timing["indexed"] - timing["committed"], 3),
             "events_recorded_during_migration": int(timing["received_after"])
             - int(timing["received_before"]),
-            "refused_newer_schema": {"exit": code_newer, "line": last_line(said_newer)},
-            "refused_behind_schema": {"exit": code_behind, "line": last_line(said_behind)},
+            "refused_newer_schema": {
+                "exit": code_newer,
+                "seconds_to_exit": ran_newer,
+                "line": last_line(said_newer),
+            },
+            "refused_behind_schema": {
+                "exit": code_behind,
+                "seconds_to_exit": ran_behind,
+                "line": last_line(said_behind),
+            },
             "messages_left_queued_while_refused": depth,
             "db_upgrade_under_publish_seconds": round(upgrade_seconds, 2),
+            "recovery_seconds_upgrade_to_all_flushed": round(recovered, 1),
         },
     )
 
