@@ -106,10 +106,22 @@ def configure(settings: Settings) -> None:
         include=TASK_MODULES,
         beat_schedule=beat_schedule(settings),
     )
+    if settings.effective_broker_url.startswith(("redis", "rediss")):
+        _consume_on_when_redis_is_full()
     if settings.effective_broker_url.startswith("sqla"):
         _poll_sql_broker_every(0.03)
         _lease_sql_broker_messages(settings.broker_visibility_timeout)
     logs.configure(settings.log_format, settings.log_level)
+
+
+def _consume_on_when_redis_is_full() -> None:
+    """A full Redis refuses kombu's record of a taken message and stops the worker, losing the
+    message; worker/redisbroker.py's QoS runs it instead (set on the class, as below)."""
+    from kombu.transport import redis
+
+    from worker.redisbroker import FullSafeQoS
+
+    redis.Channel.QoS = FullSafeQoS
 
 
 def _poll_sql_broker_every(seconds: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -84,12 +85,28 @@ def _count_lines(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+@contextmanager
+def _full_broker_exits() -> Iterator[None]:
+    """A broker out of memory refusing a message: its one line (what was queued, what to do)
+    and exit 2, not a traceback."""
+    from worker.ingest.producer import BrokerFull
+
+    try:
+        yield
+    except BrokerFull as exc:
+        if _debug["on"]:
+            raise
+        sys.stderr.write(f"{exc}\n")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="a JSONL file of ClaimEvent v1, or - for stdin")],
     batch_size: Annotated[int, typer.Option(min=1, max=50_000)] = 500,
 ) -> None:
-    """Publish ClaimEvent v1 lines to the ingest queue, in batches."""
+    """Publish ClaimEvent v1 lines to the ingest queue, in batches; exit 2 if the broker is
+    unreachable or full (the line says how many were queued)."""
     from worker.ingest.producer import connect
     from worker.ingest.producer import publish as send
 
@@ -97,7 +114,8 @@ def publish(
     total = None if file == "-" else _count_lines(Path(file))
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
     columns = (TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with stream, Progress(*columns, console=err, transient=False) as progress:
+    progress = Progress(*columns, console=err, transient=False)
+    with _full_broker_exits(), stream, progress:
         task = progress.add_task("publish", total=total)
         sent = send(read_lines(stream), batch_size, on_batch=lambda n: progress.advance(task, n))
     out.print(f"published {sent} events in batches of {batch_size}")
@@ -181,7 +199,7 @@ def dead_replay(
         err.print("name letters with --id N, or choose --all or --source")
         raise typer.Exit(2)
     _require_store()
-    with session_scope() as session:
+    with _full_broker_exits(), session_scope() as session:
         done = replay(session, ids, source)
         # Publish before the commit marks them replayed: a failed publish leaves them open.
         sent = send(done.events) if done.events else 0

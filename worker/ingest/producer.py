@@ -3,6 +3,9 @@
 Events are not validated here: the worker validates at its edge and dead-letters what fails, so
 a producer in any language gets the same treatment. Monitoring (Flower) sees only the batch size
 and its first and last event ids (``argsrepr``), never member data.
+
+A broker out of memory (Redis at ``maxmemory`` with ``noeviction``) refuses a message at once;
+``publish`` raises :class:`BrokerFull`, saying how many events of the call were queued first.
 """
 
 from __future__ import annotations
@@ -10,10 +13,43 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.celery import app
 
 DEFAULT_BATCH = 500
+
+
+class BrokerFull(Exception):
+    """The broker refused a message because it is out of memory (Redis ``maxmemory`` reached,
+    policy ``noeviction``). ``sent`` events of the call were queued before it, in order; the
+    rest were not. Publish them again once memory frees: an event queued twice counts once."""
+
+    def __init__(self, sent: int, broker: str) -> None:
+        self.sent, self.broker = sent, broker
+        super().__init__(
+            f"the broker at {broker} is full (Redis maxmemory reached, policy noeviction) and "
+            f"refused the message: {sent} events were queued before it, the rest were not; free "
+            "memory (let the workers drain the queue, or raise maxmemory) and publish the rest "
+            "again (an event already queued counts once)"
+        )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (kombu wraps the driver's error) is the broker out of memory refusing."""
+    from redis.exceptions import OutOfMemoryError
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a bound, in case one is circular
+        if seen is None or isinstance(seen, OutOfMemoryError):
+            return seen is not None
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _where() -> str:
+    parts = urlsplit(str(app.conf.broker_url))
+    return f"{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme
 
 
 def argsrepr(batch: list[Any]) -> str:
@@ -40,20 +76,28 @@ def publish(
     batch_size: int = DEFAULT_BATCH,
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
-    """Send ``events`` in messages of ``batch_size``; returns how many were sent."""
+    """Send ``events`` in messages of ``batch_size``; returns how many were sent.
+
+    Raises :class:`BrokerFull` when the broker is out of memory. Its message is ours: the
+    driver's would quote the refused command, and a command can carry the start of a body."""
     if batch_size < 1:
         raise ValueError("batch_size: must be >= 1")
     sent = 0
-    with app.producer_or_acquire() as producer:
-        for batch in batches(events, batch_size):
-            app.send_task(
-                "accumsync.ingest",
-                args=[batch],
-                argsrepr=argsrepr(batch),
-                kwargsrepr="{}",
-                producer=producer,
-            )
-            sent += len(batch)
-            if on_batch:
-                on_batch(len(batch))
+    try:
+        with app.producer_or_acquire() as producer:
+            for batch in batches(events, batch_size):
+                app.send_task(
+                    "accumsync.ingest",
+                    args=[batch],
+                    argsrepr=argsrepr(batch),
+                    kwargsrepr="{}",
+                    producer=producer,
+                )
+                sent += len(batch)
+                if on_batch:
+                    on_batch(len(batch))
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise BrokerFull(sent, _where()) from None
+        raise
     return sent

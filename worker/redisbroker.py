@@ -1,0 +1,59 @@
+"""Redis as broker when it is full (``maxmemory``, ``noeviction``): consume on, so memory frees.
+
+Full, Redis refuses every command that may grow memory, and every command queued in a MULTI,
+deletes included. kombu's acknowledgement emulation then fails in three places, each fatal or
+lossy for a worker (measured by tests/chaos/test_redis_full.py):
+
+- a message taken from its queue (BRPOP frees its memory) is recorded as unacknowledged with
+  ZADD and HSET in a MULTI; refused, the worker stops ("Unrecoverable error") and the message,
+  no longer in the queue nor recorded, is lost;
+- a worker starting takes the restore lock with SET NX; refused, it exits at start-up;
+- an ack removes the record with ZREM and HDEL in a MULTI; refused, it stays for redelivery.
+
+:class:`FullSafeQoS` runs a message it could not record (its tasks are idempotent and short: the
+window where a killed worker loses it is the task's run, not the whole time Redis is full),
+acknowledges with the same deletes outside a MULTI (which a full Redis accepts, and which free
+memory), and skips a restore pass it cannot lock: the next one, every few seconds, restores.
+Draining the queue is what frees the memory, so the workers must keep doing it.
+
+worker/celery.py puts it on kombu's Redis channel class (as for the polling interval, the class
+attribute is the one place kombu reads it from).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis, virtual
+from redis.exceptions import OutOfMemoryError
+
+from worker.logs import Log
+
+log = Log("broker")
+
+
+class FullSafeQoS(redis.QoS):
+    """kombu's Redis QoS, carrying on when Redis is out of memory (see the module's docstring)."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        try:
+            super().append(message, delivery_tag)
+        except OutOfMemoryError:
+            log.warning("broker.full.unrecorded", tag=delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # kept in memory, run as usual
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)
+        except OutOfMemoryError:
+            channel: Any = self.channel  # kombu's Redis channel (typed as the virtual one)
+            with channel.conn_or_acquire() as client:
+                client.zrem(self.unacked_index_key, delivery_tag)
+                client.hdel(self.unacked_key, delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().restore_visible(*args, **kwargs)
+        except OutOfMemoryError:  # every second while full: debug; the next pass restores
+            log.debug("broker.full.restore_skipped")
