@@ -1,19 +1,22 @@
 """Broker-level poison: messages the broker delivers but no task can run (a body that is not
 JSON, a foreign content type, an unknown task, arguments of the wrong shape), pushed raw onto the
-Redis queue as a foreign producer's bug would, each become a dead letter with its reason, size,
-sha256 and a truncated body; nothing of the body reaches the logs; the worker goes on."""
+Redis queue (``LPUSH``) or published raw to the RabbitMQ queue as a foreign producer's bug would,
+each become a dead letter with its reason, size, sha256 and a truncated body; nothing of the body
+reaches the logs; the worker goes on."""
 
 from __future__ import annotations
 
 import base64
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
 import redis
 
+from tests.rabbitmq import private_vhost, publish_raw
 from tests.stack import Stack
 from worker.demo.procs import wait_for
 
@@ -39,6 +42,30 @@ def envelope(queue: str, body: bytes, content_type: str, headers: dict[str, Any]
     })  # fmt: skip
 
 
+#: Pushes one raw message onto a queue: (queue, body, content type, headers).
+Push = Callable[[str, bytes, str, dict[str, Any]], None]
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> Iterator[tuple[str, Push]]:
+    """A broker URL and a way to push raw messages onto it: ``LPUSH`` of kombu's envelope on
+    Redis; a raw publish (no serializer, publisher confirms) on RabbitMQ, in a vhost of its own."""
+    with ExitStack() as exits:
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            client = exits.enter_context(redis.Redis.from_url(url))
+
+            def push(q: str, body: bytes, ctype: str, headers: dict[str, Any]) -> None:
+                client.lpush(q, envelope(q, body, ctype, headers))
+        else:
+            _, url = exits.enter_context(private_vhost(request.getfixturevalue("amqp_url")))
+
+            def push(q: str, body: bytes, ctype: str, headers: dict[str, Any]) -> None:
+                publish_raw(url, q, body, ctype, headers)
+
+        yield url, push
+
+
 def task_headers(name: str) -> dict[str, Any]:
     tid = str(uuid.uuid4())
     return {"lang": "py", "task": name, "id": tid, "root_id": tid, "argsrepr": "()"}
@@ -53,27 +80,26 @@ def event(n: int) -> dict[str, Any]:
 
 
 def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
-    make_stack: Callable[..., Stack], redis_url: str, pg_url: str
+    make_stack: Callable[..., Stack], broker: tuple[str, Push], pg_url: str
 ) -> None:
-    stack = make_stack(database_url=pg_url, broker_url=redis_url)
+    """Four poison messages, pushed raw: four dead letters of source broker; the next batch is
+    applied."""
+    broker_url, push = broker
+    stack = make_stack(database_url=pg_url, broker_url=broker_url)
     stack.cli("db", "upgrade")
-    worker = stack.worker("w1")
+    worker = stack.worker("w1")  # declares its queues (RabbitMQ routes nothing to none)
     secret_event = json.dumps([[{"subscriber_id": MEMBER}], {}, {}]).encode()
-    q = stack.queue
-    poison = {
-        "undecodable": envelope(q, b'[[{"subscriber_id": "' + MEMBER.encode() + b'"',
-                                "application/json", task_headers("accumsync.ingest")),
-        "foreign content type": envelope(q, b"\x80\x04" + MEMBER.encode(),
-                                         "application/x-python-serialize",
-                                         task_headers("accumsync.ingest")),
-        "unknown task": envelope(q, secret_event, "application/json",
-                                 task_headers("accumsync.no_such_task")),
-        "wrong arguments": envelope(q, json.dumps([[1, 2], {"x": MEMBER}, {}]).encode(),
-                                    "application/json", task_headers("accumsync.ingest")),
-    }  # fmt: skip
-    client = redis.Redis.from_url(redis_url)
-    for raw in poison.values():
-        client.lpush(q, raw)
+    poison = [
+        (b'[[{"subscriber_id": "' + MEMBER.encode() + b'"', "application/json",
+         task_headers("accumsync.ingest")),
+        (b"\x80\x04" + MEMBER.encode(), "application/x-python-serialize",
+         task_headers("accumsync.ingest")),
+        (secret_event, "application/json", task_headers("accumsync.no_such_task")),
+        (json.dumps([[1, 2], {"x": MEMBER}, {}]).encode(), "application/json",
+         task_headers("accumsync.ingest")),
+    ]  # fmt: skip
+    for body, content_type, headers in poison:
+        push(stack.queue, body, content_type, headers)
     stack.publish([event(1), event(2)])  # the worker goes on: the next batch is applied
 
     def letters() -> list[dict[str, Any]]:
