@@ -93,6 +93,7 @@ def test_rabbitmq_connections_closed_and_app_stopped_lose_nothing(
     closed = close_connections(vhost)
     closed_done.set()
     publisher.join(120)
+    assert not publisher.is_alive(), "the publisher hung after the connections were closed"
     resumed["close_all_connections"] = consuming_again(stack, probes[0], "probe-closed")
 
     # (b) The broker app stopped for 20 s (the node stays up, its listener closes).
