@@ -106,6 +106,42 @@ def test_environment_points_at_redis_and_postgres(compose: dict[str, Any]) -> No
     assert flower == "${FLOWER_USER:?set FLOWER_USER}:${FLOWER_PASSWORD:?set FLOWER_PASSWORD}"
 
 
+def test_vba_secrets_are_files_every_accumsync_service_reads(compose: dict[str, Any]) -> None:
+    """The VBA API key and password are file secrets (./secrets/, gitignored) mounted in every
+    accumsync service and named by the _FILE variables both the settings and the sandbox read;
+    never a value in the environment."""
+    assert compose["secrets"] == {
+        "vba_api_key": {"file": "./secrets/vba_api_key.txt"},
+        "vba_password": {"file": "./secrets/vba_password.txt"},
+    }
+    for name in APP_SERVICES:
+        service = compose["services"][name]
+        env = service["environment"]
+        assert sorted(service["secrets"]) == ["vba_api_key", "vba_password"], name
+        assert env["ACCUMSYNC_VBA_API_KEY_FILE"] == "/run/secrets/vba_api_key", name
+        assert env["ACCUMSYNC_VBA_PASSWORD_FILE"] == "/run/secrets/vba_password", name
+        assert not {"ACCUMSYNC_VBA_API_KEY", "ACCUMSYNC_VBA_PASSWORD"} & set(env), name
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    group: Any = typer.main.get_command(cli_app)
+    envvars = {p.name: p.envvar for p in group.commands["sandbox"].params}
+    assert envvars["api_key_file"] == "ACCUMSYNC_VBA_API_KEY_FILE"
+    assert envvars["password_file"] == "ACCUMSYNC_VBA_PASSWORD_FILE"
+    sandbox = compose["services"]["sandbox"]["command"]
+    assert not {"--api-key", "--password"} & set(sandbox)  # the files, not the well-known pair
+
+
+def test_sandbox_and_metrics_bind_loopback_unless_told(compose: dict[str, Any]) -> None:
+    """``accumsync sandbox`` and ``accumsync metrics`` bind 127.0.0.1 by default; compose tells
+    them 0.0.0.0 inside their containers, publishes metrics on the host's loopback only and the
+    sandbox not at all."""
+    group: Any = typer.main.get_command(cli_app)
+    for name in ("sandbox", "metrics"):
+        host = next(p for p in group.commands[name].params if p.name == "host")
+        assert host.default == "127.0.0.1", name
+    assert compose["services"]["metrics"]["ports"] == ["127.0.0.1:9808:9808"]
+    assert "ports" not in compose["services"]["sandbox"]
+
+
 def _commands(compose: dict[str, Any]) -> list[list[str]]:
     found = []
     for s in compose["services"].values():
@@ -241,16 +277,22 @@ def test_the_compose_spec_schema_accepts_it(compose: dict[str, Any]) -> None:
 @needs_compose
 def test_docker_compose_config_resolves_it(compose: dict[str, Any], tmp_path: Path) -> None:
     """``docker-compose config`` (no engine needed) parses and resolves the file: anchors,
-    merges and variables."""
+    merges, variables and the file secrets every accumsync service mounts."""
     path = tmp_path / "compose.yaml"
     path.write_text(yaml.safe_dump(without_name(compose), sort_keys=False))
     env = os.environ | {"POSTGRES_PASSWORD": "p", "FLOWER_USER": "u", "FLOWER_PASSWORD": "p"}
     assert DOCKER_COMPOSE is not None
     proc = subprocess.run(
-        [DOCKER_COMPOSE, "-f", str(path), "config", "-q"],
+        [DOCKER_COMPOSE, "-f", str(path), "config"],
         env=env,
         capture_output=True,
         text=True,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    files = {name: s["file"] for name, s in resolved["secrets"].items()}
+    assert files == {n: str(tmp_path / "secrets" / f"{n}.txt") for n in files} and len(files) == 2
+    for name in APP_SERVICES:
+        mounted = [s["source"] for s in resolved["services"][name]["secrets"]]
+        assert sorted(mounted) == sorted(files), name

@@ -163,7 +163,9 @@ class SandboxHandle:
         for name, value in self.flags.items():
             args += _flag(name, value)
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = os.environ | {"PYTHONPATH": path}
+        # Its credentials are its flags: the secret files meant for a real VBA are not its own.
+        secret_files = ("ACCUMSYNC_VBA_API_KEY_FILE", "ACCUMSYNC_VBA_PASSWORD_FILE")
+        env = {k: v for k, v in os.environ.items() if k not in secret_files} | {"PYTHONPATH": path}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
         self._wait(timeout)

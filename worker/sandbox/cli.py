@@ -13,16 +13,46 @@ from worker.sandbox.app import serve
 Share = Annotated[float, typer.Option(min=0.0, max=1.0)]
 
 
+def secret(value: str | None, path: Path | None, option: str, default: str) -> str:
+    """The secret from ``--x`` or from ``--x-file`` (its content, final newline dropped, as
+    Docker and Kubernetes secrets are read); both given is refused, naming them."""
+    if path is None:
+        return default if value is None else value
+    if value is not None:
+        raise typer.BadParameter(f"{option} and {option}-file are both set: keep one")
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise typer.BadParameter(f"{option}-file: cannot read {path}: {why}") from None
+
+
 def sandbox(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
     host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
     state: Annotated[Path | None, typer.Option(help="SQLite file keeping rows and tokens")] = None,
     rate: Annotated[float, typer.Option(help="VBA's rate limit, requests/s")] = 25.0,
     burst: Annotated[int, typer.Option(help="VBA's burst")] = 50,
-    api_key: Annotated[str, typer.Option(help="the x-api-key it accepts")] = c.API_KEY,
+    api_key: Annotated[
+        str | None, typer.Option(help=f"the x-api-key it accepts [default: {c.API_KEY}]")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ACCUMSYNC_VBA_API_KEY_FILE", dir_okay=False, help="read --api-key from a file"
+        ),
+    ] = None,
     database: Annotated[str, typer.Option(help="the vbasoftware-database it serves")] = c.DATABASE,
     username: Annotated[str, typer.Option(help="login user")] = c.USERNAME,
-    password: Annotated[str, typer.Option(help="login password")] = c.PASSWORD,
+    password: Annotated[
+        str | None, typer.Option(help=f"login password [default: {c.PASSWORD}]")
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="ACCUMSYNC_VBA_PASSWORD_FILE", dir_okay=False, help="read --password from a file"
+        ),
+    ] = None,
     client_id: Annotated[str, typer.Option(help="vbasoftware-client-id")] = c.CLIENT_ID,
     client_code: Annotated[str, typer.Option(help="vbasoftware-client-code")] = c.CLIENT_CODE,
     admin_token: Annotated[str | None, typer.Option(help="required x-admin-token")] = None,
@@ -101,10 +131,10 @@ def sandbox(
         down=down,
     )
     config = c.SandboxConfig(
-        api_key=api_key,
+        api_key=secret(api_key, api_key_file, "--api-key", c.API_KEY),
         database=database,
         username=username,
-        password=password,
+        password=secret(password, password_file, "--password", c.PASSWORD),
         client_id=client_id,
         client_code=client_code,
         rate=rate,
