@@ -27,9 +27,10 @@ lint: install
 	$(BIN)/mypy models tasks worker
 	$(BIN)/lint-imports
 
-# The whole suite: unit, integration (real Redis, Postgres, workers, sandbox) and chaos.
+# The whole suite: unit, integration (real Redis, Postgres, RabbitMQ, workers, sandbox) and chaos,
+# in two lanes (pytest-xdist); the chaos and RabbitMQ tests take one at a time (tests/conftest.py).
 test: install services lint
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 # Unit tests only: no services needed.
 test-fast: install

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.services import (
     create_database,
@@ -15,6 +16,22 @@ from tests.services import (
     ensure_redis,
 )
 from tests.stack import Stack
+
+# No hypothesis deadline: its 200 ms default is a timed assertion, and it fails pure-logic tests
+# at random on a loaded 2-core machine (two test lanes, worker processes) without finding a bug.
+settings.register_profile("accumsync", deadline=None)
+settings.load_profile("accumsync")
+
+#: Tests that run one at a time on one xdist worker (``make test`` runs two): every chaos scenario
+#: (they kill, stop, restart and fill shared services, close every RabbitMQ connection, and time
+#: recoveries) and every test on RabbitMQ (its app is stopped by one of them; their ids say amqp).
+EXCLUSIVE = pytest.mark.xdist_group("exclusive")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "chaos" in item.path.parts or "amqp" in item.nodeid:
+            item.add_marker(EXCLUSIVE)
 
 
 @pytest.fixture(scope="session")
