@@ -21,7 +21,6 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
-from sqlalchemy.exc import DBAPIError
 
 from worker.db import session_scope, utcnow
 from worker.ingest.dead_letters import dead_letter
@@ -61,15 +60,17 @@ class Consumer(CeleryConsumer):
         return errors
 
     def _keep(self, message: Any, body: Any, kind: str, reason: str) -> bool:
-        """Dead-letter it; False (the message goes back to the broker) when the store can't
-        take the letter: it is retried rather than lost."""
+        """Dead-letter it; False (the message goes back to the broker) when the letter can't be
+        written, whatever the cause (the store is down, most often): it is retried rather than
+        lost, and no exception reaches Celery's consumer loop, whose death would stop the worker
+        consuming anything."""
         task = _header(message, "task")
         try:
             undeliverable(message.body if body is None else body, kind, reason, task)
-        except DBAPIError as exc:
-            log.warning("broker.undeliverable_not_recorded", kind=kind,
-                        error=type(exc.orig).__name__)  # fmt: skip
-            time.sleep(1)  # the store is down: don't spin on the message
+        except Exception as exc:  # any failure: keep the message, keep consuming
+            error = type(getattr(exc, "orig", None) or exc).__name__
+            log.warning("broker.undeliverable_not_recorded", kind=kind, error=error)
+            time.sleep(1)  # don't spin on the message while the cause lasts
             message.reject(requeue=True)
             return False
         return True
