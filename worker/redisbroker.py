@@ -11,7 +11,8 @@ lossy for a worker (measured by tests/chaos/test_redis_full.py):
 - an ack removes the record with ZREM and HDEL in a MULTI; refused, it stays for redelivery.
 
 :class:`FullSafeQoS` runs a message it could not record (its tasks are idempotent and short: the
-window where a killed worker loses it is the task's run, not the whole time Redis is full),
+window where a killed worker loses it is the task's run, not the whole time Redis is full; a
+worker stopping puts such a message back on its queue, if Redis takes it by then),
 acknowledges with the same deletes outside a MULTI (which a full Redis accepts, and which free
 memory), and skips a restore pass it cannot lock: the next one, every few seconds, restores.
 Draining the queue is what frees the memory, so the workers must keep doing it.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis, virtual
+from kombu.utils.json import dumps
 from redis.exceptions import OutOfMemoryError
 
 from worker.logs import Log
@@ -35,14 +37,45 @@ log = Log("broker")
 class FullSafeQoS(redis.QoS):
     """kombu's Redis QoS, carrying on when Redis is out of memory (see the module's docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Messages taken but not recorded in Redis: (body, exchange, routing key) by tag.
+        self._unrecorded: dict[str, tuple[Any, str, str]] = {}
+
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
             super().append(message, delivery_tag)
         except OutOfMemoryError:
             log.warning("broker.full.unrecorded", tag=delivery_tag)
+            info = message.delivery_info
+            self._unrecorded[delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
             virtual.QoS.append(self, message, delivery_tag)  # kept in memory, run as usual
 
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        """An unrecorded message goes back on its queue from memory (kombu would look for it in
+        the unacked hash, find nothing, and so drop it): a worker stopping holds none."""
+        unrecorded = self._unrecorded.pop(tag, None)
+        if unrecorded is None:
+            super().restore_by_tag(tag, client, leftmost)
+            return
+        payload, exchange, routing_key = unrecorded
+        channel: Any = self.channel
+        try:
+            with channel.conn_or_acquire(client) as conn:
+                for queue in channel._lookup(exchange, routing_key):
+                    key = channel._q_for_pri(queue, channel._get_message_priority(payload, False))
+                    (conn.lpush if leftmost else conn.rpush)(key, dumps(payload))
+        except OutOfMemoryError:  # never kombu's "Could not restore message: <the body>"
+            log.error("broker.full.message_lost", tag=tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            super().reject(delivery_tag, requeue=True)  # through restore_by_tag, above
+        else:
+            self.ack(delivery_tag)
+
     def ack(self, delivery_tag: str) -> None:
+        self._unrecorded.pop(delivery_tag, None)
         try:
             super().ack(delivery_tag)
         except OutOfMemoryError:

@@ -1,0 +1,81 @@
+"""A full Redis (``maxmemory``, ``noeviction``) and kombu's acknowledgement emulation: a message
+taken while full is delivered, acknowledged, and put back by a stopping consumer, never lost."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Exchange, Queue
+from kombu.transport import redis
+
+from tests.chaos.conftest import PrivateRedis
+from worker.redisbroker import FullSafeQoS
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own, whose memory limit the test may set."""
+    private = PrivateRedis(tmp_path).start()
+    try:
+        yield private
+    finally:
+        private.kill()
+
+
+@pytest.fixture
+def full_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's Redis channel with our QoS, as worker/celery.py sets it for a Redis broker."""
+    monkeypatch.setattr(redis.Channel, "QoS", FullSafeQoS)
+
+
+def redis_cli(server: PrivateRedis, *args: str) -> str:
+    argv = ["redis-cli", "-p", str(server.port), *args]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+def fill(server: PrivateRedis) -> None:
+    """Full from now on: the limit below what is already used."""
+    used = next(
+        int(line.split(":")[1])
+        for line in redis_cli(server, "info", "memory").splitlines()
+        if line.startswith("used_memory:")
+    )
+    redis_cli(server, "config", "set", "maxmemory", str(used // 2))
+
+
+QUEUE = Queue("full-test", Exchange("full-test", type="direct"), routing_key="full-test")
+
+
+def queued(server: PrivateRedis) -> int:
+    return int(redis_cli(server, "llen", "full-test").strip())
+
+
+def test_taken_while_full_is_delivered_acked_and_put_back(
+    server: PrivateRedis, full_safe: None
+) -> None:
+    """Full: a message taken is delivered (kombu raised and lost it), acknowledged without
+    error; one still held when its consumer stops goes back on the queue once Redis has room."""
+    with Connection(server.url) as conn:
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, exchange=QUEUE.exchange, routing_key="full-test",
+                             declare=[QUEUE])  # fmt: skip
+        assert queued(server) == 3
+        fill(server)
+        channel = conn.channel()
+        first = QUEUE(channel).get(no_ack=False)
+        assert first is not None and first.payload == {"n": 0}
+        first.ack()
+        held = QUEUE(channel).get(no_ack=False)
+        assert held is not None and held.payload == {"n": 1}
+        assert queued(server) == 1
+        redis_cli(server, "config", "set", "maxmemory", "0")  # room again
+        channel.qos.restore_unacked()  # what a stopping worker does
+        assert queued(server) == 2
+        payloads = []
+        while (message := QUEUE(channel).get(no_ack=True)) is not None:
+            payloads.append(message.payload)
+        assert sorted(p["n"] for p in payloads) == [1, 2]
