@@ -17,7 +17,7 @@ from celery.schedules import crontab
 from celery.signals import after_task_publish, beat_init
 
 from models.tables import BeatTick
-from worker.db import db_after, db_now, insert, session_scope
+from worker.db import db_after, db_now, insert, reset_engine, session_scope
 from worker.logs import Log
 from worker.settings import Settings
 
@@ -61,8 +61,10 @@ def cron(spec: str) -> crontab:
 
 @beat_init.connect
 def _i_am_beat(**_: Any) -> None:
-    """This process runs beat (``celery beat``, or a worker's embedded ``-B``): name it."""
+    """This process runs beat (``celery beat``, or a worker's embedded ``-B``): name it. An
+    embedded beat is a forked child: it must not share its parent's database connections."""
     _beat["id"] = beat_id()
+    reset_engine()
 
 
 def beat_id() -> str:
