@@ -103,9 +103,10 @@ class LeasedChannel(sqlalchemy.Channel):
             self._taken[payload["properties"]["delivery_tag"]] = taken
             return payload
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, *args: Any, **kwargs: Any) -> None:
+        """kombu's publish (queue, payload), under the lock: the result thread requeues too."""
         with self._lock:
-            super()._put(queue, payload, **kwargs)
+            super()._put(*args, **kwargs)
 
     def _lease(self, message_id: int) -> None:
         """Record the message as taken now, in the transaction that hides it."""
