@@ -8,6 +8,7 @@ the demo never saw directly still counts.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -55,7 +56,10 @@ def test_demo_verifies_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert "verified: " in output and "NOT verified" not in output
     assert "published 1500 events" in output and "events/s" in output
     assert "invalid 6" in output and "dead letters: 6 invalid events" in output
-    assert "batch calls 60;" in output and "x 201" in output
+    # One batch call per pair (60), more when a beat tick finds a pair whose events are still
+    # arriving (a loaded machine: ingest spans a tick) and flushes it again: never fewer.
+    calls = re.search(r"batch calls (\d+);", output)
+    assert calls is not None and int(calls.group(1)) >= 60 and "x 201" in output, output
     assert processes_of(home) == []
 
 
