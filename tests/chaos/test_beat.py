@@ -5,7 +5,7 @@ within one interval, and a second beat queues every flush twice but doubles no m
 is fenced by its pair's lease). ``accumsync health`` must notice both: its ``beat`` check is red
 while no beat ticks, and while two do, naming them.
 
-``ACCUMSYNC_CHAOS_BEAT_SECONDS`` sets how long the two beats run together (CI: 15 s; the
+``ACCUMSYNC_CHAOS_BEAT_SECONDS`` sets how long the two beats run together (CI: 12 s; the
 RELIABILITY.md figures come from a longer run).
 """
 
@@ -37,7 +37,7 @@ SILENCE = 5.0  # health's beat_silence at that interval: max(3 x 1 s, 5 s)
 #: (20 pairs, a few VBA calls each, two at a time); a beat that did not catch up would leave a
 #: pair waiting for good, or for the next sweep of a lost task (``queued_for``).
 SLACK = 15.0
-TWO_BEATS_SECONDS = float(os.environ.get("ACCUMSYNC_CHAOS_BEAT_SECONDS", "15"))
+TWO_BEATS_SECONDS = float(os.environ.get("ACCUMSYNC_CHAOS_BEAT_SECONDS", "12"))
 
 
 def beat_now(stack: ChaosStack) -> Check:
