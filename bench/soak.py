@@ -17,18 +17,19 @@ exact without keeping the events: a claim's versions all fall in one chunk, so t
 expected totals are the sum over chunks of ``expected_totals(chunk)`` (Decimal). A message the
 broker refuses (it is down) is sent again until it goes: what a real producer does.
 
-Faults: every ``--fault-every`` seconds one of these, drawn with ``--seed`` (``--faults`` keeps
-a subset): ``worker_kill`` (SIGKILL of the whole ingest or flush worker, started again, or of one
+Faults: every ``--fault-every`` seconds one of these, in an order drawn with ``--seed`` (the list
+shuffled, taken in turn, shuffled again: each comes as often as the others; ``--faults`` keeps a
+subset): ``worker_kill`` (SIGKILL of the whole ingest or flush worker, started again, or of one
 pool process, which its worker replaces), ``beat_kill`` (SIGKILL, started again), ``redis_kill``
 (SIGKILL, started again after 3 s), ``pg_terminate`` (every backend of the run's database that is
 in a transaction terminated every 0.02 s for 5 s, as ``tests/chaos/test_postgres_kill.py``),
-``pg_restart`` (the store's whole server: ``pg_ctl restart -m fast``, or ``-m immediate``, a
-crash and recovery from WAL), ``vba_outage`` (the sandbox answers every call 500, or 429 with
-Retry-After 2, for 20 s) and ``two_beats`` (a second beat for 60 s, at most 3/4 of the fault
-interval). Each fault's recovery time runs from the moment the fault ends (for a SIGKILL, the
-kill itself: the restart is part of the recovery) until the store shows both an ingest batch and
-a successful batch call to VBA started after it; a flush waits for beat's next ``flush_due``
-tick and for the flush worker's queue, so recovery includes up to one flush interval.
+``pg_restart`` (the store's whole server: ``pg_ctl restart -m fast``, or ``-m immediate``, a crash
+and recovery from WAL), ``vba_outage`` (the sandbox answers every call 500, or 429 with Retry-After
+2, for 20 s) and ``two_beats`` (a second beat for 60 s, at most 3/4 of the fault interval). Each
+fault's recovery time runs from the moment the fault ends (for a SIGKILL, the kill itself: the
+restart is part of the recovery) until the store shows both an ingest batch and a successful batch
+call to VBA started after it; a flush waits for beat's next ``flush_due`` tick and for the flush
+worker's queue, so recovery includes up to one flush interval.
 
 Settings: production defaults except where a default would make recovery take longer than the
 minute between faults, each scaled down and named here: ``flush_interval`` 15 s (production 60;
@@ -48,17 +49,18 @@ its publish until the sandbox's journal shows the write that brought the probe k
 over those published outside any fault's window (its start until one flush interval after its
 recovery) and inside.
 
-At the end the publisher stops and the stack drains (every distinct event recorded, nothing
-waiting for a flush, the ingest queue empty, every probe landed); then the checks, each a target
-(any unmet exits 1): the store's totals and VBA's rows equal the oracle to the cent; nothing
-stuck (no accumulator waiting or held, as ``worker.ops.queries`` tells health and status; pairs
-and accumulators still carrying retry state are counted too); no dead letter (none is expected
-from valid events; each found is listed with its source, kind and reason); every fault
-recovered; each worker's mean RSS over the last 5 minutes within 1.25x of the first 5 minutes (a
-third of the run each when it is shorter than 15 minutes; a worker restarted by a fault starts
-small again); events achieved vs offered and p95 freshness (reported). The JSON, every sample and
-probe included, goes to ``bench/results/soak-TIMESTAMP.json``.
-"""
+At the end the publisher stops and the stack drains (every distinct event recorded, nothing waiting
+for a flush, the ingest queue empty, every probe landed; or nothing moving for 2 minutes: something
+was lost); then the checks, each a target (any unmet exits 1): no event lost (published, never
+recorded; missing probes are named with their publish time); the store's totals and VBA's rows
+equal the oracle to the cent; nothing stuck (no accumulator waiting or held, as
+``worker.ops.queries`` tells health and status; pairs and accumulators still carrying retry state
+are counted too); no dead letter (none is expected from valid events; each found is listed with its
+source, kind and reason); every fault recovered; each worker's mean RSS over the last 5 minutes
+within 1.25x of the first 5 minutes (a third of the run each when it is shorter than 15 minutes; a
+worker restarted by a fault starts small again); events achieved vs offered and p95 freshness
+(reported). The JSON, every sample and probe included, goes to
+``bench/results/soak-TIMESTAMP.json``."""
 
 from __future__ import annotations
 
@@ -224,11 +226,13 @@ class Soak:
     admin_dsn: str  # libpq URL of the store's server, for pg_terminate_backend
     pg: PrivatePostgres | None  # the store's own server, when pg_restart is in the list
     restarts: dict[str, int] = field(default_factory=lambda: {"ingest": 0, "flush": 0})
+    killed_at: float | None = None  # the last SIGKILL: where a kill's recovery time starts
 
     def restart(self, child: Child, marker: str) -> None:
         """SIGKILL the process group (pool included), start it again, wait until ready."""
         offset = len(child.output())
         child.kill()
+        self.killed_at = time.time()
         child.start().ready(marker, timeout=180, after=offset)
 
 
@@ -310,6 +314,7 @@ def worker_kill(s: Soak, rng: random.Random, cap: float) -> str:
         s.restart(child, " ready.")
         return f"SIGKILL {kind}, started again"
     os.kill(rng.choice(pool_pids(child.pid)), signal.SIGKILL)
+    s.killed_at = time.time()
     return f"SIGKILL {kind}"
 
 
@@ -394,10 +399,18 @@ class Injector:
     ):
         self.soak, self.names, self.every, self.t0, self.until = soak, names, every, t0, until
         self.rng = random.Random(seed)
+        self.bag: list[str] = []
         self.faults: list[Fault] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: str | None = None
+
+    def draw(self) -> str:
+        """The next fault: the list shuffled, drawn from until empty, then shuffled again (in a
+        30-minute run every fault comes 4 or 5 times; a plain random choice can miss one)."""
+        if not self.bag:
+            self.bag = self.rng.sample(self.names, len(self.names))
+        return self.bag.pop()
 
     def _run(self) -> None:
         try:
@@ -408,10 +421,11 @@ class Injector:
     def _loop(self) -> None:
         next_at = self.t0 + self.every
         while next_at < self.until and not self.stop.wait(max(0.0, next_at - time.time())):
-            fault = Fault(self.rng.choice(self.names), time.time())
+            fault = Fault(self.draw(), time.time())
+            self.soak.killed_at = None
             self.faults.append(fault)
             fault.detail = INJECT[fault.name](self.soak, self.rng, 0.75 * self.every)
-            fault.ended = time.time()
+            fault.ended = self.soak.killed_at or time.time()  # a kill: its restart is recovery
             self._recovery(fault, patience=max(120.0, 2 * self.every))
             print(f"[{now_iso()}] {fault.row(self.t0)}", file=sys.stderr, flush=True)
             next_at = max(next_at + self.every, time.time() + 1)
@@ -580,21 +594,46 @@ def distinct_recorded(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM received_event")).scalar_one())
 
 
+#: Seconds the drain waits with nothing moving (queue empty, nothing waiting) before it says
+#: something is missing: past the visibility timeout, kombu's restore sweep and a flush interval.
+STALLED = 120.0
+
+
 def drain(soak: Soak, sampler: Sampler, probes: Probes, distinct: int, timeout: float) -> bool:
-    """Wait until every distinct event is recorded, nothing waits, every probe has landed."""
-    deadline = time.time() + timeout
+    """Wait until every distinct event is recorded, nothing waits, every probe has landed;
+    False after ``timeout``, or once nothing has moved for :data:`STALLED` seconds with the
+    queue empty and nothing waiting (an event that will never come: lost)."""
+    deadline, last, since = time.time() + timeout, None, time.time()
+    queue = soak.env["ACCUMSYNC_QUEUE"]
     while time.time() < deadline:
-        if guarded(
+        state = guarded(
             lambda: (
-                distinct_recorded(soak.engine) >= distinct
-                and waiting(soak.engine) == 0
-                and queue_length(sampler.redis, soak.env["ACCUMSYNC_QUEUE"]) == 0
-                and len(probes.landed) >= len(probes.sent)
+                distinct_recorded(soak.engine),
+                waiting(soak.engine),
+                queue_length(sampler.redis, queue),
+                len(probes.landed),
             )
-        ):
-            return True
+        )
+        if state is not None:
+            got, wait, queued, landed = state
+            if got >= distinct and wait == queued == 0 and landed >= len(probes.sent):
+                return True
+            if state != last:
+                last, since = state, time.time()
+            elif wait == queued == 0 and time.time() - since > STALLED:
+                return False
         time.sleep(2)
     return False
+
+
+def lost(engine: Engine, distinct: int, probes: int) -> dict[str, Any]:
+    """Distinct events published but never recorded: the stream's count, the probes' numbers."""
+    with engine.connect() as conn:
+        got = int(conn.execute(text("SELECT count(*) FROM received_event")).scalar_one())
+        sql = text("SELECT event_id FROM received_event WHERE event_id LIKE 'probe-%'")
+        seen = {int(str(e).removeprefix("probe-")) for (e,) in conn.execute(sql)}
+    missing = sorted(set(range(1, probes + 1)) - seen)
+    return {"stream": distinct - (got - len(seen)), "probes": missing}
 
 
 def stuck_and_dead(engine: Engine) -> dict[str, Any]:
@@ -693,6 +732,9 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
+    # A SIGTERM (``timeout``, a CI runner) unwinds like Ctrl-C: the workers, the servers and the
+    # database go with the run instead of staying behind as orphans.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seconds = args.minutes * 60
     report = Report("soak", vars(args) | {"settings": SETTINGS, "vba_rate": RATE, "batch": BATCH})
     ctx = mp.get_context("spawn")
@@ -737,7 +779,7 @@ def main() -> None:
         add_totals(oracle, expected_totals([probe(n) for n in range(1, len(probes.sent) + 1)]))
         store_diff = same_totals(Stack(run.tmp, database_url=url).totals(), oracle)
         vba_diff = same_totals(remote_totals(sandbox.admin.rows()), oracle)
-        end = stuck_and_dead(soak.engine)
+        end = stuck_and_dead(soak.engine) | {"lost": lost(soak.engine, distinct, len(probes.sent))}
         counters = sandbox.admin.counters()
         soak.engine.dispose()
     figures = {
@@ -748,6 +790,7 @@ def main() -> None:
         "drain_s": round(drained_at - drain_started, 1),
         "run_s": round(drained_at - t0, 1),
         "samples": sampler.samples,
+        "probe_sent_at": probes.sent,
         "after_last_publish_s": round(drained_at - stats["t1"], 1),
         "end": end,
         "vba_counters": counters,
@@ -793,6 +836,8 @@ def judge(
     report.target("VBA rows vs oracle, fields differing", len(vba_diff), "0", not vba_diff)
     report.target("drained (all recorded, nothing waiting)", figures["drained"], "True",
                   figures["drained"])  # fmt: skip
+    gone = end["lost"]["stream"] + len(end["lost"]["probes"])
+    report.target("events lost (published, never recorded)", gone, "0", gone == 0)
     stuck = end["waiting"] + sum(end["held"].values())
     report.target("accumulators stuck (waiting or held after the drain)", stuck, "0", stuck == 0)
     letters = len(end["dead_letters"])
@@ -824,6 +869,13 @@ def judge(
         f"{end['open_dead_letters']}, pairs with retry state {end['pairs_with_retry_state']}, "
         f"accumulators with retry state {end['accumulators_with_retry_state']}"
     )
+    if gone:
+        at = {n + 1: t for n, t in enumerate(figures["probe_sent_at"])}
+        report.note(
+            f"lost: {end['lost']['stream']} stream events; probes "
+            + ", ".join(f"#{n} (published at {at[n] - t0:.1f} s)" for n in end["lost"]["probes"])
+            + " -- compare with the faults' times above"
+        )
     for d in end["dead_letters"]:
         report.note(f"dead letter: {d}")
     if figures["injector_error"]:
