@@ -139,11 +139,38 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # hide_parameters: an error message must never carry member data into logs or Flower.
-    # connect_timeout: a host that drops packets is said within seconds, not after minutes.
+    settings = get_settings()
     return create_engine(
         url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True,
-        connect_args={"connect_timeout": 10},
+        connect_args=link_options(settings.db_connect_timeout, settings.db_link_timeout),
     )  # fmt: skip
+
+
+def link_options(connect_timeout: int, link_timeout: int) -> dict[str, int | str]:
+    """libpq options that give up a connection whose network went silent for ``link_timeout`` s.
+
+    A partition (a lost NAT entry, a failover) drops packets with no FIN and no RST, and libpq has
+    no read timeout: a session waiting for a reply, or the pool's pre-ping on a connection idle
+    across the partition, waited forever (or ~15 minutes of retransmits), its worker holding the
+    message. Keepalives end an idle link after ``idle + 3 * interval`` s of unanswered probes;
+    TCP_USER_TIMEOUT ends one whose sent data stays unacknowledged as long. A slow query is not
+    cut: the server's kernel answers the probes while it works. ``connect_timeout``: a host that
+    drops packets is said within seconds, not after minutes.
+
+    The server's side of a lost connection may live on (its own keepalives wait hours), holding
+    the row locks of the transaction it was in, and every worker's next ingest of those rows
+    waited behind it for good: the server ends a transaction idle that long. No transaction of
+    ours idles (none spans a VBA call), so only an orphan is cut."""
+    idle = max(1, link_timeout // 2)
+    return {
+        "options": f"-c idle_in_transaction_session_timeout={link_timeout * 1000}",
+        "connect_timeout": connect_timeout,
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": max(1, (link_timeout - idle) // 3),
+        "keepalives_count": 3,
+        "tcp_user_timeout": link_timeout * 1000,
+    }
 
 
 @cache

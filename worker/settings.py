@@ -100,6 +100,15 @@ class Settings(BaseSettings):
     broker_health_check_interval: float = Field(
         default=10.0, gt=0, description="Redis broker: seconds between checks of a silent link"
     )
+    db_connect_timeout: int = Field(
+        default=10, ge=2, description="Postgres: seconds a new connection may take (libpq: >= 2)"
+    )
+    db_link_timeout: int = Field(
+        default=30,
+        ge=3,
+        description="Postgres: seconds a connection's network may stay silent (a partition) "
+        "before the connection is given up",
+    )
     vba_breaker_threshold: int = Field(
         default=3, ge=1, description="consecutive VBA failures that pause every worker's calls"
     )
