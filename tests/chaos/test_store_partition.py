@@ -50,7 +50,8 @@ def tally(logs: str) -> dict[str, int]:
         "flush_due_store_away": logs.count("flush.db_unavailable task=flush_due"),
         "beat_ticks_not_recorded": logs.count("beat.tick_not_recorded"),
         "tasks_raised": len(re.findall(r"Task accumsync\.\w+\[[^\]]+\] raised unexpected", logs)),
-        "connections_timed_out": logs.count("Connection timed out"),
+        "link_timeouts_logged": logs.count("Connection timed out")
+        + logs.count("connection timeout expired"),
     }
 
 
@@ -89,7 +90,11 @@ def test_store_partition_drops_dead_connections_and_loses_nothing(chaos: Chaos) 
         f"events recorded\n{stack.logs()[-5000:]}"
     )
     consuming = round(time.monotonic() - healed, 1)
-    assert wait_for(lambda: stack.received() >= sent, 120, 0.2), stack.logs()[-5000:]
+    # Every event published so far recorded: no worker stuck behind an orphaned transaction.
+    assert wait_for(lambda: stack.received() >= sent, 120, 0.2), (
+        f"120 s after consuming again: {stack.received()} of {sent} events recorded\n"
+        f"{stack.logs()[-5000:]}"
+    )
     caught_up = round(time.monotonic() - healed, 1)
     stack.send(waves[2], batch=50)
     valid = [*events, probe]
