@@ -76,6 +76,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -182,8 +183,10 @@ def publisher(
     late = 0.0
     t0 = time.time()
     out.send(("started", t0))
+    marks: list[tuple[float, str]] = []  # per message: when it left, an id only it carries
     for chunk in chunks(members, seed):
         n = 0
+        once = Counter(e["event_id"] for e in chunk)
         while n < len(chunk) and (due := t0 + sent / rate) < t0 + seconds:
             time.sleep(max(0.0, due - time.time()))
             late = max(late, time.time() - due)
@@ -195,6 +198,9 @@ def publisher(
                 except Exception:  # the broker is down: send it again, as a producer would
                     refused += 1
                     time.sleep(0.5)
+            mark = next((e["event_id"] for e in part if once[e["event_id"]] == 1), None)
+            if mark is not None:
+                marks.append((time.time(), mark))
             n += len(part)
             sent += len(part)
             sent_so_far.value = sent
@@ -204,7 +210,7 @@ def publisher(
             break
     t1 = time.time()
     out.send(("done", {"t0": t0, "t1": t1, "sent": sent, "late_max": late, "refused": refused}))
-    out.send(("oracle", (oracle, distinct)))
+    out.send(("oracle", (oracle, distinct, marks)))
 
 
 # --- the stack ------------------------------------------------------------------------------
@@ -626,14 +632,24 @@ def drain(soak: Soak, sampler: Sampler, probes: Probes, distinct: int, timeout: 
     return False
 
 
-def lost(engine: Engine, distinct: int, probes: int) -> dict[str, Any]:
-    """Distinct events published but never recorded: the stream's count, the probes' numbers."""
+def lost(
+    engine: Engine, distinct: int, probes: list[float], marks: list[tuple[float, str]]
+) -> dict[str, Any]:
+    """Distinct events published but never recorded: the stream's count, the probes' and the
+    stream messages' publish times (a message counts as lost when the event only it carried
+    is missing)."""
     with engine.connect() as conn:
         got = int(conn.execute(text("SELECT count(*) FROM received_event")).scalar_one())
         sql = text("SELECT event_id FROM received_event WHERE event_id LIKE 'probe-%'")
         seen = {int(str(e).removeprefix("probe-")) for (e,) in conn.execute(sql)}
-    missing = sorted(set(range(1, probes + 1)) - seen)
-    return {"stream": distinct - (got - len(seen)), "probes": missing}
+        ids = [m for _, m in marks]
+        sql = text("SELECT event_id FROM received_event WHERE event_id = ANY(:ids)")
+        found = {str(e) for (e,) in conn.execute(sql, {"ids": ids})} if ids else set()
+    return {
+        "stream": distinct - (got - len(seen)),
+        "probes": [(n + 1, at) for n, at in enumerate(probes) if n + 1 not in seen],
+        "messages": [at for at, m in marks if m not in found],
+    }
 
 
 def stuck_and_dead(engine: Engine) -> dict[str, Any]:
@@ -762,7 +778,7 @@ def main() -> None:
             injector = Injector(soak, args.faults, args.fault_every, t0, t0 + seconds, args.seed)
             injector.thread.start()
             stats = expect(receive, pub, "done", seconds + 600)
-            oracle, distinct = expect(receive, pub, "oracle", 120)
+            oracle, distinct, marks = expect(receive, pub, "oracle", 120)
             injector.thread.join()  # its last fault recovered (or given up on)
             probes.stop.set()
             probes.threads[0].join(30)
@@ -779,7 +795,9 @@ def main() -> None:
         add_totals(oracle, expected_totals([probe(n) for n in range(1, len(probes.sent) + 1)]))
         store_diff = same_totals(Stack(run.tmp, database_url=url).totals(), oracle)
         vba_diff = same_totals(remote_totals(sandbox.admin.rows()), oracle)
-        end = stuck_and_dead(soak.engine) | {"lost": lost(soak.engine, distinct, len(probes.sent))}
+        end = stuck_and_dead(soak.engine) | {
+            "lost": lost(soak.engine, distinct, probes.sent, marks)
+        }
         counters = sandbox.admin.counters()
         soak.engine.dispose()
     figures = {
@@ -790,7 +808,6 @@ def main() -> None:
         "drain_s": round(drained_at - drain_started, 1),
         "run_s": round(drained_at - t0, 1),
         "samples": sampler.samples,
-        "probe_sent_at": probes.sent,
         "after_last_publish_s": round(drained_at - stats["t1"], 1),
         "end": end,
         "vba_counters": counters,
@@ -870,11 +887,12 @@ def judge(
         f"accumulators with retry state {end['accumulators_with_retry_state']}"
     )
     if gone:
-        at = {n + 1: t for n, t in enumerate(figures["probe_sent_at"])}
+        gone_at = end["lost"]["messages"] + [at for _, at in end["lost"]["probes"]]
         report.note(
-            f"lost: {end['lost']['stream']} stream events; probes "
-            + ", ".join(f"#{n} (published at {at[n] - t0:.1f} s)" for n in end["lost"]["probes"])
-            + " -- compare with the faults' times above"
+            f"lost: {end['lost']['stream']} stream events ({len(end['lost']['messages'])} "
+            f"whole messages) and {len(end['lost']['probes'])} probes, published at "
+            + ", ".join(f"{at - t0:.1f} s" for at in sorted(gone_at))
+            + " (compare with the faults' at_s)"
         )
     for d in end["dead_letters"]:
         report.note(f"dead letter: {d}")
