@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+#: One lane runs the whole module: its fixture runs all 52 commands (a minute or two), and would
+#: run again on every xdist worker that got one of its tests.
+pytestmark = pytest.mark.xdist_group("cli_errors")
+
 ACCUMSYNC = str(Path(sys.executable).with_name("accumsync"))
 DOWN_STORE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/test"
 DOWN_BROKER = "redis://:s3cret-pw@127.0.0.1:1/0"

@@ -124,7 +124,9 @@ def test_a_lapsed_lease_cannot_undo_a_newer_flush(
     time.sleep(3.5)  # A's lease lapses
     stack.cli("flush")  # B takes the pair over, sends 130, confirms
     assert wait_for(lambda: deductible(sandbox) == Decimal("130.00"), 15, 0.2)
-    assert wait_for(lambda: finished(a, "accumsync.flush_pair") == 1, 30, 0.2), a.output()
+    # A's stale run ends (a loaded machine may hand A a later flush of the pair too: it runs
+    # under a lease of its own, and the writes below show whether anything was sent twice).
+    assert wait_for(lambda: finished(a, "accumsync.flush_pair") >= 1, 30, 0.2), a.output()
     stack.flush_wait()
     assert [w["after"]["deductible_Used"] for w in our_writes(sandbox)] == [130]
     assert deductible(sandbox) == Decimal("130.00")
