@@ -241,6 +241,19 @@ class ChaosStack(Stack):
                 )
         return len(events)
 
+    def trickle(self, events: list[Any], batch: int = 10, gap: float = 0.1) -> threading.Thread:
+        """Publish ``events`` in messages of ``batch`` every ``gap`` seconds, in a thread (join
+        it): a fault injected meanwhile finds ingest transactions open as well as flushes."""
+
+        def run() -> None:
+            for start in range(0, len(events), batch):
+                self.send(events[start : start + batch], batch=batch)
+                time.sleep(gap)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
     def send_raw(self, argument: Any) -> None:
         """One ingest message whose argument is ``argument`` as is (not necessarily a list)."""
         self.send([], batch=1)  # sets up the producer

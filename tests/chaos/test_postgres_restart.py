@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,19 +24,6 @@ FAULTS = (("restart", 0.0), ("stop", 30.0))
 #: A wave is published in batches of SMALL every GAP seconds (2.5 s for 250 events): the fault,
 #: 1.5 s in, finds ingest transactions open as well as flushes.
 SMALL, GAP = 10, 0.1
-
-
-def trickle(stack: ChaosStack, wave: list[dict[str, Any]]) -> threading.Thread:
-    """Publish ``wave`` in batches of SMALL every GAP seconds, in a thread (join it)."""
-
-    def run() -> None:
-        for start in range(0, len(wave), SMALL):
-            stack.send(wave[start : start + SMALL], batch=SMALL)
-            time.sleep(GAP)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def consumed_again(stack: ChaosStack, probe: dict[str, Any]) -> float:
@@ -82,7 +68,7 @@ def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos:
     down, resumed, caught_up, probes = [], [], [], []
     counts: list[dict[str, int]] = [tally("")]
     for i, (fault, seconds) in enumerate(FAULTS):
-        sending = trickle(stack, waves[i])
+        sending = stack.trickle(waves[i], SMALL, GAP)
         time.sleep(1.5)  # mid-ingest, with flushes running
         went = time.monotonic()
         if fault == "restart":

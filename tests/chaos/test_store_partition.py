@@ -4,16 +4,14 @@ ingest and flush, and the connections open across it never come back (a dropped 
 from __future__ import annotations
 
 import re
-import threading
 import time
-from typing import Any
 
 import pytest
 from sqlalchemy import make_url
 
 from tests.chaos import blackhole
 from tests.chaos.blackhole import Blackhole
-from tests.chaos.conftest import Chaos, ChaosStack, distinctive
+from tests.chaos.conftest import Chaos, distinctive
 from tests.chaos.netfault import Relay
 from worker.demo.procs import wait_for
 from worker.demo.streams import StreamSpec, generate
@@ -29,17 +27,6 @@ LINK = {"db_link_timeout": "6", "db_connect_timeout": "3"}
 
 #: The wave under the partition is published in batches of SMALL every GAP seconds, in a thread.
 SMALL, GAP = 10, 0.1
-
-
-def trickle(stack: ChaosStack, wave: list[dict[str, Any]]) -> threading.Thread:
-    def run() -> None:
-        for start in range(0, len(wave), SMALL):
-            stack.send(wave[start : start + SMALL], batch=SMALL)
-            time.sleep(GAP)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def tally(logs: str) -> dict[str, int]:
@@ -72,7 +59,7 @@ def test_store_partition_drops_dead_connections_and_loses_nothing(chaos: Chaos) 
     workers = [stack.worker("w1", concurrency=2), stack.worker("w2", concurrency=1)]
     beat = stack.beat()
     stack.send(waves[0], batch=25)
-    sending = trickle(stack, waves[1])
+    sending = stack.trickle(waves[1], SMALL, GAP)
     time.sleep(1.5)  # ingest of both waves under way, flushes running
     went = time.monotonic()
     hole.partition()
