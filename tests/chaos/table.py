@@ -25,9 +25,22 @@ COMMON = {
 
 HEADER = [
     "| fault | how injected | times | events in | events applied | remote equals expected "
-    "| run time |",
-    "|---|---|---|---|---|---|---|",
+    "| recovery | run time |",
+    "|---|---|---|---|---|---|---|---|",
 ]
+
+#: A scenario's recovery figures, as it names them: (key, how the table says it).
+RECOVERY = (
+    ("seconds_until_consuming_again", "consuming again after"),
+    ("seconds_until_every_sent_event_recorded", "every sent event recorded after"),
+    ("seconds_from_last_kill_to_all_confirmed", "all confirmed after the last kill"),
+    ("flushed_after_restart_seconds_max", "every waiting pair flushed after the restart"),
+    ("health_beat_red_after_seconds", "health red after"),
+    ("health_beat_green_after_stop_seconds", "health green after one stopped"),
+    ("seconds_paused_worker_drained_backlog_while_full", "backlog drained while full"),
+    ("seconds_limit_lifted_to_published", "publishing again after the limit was lifted"),
+    ("recovery_seconds_upgrade_to_all_flushed", "all flushed after the upgrade"),
+)
 
 
 def outcome(r: dict[str, Any]) -> str:
@@ -39,9 +52,21 @@ def outcome(r: dict[str, Any]) -> str:
     )
 
 
+def recovery(r: dict[str, Any]) -> str:
+    """The scenario's recovery times in seconds, or what it timed instead."""
+    said = [f"{label} {seconds(r[key])}" for key, label in RECOVERY if key in r]
+    return "; ".join(said) or "not timed (run time only)"
+
+
+def seconds(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{seconds(v)} ({k})" for k, v in value.items())
+    return f"{value} s"
+
+
 def row(r: dict[str, Any]) -> str:
     equal = "yes" if r["remote_equals_expected"] else "**no**"
-    cells = [r["fault"], r["injected"], r["times"], r["events_in"], outcome(r), equal]
+    cells = [r["fault"], r["injected"], r["times"], r["events_in"], outcome(r), equal, recovery(r)]
     return "| " + " | ".join(map(str, cells)) + f" | {r['run_seconds']} s |"
 
 
