@@ -79,6 +79,17 @@ def distinctive(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def store_away(logs: str) -> dict[str, int]:
+    """What the workers and beat said while the store was away: ingest retries, flush tasks that
+    found no store, and beat ticks not noted in it."""
+    return {
+        "ingest_retries": logs.count("ingest.db_unavailable"),
+        "flush_pair_store_away": logs.count("flush.db_unavailable task=flush_pair"),
+        "flush_due_store_away": logs.count("flush.db_unavailable task=flush_due"),
+        "beat_ticks_not_recorded": logs.count("beat.tick_not_recorded"),
+    }
+
+
 def needles(events: list[dict[str, Any]], sandbox: SandboxHandle | None) -> set[str]:
     """Values that must never be readable outside the store: member ids, amounts, secrets."""
     found: set[str] = {API_KEY, PASSWORD}

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.conftest import Chaos, ChaosStack, distinctive
+from tests.chaos.conftest import Chaos, ChaosStack, distinctive, store_away
 from tests.chaos.pgserver import PrivatePostgres
 from worker.demo.procs import wait_for
 from worker.demo.streams import StreamSpec, generate
@@ -40,16 +40,6 @@ def runs(logs: str, task: str, ended: str) -> int:
     return len(re.findall(rf"Task accumsync\.{task}\[[^\]]+\] {ended}", logs))
 
 
-def tally(logs: str) -> dict[str, int]:
-    """Ingest retries, flush tasks that found no store, and beat ticks not noted in it, so far."""
-    return {
-        "ingest_retries": logs.count("ingest.db_unavailable"),
-        "flush_pair_store_away": logs.count("flush.db_unavailable task=flush_pair"),
-        "flush_due_store_away": logs.count("flush.db_unavailable task=flush_due"),
-        "beat_ticks_not_recorded": logs.count("beat.tick_not_recorded"),
-    }
-
-
 def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos: Chaos) -> None:
     """Postgres restarted, later stopped for 30 s, mid-run: workers reconnect, totals exact."""
     pg = PrivatePostgres()
@@ -66,7 +56,7 @@ def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos:
         beat = pool.submit(stack.beat).result()
         workers = [w.result() for w in starting]
     down, resumed, caught_up, probes = [], [], [], []
-    counts: list[dict[str, int]] = [tally("")]
+    counts: list[dict[str, int]] = [store_away("")]
     for i, (fault, seconds) in enumerate(FAULTS):
         sending = stack.trickle(waves[i], SMALL, GAP)
         time.sleep(1.5)  # mid-ingest, with flushes running
@@ -89,7 +79,7 @@ def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos:
         total = len({e["event_id"] for w in sent for e in w})
         assert wait_for(lambda n=total: stack.received() >= n, 120, 0.2), stack.logs()[-5000:]
         caught_up.append(round(time.monotonic() - back, 1))
-        counts.append(tally(stack.logs()))
+        counts.append(store_away(stack.logs()))
     stack.send(waves[-1], batch=50)
     valid = events + probes
     chaos.drain(stack, len({e["event_id"] for e in valid}), timeout=120)
@@ -131,5 +121,5 @@ def test_postgres_restart_and_30s_stop_lose_nothing_and_workers_reconnect(chaos:
             "ingest_runs_succeeded": succeeded,
             "workers_restarted_by_test": 0,
         }
-        | tally(logs),
+        | store_away(logs),
     )

@@ -11,7 +11,7 @@ from sqlalchemy import make_url
 
 from tests.chaos import blackhole
 from tests.chaos.blackhole import Blackhole
-from tests.chaos.conftest import Chaos, distinctive
+from tests.chaos.conftest import Chaos, distinctive, store_away
 from tests.chaos.netfault import Relay
 from worker.demo.procs import wait_for
 from worker.demo.streams import StreamSpec, generate
@@ -31,11 +31,7 @@ SMALL, GAP = 10, 0.1
 
 def tally(logs: str) -> dict[str, int]:
     """What the workers and beat said about the store while it was away."""
-    return {
-        "ingest_retries": logs.count("ingest.db_unavailable"),
-        "flush_pair_store_away": logs.count("flush.db_unavailable task=flush_pair"),
-        "flush_due_store_away": logs.count("flush.db_unavailable task=flush_due"),
-        "beat_ticks_not_recorded": logs.count("beat.tick_not_recorded"),
+    return store_away(logs) | {
         "tasks_raised": len(re.findall(r"Task accumsync\.\w+\[[^\]]+\] raised unexpected", logs)),
         "link_timeouts_logged": logs.count("Connection timed out")
         + logs.count("connection timeout expired"),
