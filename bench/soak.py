@@ -35,7 +35,7 @@ Settings: production defaults except where a default would make recovery take lo
 minute between faults, each scaled down and named here: ``flush_interval`` 15 s (production 60;
 200 members make ~200 pairs, flushed once an interval: ~13 of VBA's 25 calls/s, leaving room
 to catch up after an outage), ``flush_lease`` 10 s (120: a flush worker killed mid-flush holds
-its pairs that long), ``settle_grace`` 10 s (120), ``vba_timeout`` 5 s (30),
+its pairs that long), ``settle_grace`` 10 s (120), ``vba_timeout`` 2.5 s (30),
 ``broker_visibility_timeout`` 20 s (300: a killed worker's unacknowledged messages come back
 after it), ``backoff_base`` 0.5 s / ``backoff_max`` 5 s (2 / 900) and ``max_attempts`` 1000 (10:
 with backoff compressed a thousandfold, 10 attempts would last seconds, not the hours they
@@ -124,7 +124,7 @@ SETTINGS = {
     "flush_interval": "15",
     "flush_lease": "10",
     "settle_grace": "10",
-    "vba_timeout": "5",
+    "vba_timeout": "2.5",
     "broker_visibility_timeout": "20",
     "backoff_base": "0.5",
     "backoff_max": "5",

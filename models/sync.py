@@ -149,6 +149,9 @@ class Plan:
     reason: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
     keep_intent: bool = False
+    intent_done: bool = False
+    """With ``keep_intent``: no request of the intent can still land (VBA answered it), so the
+    next flush settles it at once instead of after the grace."""
     activity_id: str | None = None
     """VBA's activityId of the answer this decision came from (VBA support asks for it)."""
     counted: bool = True
@@ -169,7 +172,12 @@ class Plan:
 def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> Plan:
     """What to do with ``item`` now; ``remote`` is VBA's row (zeros if absent), None unread."""
     confirmed: tuple[Cents, int] | None = None
-    if item.intent is not None and remote is not None:
+    unsettled = False  # a write of ours VBA may hold, though nothing was read to tell
+    if item.intent is not None and remote is None:
+        if item.intent_fresh:  # exclusive: the old request may still land over a new one
+            return Plan(item, Act.WAIT, keep_intent=True)
+        unsettled = True  # it can no longer land: an absolute resend overwrites whatever it did
+    elif item.intent is not None and remote is not None:
         verdict = settle(item.intent, remote, may_still_land=item.intent_fresh)
         if verdict is Verdict.TOO_EARLY:
             return Plan(item, Act.WAIT, keep_intent=True)
@@ -180,10 +188,13 @@ def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> 
     base = Plan(item, Act.CONFIRM, confirmed)
     if broken := unbalanced(item.ours):
         why = f"ledger invariant: total != in + out for {', '.join(broken)}"
-        return replace(base, act=Act.REFUSE, kind=LetterKind.INVARIANT, reason=why)
-    if same(item.ours, base.pushed):
+        refused = replace(base, act=Act.REFUSE, kind=LetterKind.INVARIANT, reason=why)
+        return replace(refused, keep_intent=unsettled, intent_done=unsettled)
+    if same(item.ours, base.pushed) and not unsettled:
         return replace(base, confirmed=(item.ours, item.seq))
     if ownership == "shared" and remote is not None:
+        if negative := [c for c in COLUMNS if remote[c] < 0]:
+            return negative_row(base, remote, negative)
         share = minus(remote, base.pushed)
         if below := [c for c in COLUMNS if share[c] < 0]:
             return below_share(base, remote, below)
@@ -213,31 +224,41 @@ def after_send(
     max_attempts: int,
     reason: str = "",
     counted: bool = True,
+    finished: bool = False,
 ) -> Plan:
-    """What a SEND became. ``remote`` is VBA's row read after the answer (None: not read, as
-    after a lost answer, whose request may still be on its way). ``counted`` is False for a
-    whole-call failure: the pair backs off, and the key spends none of its attempts."""
+    """What a SEND became. ``remote`` is VBA's row read after the answer (shared, when VBA was
+    done with the request: ``finished``); None when not read. A write of unknown outcome whose
+    request may still land waits (its intent kept) until the grace has passed, in either
+    ownership: sent again sooner, an older total could land over the newer one. ``counted`` is
+    False for a whole-call failure: the pair backs off, and the key spends none of its
+    attempts."""
     item, intent = sent.item, sent.sent()
     done = Plan(item, Act.CONFIRM, sent.confirmed)
     if fate is Fate.CONFIRMED:
         return replace(done, confirmed=(item.ours, item.seq))
     if fate is Fate.REFUSED:
         return replace(done, act=Act.REFUSE, kind=LetterKind.REFUSED, reason=reason)
-    if fate is Fate.UNKNOWN and ownership == "shared":
-        if remote is None:
-            return replace(done, act=Act.WAIT, keep_intent=True, reason=reason)
+    unsettled = fate is Fate.UNKNOWN
+    if unsettled and remote is not None:
         verdict = settle(intent, remote, may_still_land=False)
         if verdict is Verdict.LANDED:
             return replace(done, confirmed=(item.ours, item.seq))
         if verdict is Verdict.AMBIGUOUS:
             return ambiguous(item, intent, remote, sent.pushed)
-    # Not written (or, exclusive, an absolute resend is safe whatever happened): again later.
+        unsettled = False  # not landed: nothing of it can land any more
+    elif unsettled and not finished:
+        return replace(done, act=Act.WAIT, keep_intent=True, reason=reason)
+    # Not written, or (VBA done, its row unread) written or not: again later, and an unsettled
+    # intent stays to be settled (shared) or overwritten (exclusive) by the next flush.
+    retry = replace(
+        done, act=Act.RETRY, reason=reason, keep_intent=unsettled, intent_done=unsettled
+    )
     if not counted:
-        return replace(done, act=Act.RETRY, reason=reason, counted=False)
+        return replace(retry, counted=False)
     if item.attempts + 1 >= max_attempts:
         why = f"gave up after {item.attempts + 1} attempts: {reason}"
-        return replace(done, act=Act.REFUSE, kind=LetterKind.GAVE_UP, reason=why)
-    return replace(done, act=Act.RETRY, reason=reason)
+        return replace(retry, act=Act.REFUSE, kind=LetterKind.GAVE_UP, reason=why)
+    return retry
 
 
 def ambiguous(
@@ -277,18 +298,42 @@ def split(remote: int, ours: int) -> dict[str, str]:
 
 
 def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan:
-    """Hold a key whose VBA row holds less than our confirmed share (VBA reset or rebuilt it)."""
-    pushed = base.pushed
+    """Hold a key whose VBA row holds less than our confirmed share in some fields (VBA reset
+    or rebuilt them). Only those fields are in question; where VBA's value is above zero, the
+    row cannot tell which share survived, so a person decides, field by field as listed."""
+    pushed, ours = base.pushed, base.item.ours
     detail = {
-        COLUMN_TO_VBA[c]: {"vba_now": money(remote[c]), "our_confirmed_share": money(pushed[c])}
+        COLUMN_TO_VBA[c]: {
+            "vba_now": money(remote[c]),
+            "our_confirmed_share": money(pushed[c]),
+            "if_not_landed": {"vba_own": money(remote[c]), "we_send": money(remote[c] + ours[c])},
+            "if_landed": {"vba_own": money(0), "we_send": money(ours[c])},
+        }
         for c in below
     }
+    names = ", ".join(COLUMN_TO_VBA[c] for c in below)
     why = (
-        f"VBA's row is below our confirmed share in {len(below)} fields (reset or rebuilt in "
-        "VBA?); nothing is sent. Check VBA, then `accumsync dead-letters resolve ID "
-        "--not-landed` to send our whole share again"
+        f"VBA's row is below our confirmed share in {len(below)} of its 30 fields ({names}): "
+        "reset or rebuilt in VBA? Nothing is sent for the key. Check VBA's claims, then say what "
+        "those fields hold: `accumsync dead-letters resolve ID --not-landed` (our share is gone "
+        "from them; what VBA shows is its own, and we add ours to it) or `--landed` (what VBA "
+        "shows there is what is left of ours; we send our total). The other fields keep our "
+        "confirmed share either way"
     )
     return replace(base, act=Act.HOLD, kind=LetterKind.BELOW_SHARE, reason=why, detail=detail)
+
+
+def negative_row(base: Plan, remote: Mapping[str, int], negative: list[str]) -> Plan:
+    """Refuse a key whose VBA row holds a negative amount of VBA's own: we never write one,
+    and every write carries all 30 fields, so the row must be corrected in VBA first."""
+    names = ", ".join(COLUMN_TO_VBA[c] for c in negative)
+    detail = {COLUMN_TO_VBA[c]: {"vba_now": money(remote[c])} for c in negative}
+    why = (
+        f"VBA's row holds a negative amount in {names}; accumsync never writes a negative amount "
+        "and a write carries all 30 fields, so it cannot write this row. Correct the field in "
+        "VBA, then `accumsync dead-letters replay ID` (the key is read again and sent)"
+    )
+    return replace(base, act=Act.REFUSE, kind=LetterKind.NEGATIVE, reason=why, detail=detail)
 
 
 def money(cents: int) -> str:

@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     vba_rate: float = Field(default=25.0, gt=0)
     vba_burst: int = Field(default=50, ge=1)
     vba_batch_max: int = Field(default=100, ge=1, le=10_000)
-    vba_timeout: float = Field(default=30.0, gt=0)
+    vba_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds VBA may take for each phase of a call: connect, write, await the "
+        "answer",
+    )
     vba_verify_tls: bool = True
     vba_allow_http: bool = False
 
@@ -89,7 +94,9 @@ class Settings(BaseSettings):
     settle_grace: float = Field(
         default=120.0,
         gt=0,
-        description="seconds after a write of unknown outcome before 'not there' means not landed",
+        description="seconds a write of unknown outcome may still land, from the last moment its "
+        "request may have left: only then is 'not there' read as not landed (shared) or a new "
+        "total sent over it (exclusive); at least 4 x ACCUMSYNC_VBA_TIMEOUT",
     )
     broker_visibility_timeout: float = Field(
         default=300.0,
@@ -189,14 +196,24 @@ class Settings(BaseSettings):
             )
         return self
 
+    @property
+    def request_worst_case(self) -> float:
+        """The longest one VBA request can last on our side, in seconds: httpx times each phase
+        on its own, not the whole, so a request may take ``vba_timeout`` to connect, as long to
+        write its head and again its body, then as long awaiting the answer (the client's pool
+        never makes a request wait): four times ``vba_timeout``."""
+        return 4 * self.vba_timeout
+
     @model_validator(mode="after")
     def _grace_outlasts_a_request(self) -> Settings:
-        """A write whose answer was lost may still land until its request gave up: only after
-        that may 'VBA's row is as before' mean 'not landed'."""
-        if self.settle_grace < self.vba_timeout:
+        """A write of unknown outcome may still land while its request can be under way: only
+        after that may 'VBA's row is as before' mean 'not landed', or a resend go out."""
+        if self.settle_grace < self.request_worst_case:
             raise ValueError(
-                f"ACCUMSYNC_SETTLE_GRACE ({self.settle_grace:g}s) must be at least "
-                f"ACCUMSYNC_VBA_TIMEOUT ({self.vba_timeout:g}s): a write may land until then"
+                f"ACCUMSYNC_SETTLE_GRACE ({self.settle_grace:g}s) must be at least the longest a "
+                f"VBA request can last, 4 x ACCUMSYNC_VBA_TIMEOUT ({self.request_worst_case:g}s: "
+                "connect, write the head, write the body, await the answer, each timed on its "
+                "own): a write may land until then"
             )
         return self
 

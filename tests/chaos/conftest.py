@@ -42,11 +42,11 @@ API_KEY = "chaos-key-7f3a9c1e55d2"
 PASSWORD = "chaos-pass-b81e40aa9d"
 
 #: Fast timings: retries in a second, leases of 3 s, a dead worker's message back in ~10 s, a
-#: write of unknown outcome settled 4 s after it left (its request gave up after 3).
+#: write of unknown outcome settled 4 s after it left (its request gave up after at most 4 x 1 s).
 FAST = {
     "flush_interval": "1",
     "flush_lease": "3",
-    "vba_timeout": "3",
+    "vba_timeout": "1",
     "settle_grace": "4",
     "backoff_base": "0.1",
     "backoff_max": "1",

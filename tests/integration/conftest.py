@@ -27,7 +27,7 @@ def flush_stack(
     """A Redis + Postgres stack pointed at a sandbox, migrated, with short retry timings."""
 
     def make(sandbox: SandboxHandle, **settings: str) -> Stack:
-        env = {"flush_interval": "1", "flush_lease": "5", "vba_timeout": "5", "settle_grace": "6"}
+        env = {"flush_interval": "1", "flush_lease": "5", "vba_timeout": "1.5", "settle_grace": "6"}
         stack = make_stack(
             database_url=pg_url, broker_url=redis_url, **(env | FAST_RETRIES | settings)
         )

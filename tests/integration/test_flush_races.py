@@ -112,7 +112,7 @@ def test_a_lapsed_lease_cannot_undo_a_newer_flush(
     nothing (before the fence, A sent 230 from its stale state and confirmed it)."""
     sandbox = sandboxes()
     stack = flush_stack(
-        sandbox, ownership="shared", flush_lease="3", vba_timeout="30", settle_grace="30"
+        sandbox, ownership="shared", flush_lease="3", vba_timeout="30", settle_grace="120"
     )
     a = stack.worker("a", pool="solo")
     stack.publish([claim("c1", "100.00")])
@@ -145,7 +145,7 @@ def test_lost_answer_then_vba_write_is_held_for_a_person(
     sent nor what we read, so the key is held, health turns red, and an operator settles it
     (before, the next flush took it as not landed and sent 250)."""
     sandbox = sandboxes()
-    stack = flush_stack(sandbox, ownership="shared", settle_grace="2", vba_timeout="2")
+    stack = flush_stack(sandbox, ownership="shared", settle_grace="2", vba_timeout="0.5")
     stack.worker("w1", concurrency=2)
     stack.publish([claim("c1", "100.00")])
     sandbox.admin.set_faults(lost_answers=1)

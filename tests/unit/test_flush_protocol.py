@@ -324,7 +324,7 @@ def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", url)
     monkeypatch.setenv("ACCUMSYNC_HOME", str(tmp_path))
     monkeypatch.setenv("ACCUMSYNC_SETTLE_GRACE", "0.001")  # no request is ever in flight here
-    monkeypatch.setenv("ACCUMSYNC_VBA_TIMEOUT", "0.001")
+    monkeypatch.setenv("ACCUMSYNC_VBA_TIMEOUT", "0.00025")
     monkeypatch.setenv("ACCUMSYNC_MAX_ATTEMPTS", "1000")
     monkeypatch.setenv("ACCUMSYNC_OWNERSHIP", "shared")
     get_settings.cache_clear()

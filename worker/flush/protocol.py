@@ -57,7 +57,7 @@ from models.sync import (
 from models.tables import PUSHED, FlushAttempt
 from models.vba import SUBSCRIBER_KEY, RemoteAccum, SubscriberAccum
 from worker import counters, failpoints
-from worker.db import as_utc, db_after, db_now, insert, session_scope
+from worker.db import as_utc, db_after, db_now, in_transaction, insert, session_scope
 from worker.ingest.bulk import update_rows
 from worker.ingest.dead_letters import dead_letter
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR
@@ -113,6 +113,8 @@ class Exchange:
     started: float
     result: BatchResult | None = None
     error: VbaError | None = None
+    read_to_put_ms: int | None = None
+    """Shared: from VBA's first answer to our read until this request left."""
 
 
 @dataclass
@@ -124,7 +126,6 @@ class Call:
     records: list[SubscriberAccum]
     recorded: bool = False
     read_at: float | None = None
-    read_to_put_ms: int | None = None
     answers: dict[int, BatchResult | VbaError] = field(default_factory=dict)
     exchanges: list[Exchange] = field(default_factory=list)
     stop: VbaError | None = None
@@ -156,11 +157,28 @@ def call_finished(answer: BatchResult | VbaError | None) -> bool:
 
 
 class Remote:
-    """VBA's rows of a pair by canonical key, and the keys whose row could not be read."""
+    """VBA's rows of a pair by canonical key, the keys whose row could not be read, and when
+    its first page was answered (the read-to-write window starts there)."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, ...], RemoteAccum] = {}
         self.unreadable: dict[tuple[str, ...], str] = {}
+        self.first_answer_at: float | None = None
+
+    def add(self, row: RemoteAccum) -> None:
+        """One listed row. Two rows with one canonical key (VBA compared keys with case, or a
+        page repeated a row that changed in between) cannot be told apart: the key is refused
+        as unreadable rather than one of them taken for it."""
+        key = canonical(row.key)
+        seen = self.rows.get(key)
+        if key in self.unreadable or (seen is not None and seen != row):
+            self.rows.pop(key, None)
+            self.unreadable[key] = (
+                "VBA listed two rows for this key (spellings or amounts differ): which one a "
+                "write of ours would land on can't be told"
+            )
+            return
+        self.rows[key] = row
 
 
 class Unattributable(Exception):
@@ -181,7 +199,10 @@ def read_remote(
     :class:`Unattributable` for a listed row whose key can't be read."""
     remote = Remote()
     for page in vba.pages(subscriber_id, group_id, sort_by=SORT_BY, before_page=before_page):
-        remote.rows |= {canonical(r.key): r for r in page.items}
+        if remote.first_answer_at is None:
+            remote.first_answer_at = time.perf_counter()
+        for row in page.items:
+            remote.add(row)
         for key, why in page.unreadable:
             if key is None:
                 raise Unattributable(f"VBA listed a row whose key can't be read: {why}")
@@ -210,7 +231,14 @@ class Lease:
                 lease_owner=self.owner,
                 lease_until=db_after(self.seconds),
             )
-            .returning(p.lease_gen, p.subscriber_id, p.group_id, p.attempts, db_now().label("now"))
+            .returning(
+                p.lease_gen,
+                p.subscriber_id,
+                p.group_id,
+                p.attempts,
+                p.last_flush_at,
+                db_now().label("now"),
+            )
         )
         row = session.execute(stmt).mappings().first()
         if row is not None:
@@ -298,10 +326,23 @@ class Flush:
                 return None
             self.subscriber_id, self.group_id = row["subscriber_id"], row["group_id"]
             self.pair_attempts, now = int(row["attempts"]), as_utc(row["now"])
+            self._date_orphans(s, row["last_flush_at"], now)
             items = [self._item(r, now) for r in self._due(s)]
             if not items:
                 self.lease.release(s, now)
         return items or None
+
+    def _date_orphans(self, session: Session, released: datetime | None, now: datetime) -> None:
+        """Intents recorded after the pair's last release belong to a flush that never ended
+        (killed, stalled, or its lease taken over): its requests may have left as late as its
+        lease lasted, which is no later than now, so each may still land until a grace from
+        now. (An intent's ``intent_at`` is the latest moment a request of it may have left;
+        NULL once none can land.)"""
+        a = T_ACCUM.c
+        orphan = [a.pair_id == self.pair_id, a.intent_target.is_not(None), a.intent_at.is_not(None)]
+        if released is not None:
+            orphan.append(a.intent_at > released)
+        session.execute(update(T_ACCUM).where(*orphan).values(intent_at=now))
 
     def _due(self, session: Session) -> Sequence[RowMapping]:
         a = T_ACCUM.c
@@ -349,7 +390,7 @@ class Flush:
                 failed: Exception = exc
                 self._fenced(lambda s, now: self._back_off(s, now, failed))
                 return False
-            read_at = time.perf_counter()
+            read_at = remote.first_answer_at
             yield "read"
         decided = [self._decide(i, remote) for i in chunk]
         call = Call(*self._sendable(decided, remote))
@@ -383,7 +424,13 @@ class Flush:
                 why = f"more than 2 decimals in {', '.join(fields)}: cents are all we keep"
             if why is not None:
                 reason = f"VBA's row can't be read as it is ({why}); fix it in VBA, then replay"
-                return Plan(item, Act.REFUSE, kind=LetterKind.UNREADABLE, reason=reason)
+                return Plan(
+                    item,
+                    Act.REFUSE,
+                    kind=LetterKind.UNREADABLE,
+                    reason=reason,
+                    keep_intent=item.intent is not None,  # settled once the row reads again
+                )
         return plan(item, self._cents(item, remote), self._mode)
 
     @staticmethod
@@ -426,20 +473,23 @@ class Flush:
 
     def _send(self, call: Call) -> None:
         """The PUT; the decisions and intents are recorded right before it leaves."""
+        self._put(call, list(range(len(call.records))))
 
-        def before_send() -> None:
-            if call.recorded:  # a resend (401, refused connection) or a half: check again
-                self._fenced(lambda s, now: None)
-                return
+    def _before_send(self, call: Call, which: list[int], exchange: Exchange) -> None:
+        """Right before a request leaves: the first records the call's decisions and intents,
+        each later one (a resend after a 401 or a refused connection, a half) dates the intents
+        it carries anew, since they may land until a grace after it. Both renew the lease."""
+        if call.recorded:
+            ids = [call.sending[i].item.id for i in which]
+            self._fenced(lambda s, now: self._redate(s, now, ids))
+        else:
             self._fenced(lambda s, now: self._record_plans(s, now, call.plans))
             call.recorded = True
             failpoints.hit("flush.after_intent")
-            if call.read_at is not None:
-                call.read_to_put_ms = round((time.perf_counter() - call.read_at) * 1000)
+        if call.read_at is not None:
+            exchange.read_to_put_ms = round((time.perf_counter() - call.read_at) * 1000)
 
-        self._put(call, list(range(len(call.records))), before_send)
-
-    def _put(self, call: Call, which: list[int], before_send: Callable[[], None]) -> None:
+    def _put(self, call: Call, which: list[int]) -> None:
         """PUT the records ``which``; a whole-call refusal of their data is split in halves
         until the refused records stand alone (about 2 * log2(n) more calls for one of n)."""
         exchange = Exchange(len(which), time.perf_counter())
@@ -447,16 +497,19 @@ class Flush:
         records = [call.records[i] for i in which]
         try:
             exchange.result = self.vba.upsert_accumulators(
-                self.subscriber_id, self.group_id, records, before_send=before_send
+                self.subscriber_id,
+                self.group_id,
+                records,
+                before_send=lambda: self._before_send(call, which, exchange),
             )
         except VbaError as exc:
             exchange.error = exc
             if not stops(exc) and len(which) > 1:
                 log.info("flush.split", pair=self.pair_id, items=len(which), status=exc.status)
                 half = len(which) // 2
-                self._put(call, which[:half], before_send)
+                self._put(call, which[:half])
                 if call.stop is None:
-                    self._put(call, which[half:], before_send)
+                    self._put(call, which[half:])
                 return
             call.stop = exc if stops(exc) else None
             call.answers |= dict.fromkeys(which, exc)
@@ -509,6 +562,7 @@ class Flush:
             max_attempts=self.settings.max_attempts,
             reason=self._reason(p, answer),
             counted=not whole_call or fate is Fate.REFUSED,
+            finished=call_finished(answer),
         )
         return replace(done, activity_id=answer.activity_id if answer is not None else None)
 
@@ -530,10 +584,13 @@ class Flush:
     # -- writes (each inside a fenced transaction) ------------------------------------------
 
     def _fenced(self, work: Callable[[Session, datetime], T]) -> T:
-        """Run ``work`` in a transaction that first renews the lease, if it is still ours."""
-        with session_scope() as s:
-            now = self.lease.renew(s)
-            return work(s, now)
+        """Run ``work`` in a transaction that first renews the lease, if it is still ours; a
+        deadlock with ingest (its rows locked in another order) runs it again from the start."""
+        return in_transaction(lambda s: work(s, self.lease.renew(s)))
+
+    def _redate(self, session: Session, now: datetime, ids: list[int]) -> None:
+        a = T_ACCUM.c
+        session.execute(update(T_ACCUM).where(a.id.in_(ids)).values(intent_at=now))
 
     def _record_plans(self, session: Session, now: datetime, plans: list[Plan]) -> None:
         self._write(session, now, plans)
@@ -542,7 +599,7 @@ class Flush:
         """The chunk's outcomes, its audit rows, and the lease: renewed, or released."""
         self._write(session, now, call.unwritten())
         for exchange in call.exchanges:
-            self._audit(session, now, exchange, call.read_to_put_ms)
+            self._audit(session, now, exchange)
         if call.stop is not None:
             self._back_off(session, now, call.stop)
         elif last:
@@ -584,6 +641,8 @@ class Flush:
             return row
         if not p.keep_intent:
             row |= dict(_NO_INTENT)
+        elif p.intent_done:
+            row["intent_at"] = None  # no request of it can land now: settled at once next time
         if p.act is Act.CONFIRM:
             row |= {"attempts": 0, "next_attempt_at": None}
         elif p.act is Act.WAIT:
@@ -606,6 +665,9 @@ class Flush:
         """Hold the key out of later flushes and record why (never with amounts in the reason)."""
         payload = {"accumulator_id": p.item.id, "key": list(p.item.key), "kind": str(p.kind)}
         payload |= {"target": p.target, **p.detail} if p.target else dict(p.detail)
+        if p.keep_intent and (intent := p.item.intent) is not None:
+            # A write whose outcome is still unknown: kept, and settled once the key is sent.
+            payload["unsettled_write"] = {"target": intent.target, "before": intent.before}
         dead_letter(
             session,
             "flush",
@@ -665,9 +727,7 @@ class Flush:
         delay = backoff(attempt, s.backoff_base, s.backoff_max, self.rng, retry_after)
         return timedelta(seconds=delay)
 
-    def _audit(
-        self, session: Session, now: datetime, exchange: Exchange, read_to_put_ms: int | None
-    ) -> None:
+    def _audit(self, session: Session, now: datetime, exchange: Exchange) -> None:
         """One flush_attempt row per batch call: what was sent and what VBA said."""
         result, exc = exchange.result, exchange.error
         statuses = Counter(str(i.status) for i in result.items) if result else Counter[str]()
@@ -686,7 +746,7 @@ class Flush:
             "outcome": outcome,
             "activity_id": answer.activity_id if answer is not None else None,
             "error": None if exc is None else f"{type(exc).__name__}: {exc}"[:2000],
-            "read_to_put_ms": read_to_put_ms,
+            "read_to_put_ms": exchange.read_to_put_ms,
         }
         session.execute(insert(session, T_ATTEMPT).values(row))
         log.info(
@@ -696,7 +756,7 @@ class Flush:
             outcome=outcome,
             status=row["http_status"],
             activity_id=row["activity_id"],
-            read_to_put_ms=read_to_put_ms,
+            read_to_put_ms=exchange.read_to_put_ms,
         )
 
 

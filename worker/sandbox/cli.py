@@ -89,6 +89,28 @@ def sandbox(
     lost_answer: Annotated[
         c.LostAnswer, typer.Option(help="how an answer is lost: 504, reset or hang")
     ] = "504",
+    late_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="batch calls a gateway answers at once, written later"),
+    ] = 0.0,
+    late_answers: Annotated[
+        int, typer.Option(min=0, help="the next N batch calls answered at once, written later")
+    ] = 0,
+    late_status: Annotated[
+        c.LateStatus, typer.Option(help="the gateway's answer to a late call: 502, 504, either")
+    ] = "either",
+    late_seconds: Annotated[
+        float, typer.Option(min=0.0, help="seconds after the answer that late writes land")
+    ] = 0.5,
+    late_never: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="late calls whose writes never land")
+    ] = 0.0,
+    list_gateway_404_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="lists a gateway answers 404 (not 'no rows')")
+    ] = 0.0,
+    list_gateway_404s: Annotated[
+        int, typer.Option(min=0, help="the next N lists answered 404 by a gateway")
+    ] = 0,
     list_delay: Annotated[float, typer.Option(min=0.0, help="seconds before a list reads")] = 0.0,
     slow_lists: Annotated[
         int | None, typer.Option(min=0, help="how many lists wait --list-delay (default: all)")
@@ -121,6 +143,13 @@ def sandbox(
         lost_answer_rate=lost_answer_rate,
         lost_answers=lost_answers,
         lost_answer=lost_answer,
+        late_rate=late_rate,
+        late_answers=late_answers,
+        late_status=late_status,
+        late_seconds=late_seconds,
+        late_never=late_never,
+        list_gateway_404_rate=list_gateway_404_rate,
+        list_gateway_404s=list_gateway_404s,
         list_delay=list_delay,
         slow_lists=slow_lists,
         list_status=list_status,

@@ -18,6 +18,8 @@ CLIENT_CODE = "SANDBOX"
 
 Share = float  # a probability, 0..1
 LostAnswer = Literal["504", "reset", "hang"]
+#: The status a gateway answers at once for a call VBA goes on working at: 502, 504, or either.
+LateStatus = Literal["502", "504", "either"]
 #: "lax" answers as our client expects; "strict" as a real VBA most likely would (see dialect.py).
 Dialect = Literal["lax", "strict"]
 #: How a 207 item's ``id`` spells key names: the seeds' ``subscriber_ID``, or ``subscriberID``.
@@ -53,6 +55,34 @@ class Faults(BaseModel):
     )
     lost_answer: LostAnswer = Field(
         default="504", description="how: a 504, a connection reset, or a hang then a 504"
+    )
+    late_rate: Share = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of batch calls a gateway answers at once (502 or 504) while VBA goes "
+        "on: the writes land late_seconds later",
+    )
+    late_answers: int = Field(
+        default=0, ge=0, description="the next N batch calls answered at once, written later"
+    )
+    late_status: LateStatus = Field(
+        default="either", description="the gateway's answer to a late call: 502, 504 or either"
+    )
+    late_seconds: float = Field(
+        default=0.5, ge=0, description="seconds after the answer that a late call's writes land"
+    )
+    late_never: Share = Field(
+        default=0.0, ge=0, le=1, description="share of late calls whose writes never land"
+    )
+    list_gateway_404_rate: Share = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of lists a gateway answers 404 (no VBA envelope: not 'no rows')",
+    )
+    list_gateway_404s: int = Field(
+        default=0, ge=0, description="the next N lists answered 404 by a gateway"
     )
     list_delay: float = Field(
         default=0.0, ge=0, description="seconds a list waits before reading its rows"

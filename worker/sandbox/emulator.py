@@ -33,7 +33,10 @@ from worker.sandbox.writes import VBA_USER, Journal, Write, stamp, with_deltas
 Handler = Callable[[Request, "Sandbox"], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 W = TypeVar("W", bound=Record)
-Countdown = Literal["lost_answers", "item_written_errors"]
+Countdown = Literal["lost_answers", "item_written_errors", "late_answers", "list_gateway_404s"]
+#: What a gateway in front of VBA says when it gives up on VBA (AWS API Gateway's words): no
+#: VBA envelope, no activity id.
+GATEWAY: Final = {502: "Internal server error", 504: "Endpoint request timed out"}
 
 #: The status a reset answer is counted under: the client got no status at all.
 RESET: Final = 0
@@ -127,9 +130,13 @@ class Sandbox:
         self.counters: Counter[tuple[str, int]] = Counter()
         self.journal = Journal()
         self.intrusions = Intrusions(self.fold)
+        self.landing: set[asyncio.Task[None]] = set()  # late calls VBA is still working on
 
     def reset(self) -> None:
         """Back to start-up: no rows, tokens, counts, writes or intrusions; the start-up faults."""
+        for task in self.landing:
+            task.cancel()
+        self.landing.clear()
         self.state.reset()
         self.faults = self.config.faults.model_copy()
         self.bucket = Bucket(self.config.rate, self.config.burst)
@@ -301,6 +308,8 @@ class Sandbox:
         async def endpoint(request: Request) -> Response:
             response = self.gate(request, bearer) or self.negotiate(request, media_type)
             response = response or await self.inject()
+            if response is None and batch and self.fires("late_answers", self.faults.late_rate):
+                response = await self.land_later(request, handler)
             response = response or await handler(request, self)
             applied = batch and response.status_code == 207  # only a written batch loses it
             if applied and self.fires("lost_answers", self.faults.lost_answer_rate):
@@ -309,6 +318,30 @@ class Sandbox:
             return response
 
         return endpoint
+
+    async def land_later(self, request: Request, handler: Handler) -> Response:
+        """A gateway answers 502 or 504 at once while VBA goes on with the call: its writes land
+        ``late_seconds`` later (or, ``late_never``, not at all), their answer lost."""
+        await request.body()  # read now: the handler runs after the answer has gone
+        if not self.chance(self.faults.late_never):
+            task = asyncio.create_task(self._land(request, handler, self.faults.late_seconds))
+            self.landing.add(task)
+            task.add_done_callback(self.landing.discard)
+        how = self.faults.late_status
+        status = self.rng.choice((502, 504)) if how == "either" else int(how)
+        return JSONResponse({"message": GATEWAY[status]}, status_code=status)
+
+    async def _land(self, request: Request, handler: Handler, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await handler(request, self)
+        for write in writes_of(request):
+            write.answered = False
+
+    def gateway_404(self) -> Response | None:
+        """The list's gateway fault: a 404 from a route or a gateway, not VBA's "not found"."""
+        if not self.fires("list_gateway_404s", self.faults.list_gateway_404_rate):
+            return None
+        return JSONResponse({"message": "Not Found"}, status_code=404)
 
     async def lose(self, request: Request, label: str, answer: Response) -> Response:
         """The batch is written; its answer is lost: a 504, a reset, or a hang then a 504."""

@@ -134,6 +134,8 @@ async def list_rows(request: Request, sb: Sandbox) -> Response:
     if sb.faults.list_status is not None:
         status = sb.faults.list_status
         return problem(status, "Injected failure", f"sandbox list fault {status}")
+    if gateway := sb.gateway_404():
+        return gateway
     if wait := sb.list_wait():
         await asyncio.sleep(wait)  # the rows are read after it: a late answer sees newer writes
     pair = sb.fold(_pair(request))

@@ -53,6 +53,7 @@ VERSION: Final = _version()
 USER_AGENT: Final = f"accumsync/{VERSION}"
 CONNECT_RETRY_DELAY = 0.25
 #: Non-2xx answers that are part of the protocol, not trouble: logged at info, not warning.
+#: (VBA's own, in its envelope: a 404 from anything else is trouble.)
 EXPECTED: Final = frozenset({("accumulators.list", 404)})  # a subscriber VBA doesn't know yet
 STALE_PREPAID = 1.0  # seconds past due after which a prepaid token is dropped, not spent
 #: Transport errors raised before a request's bytes could reach VBA.
@@ -89,6 +90,8 @@ class VbaClient:
             base_url=settings.vba_base_url,
             transport=transport,
             timeout=settings.vba_timeout,
+            # No pool wait before a request leaves: Settings.request_worst_case counts none.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
             verify=settings.vba_verify_tls,
             headers={"User-Agent": USER_AGENT},
         )
@@ -181,8 +184,10 @@ class VbaClient:
         """GET /subscribers/{id}/groups/{id}/accumulators: one page, with X-Pagination.
 
         Rows are read leniently (``RemoteAccum``); one whose money can't be read is listed in
-        ``Page.unreadable``. A 404 (VBA does not know the subscriber yet) is an empty page:
-        there is no row to keep, and a write for it is then created or refused by VBA.
+        ``Page.unreadable``. VBA's own 404 (its envelope: it does not know the subscriber yet)
+        is an empty page: there is no row to keep, and a write for it is then created or
+        refused by VBA. Any other 404 (a route, a gateway, a proxy) proves nothing about VBA's
+        rows and is raised, like any refusal: never read absence into it.
         """
         params: dict[str, str | int] = {"page": page, "pageSize": page_size}
         if sort_by:
@@ -191,7 +196,7 @@ class VbaClient:
         try:
             response, envelope = self._request("GET", path, "accumulators.list", params=params)
         except VbaRejected as exc:
-            if exc.status != 404:
+            if not exc.not_found:
                 raise
             log.info("vba.list_not_found", activity_id=exc.activity_id)
             return Page([], page, page_size, 0, 1)
@@ -388,7 +393,8 @@ class VbaClient:
             retry_after = getattr(error, "retry_after", None)
             if (counted := STATUS_EVENTS.get(response.status_code)) is not None:
                 self.on_event(counted)
-            emit = log.info if (op, response.status_code) in EXPECTED else log.warning
+            expected = (op, response.status_code) in EXPECTED and getattr(error, "enveloped", False)
+            emit = log.info if expected else log.warning
             emit(
                 "vba.call_failed",
                 op=op,

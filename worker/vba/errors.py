@@ -9,6 +9,15 @@
     │                         ``may_still_land``: whether it could still be taking effect
     └── VbaRejected           do not retry: any other non-2xx (status, title, detail, activity_id)
         └── VbaAuthError      login refused, or a 401 after the one token refresh
+
+What a failed write proves depends on who answered (docs/design.md, "The settle rule"). An
+answer in VBA's own envelope (or the bare ProblemDetails of its ASP.NET pipeline) carries an
+activity id: VBA's side produced it, so it is done with the request, and its rows tell what
+happened. Any other answer (a gateway's ``{"message": ...}``, a proxy's HTML page, an empty
+body) came from something in front of VBA: a 502 or a 504 there is very often a timeout whose
+upstream goes on working (IIS/ANCM 502.3, an application gateway's 502, a load balancer's idle
+timeout), and some proxies answer 503 for a reset upstream. Such a write may still land, and is
+settled only once the grace has passed.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ from pydantic import ValidationError
 from models.vba import Envelope, ProblemDetails, loads
 
 RETRYABLE: Final = frozenset({408, 429, 500, 502, 503, 504})
-#: Answered before the request reached VBA's handler: nothing was written.
-NOT_PROCESSED: Final = frozenset({408, 429, 503})
-#: Answered by VBA's side once it was done with the request (an error inside it).
-FINISHED: Final = frozenset({500, 502})
+#: Refusals of a request that was never processed, whoever answered: a request not received in
+#: full (408), a rate limit (429; VBA's is its gateway's, in front of the handler).
+NOT_PROCESSED: Final = frozenset({408, 429})
+#: VBA's own "unavailable": refused before its handler took the request (a proxy's 503 may
+#: follow a reset upstream instead, so only VBA's own envelope proves it).
+NOT_PROCESSED_BY_VBA: Final = frozenset({503})
 #: Never honour a Retry-After longer than this (seconds); the caller's backoff caps it too.
 RETRY_AFTER_CAP: Final = 900.0
 
@@ -44,11 +55,12 @@ class VbaUnavailable(VbaError):
     """VBA did not answer this time; try again after ``retry_after`` seconds (if it said).
 
     ``may_have_landed`` is False only when the request surely never reached VBA's handler
-    (refused connection, a 408, 429 or 503, a paused breaker): a timeout, a broken connection
-    or a 500/502/504 may come after VBA wrote, so a write's outcome is then unknown until it
-    is settled. ``may_still_land`` is False when VBA's side finished with the request (it
-    answered 500 or 502), so reading VBA's row at once tells what happened; after a timeout,
-    a broken connection or a gateway's 504 the handler may still be running.
+    (refused connection, a 408 or 429, VBA's own 503, a paused breaker): a timeout, a broken
+    connection or any other 5xx may come after VBA wrote, so a write's outcome is then unknown
+    until it is settled. ``may_still_land`` is False only when VBA's own side answered (its
+    envelope, with an activity id): it is done with the request, so reading VBA's row at once
+    tells what happened. After a timeout, a broken connection or any status from something in
+    front of VBA (a proxy's 502 or 504 above all) the handler may still be running.
     """
 
     def __init__(
@@ -72,6 +84,8 @@ class VbaRejected(VbaError):
 
     ``may_have_landed`` is True only for a 406: ASP.NET negotiates the answer's content type
     after the action ran, so the write may have taken effect though the answer was refused.
+    ``enveloped``: the answer came in VBA's own envelope (``{data, error, debug}``), which only
+    VBA's handlers write; a gateway's, a proxy's or the framework's routing answer does not.
     """
 
     def __init__(
@@ -80,12 +94,20 @@ class VbaRejected(VbaError):
         title: str | None = None,
         detail: str | None = None,
         activity_id: str | None = None,
+        enveloped: bool = False,
     ) -> None:
         text = f"VBA answered {status}: {title or 'rejected'}" + (f" ({detail})" if detail else "")
         super().__init__(text, status=status, activity_id=activity_id)
         self.title = title
         self.detail = detail
+        self.enveloped = enveloped
         self.may_have_landed = status == 406
+
+    @property
+    def not_found(self) -> bool:
+        """VBA's own "not found" (a 404 in its envelope): the thing asked for does not exist. A
+        404 from a route, a gateway or a proxy proves nothing about VBA's rows."""
+        return self.status == 404 and self.enveloped
 
 
 class VbaAuthError(VbaRejected):
@@ -167,6 +189,12 @@ def _bare_problem(payload: dict[str, object]) -> Envelope:
         return Envelope()
 
 
+def by_vba(envelope: Envelope) -> bool:
+    """Whether VBA's own side produced the answer (its envelope or ProblemDetails carries an
+    activity id); a gateway's or a proxy's answer carries none."""
+    return envelope.activity_id is not None
+
+
 def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
     """None for a 2xx; otherwise the one exception this answer means."""
     status = response.status_code
@@ -175,16 +203,35 @@ def classify(response: httpx.Response, envelope: Envelope) -> VbaError | None:
     aid = envelope.activity_id
     if status in RETRYABLE:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        from_vba = by_vba(envelope)
+        unprocessed = status in NOT_PROCESSED or (from_vba and status in NOT_PROCESSED_BY_VBA)
         return VbaUnavailable(
-            f"VBA answered {status}",
+            f"VBA answered {status}"
+            if from_vba
+            else f"a gateway in front of VBA answered {status}",
             retry_after=retry_after,
             status=status,
             activity_id=aid,
-            may_have_landed=status not in NOT_PROCESSED,
-            may_still_land=status not in FINISHED,
+            may_have_landed=not unprocessed,
+            may_still_land=not from_vba,
         )
     problem = envelope.error or ProblemDetails()
-    return VbaRejected(status, problem.title or _gateway_message(response), problem.detail, aid)
+    title = problem.title or _gateway_message(response)
+    return VbaRejected(status, title, problem.detail, aid, enveloped=_enveloped(response))
+
+
+def _enveloped(response: httpx.Response) -> bool:
+    """The answer is VBA's envelope: an object with ``error`` and ``debug`` (its activity id)."""
+    try:
+        payload = loads(response.content) if response.content else None
+    except ValueError:
+        return False
+    if not isinstance(payload, dict) or "error" not in payload:
+        return False
+    debug = payload.get("debug")
+    return isinstance(debug, dict) and any(
+        isinstance(debug.get(k), str) for k in ("activityId", "activityID")
+    )
 
 
 def _gateway_message(response: httpx.Response) -> str | None:
