@@ -70,8 +70,11 @@ PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*$"
 """No control characters: Postgres refuses NUL in text, and none belongs in an id or a code."""
 
 
-KEY_PRINTABLE: Final = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f ][^\x00-\x1f\x7f]*$"
-"""A key value: printable as above, and not only spaces (VBA ignores trailing spaces)."""
+KEY_PRINTABLE: Final = r"^[\x20-\x7e]*[\x21-\x7e][\x20-\x7e]*$"
+"""A key value: printable ASCII, and not only spaces (VBA ignores trailing spaces). Beyond
+ASCII, SQL Server's case-insensitive collations fold letters (``é``/``É``, and by collation
+``ß``/``SS``) in ways :func:`canon` cannot reproduce exactly, and two of our keys would then
+write their absolute totals to one VBA row: such a key is refused at the edge instead."""
 
 
 def _text(max_length: int, pattern: str = PRINTABLE) -> StringConstraints:
@@ -169,8 +172,8 @@ _ASCII_UPPER: Final = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLM
 
 def canon(value: str) -> str:
     """A key value as VBA's SQL Server collation compares it (case-insensitive, trailing spaces
-    ignored): trailing spaces removed, ASCII letters upper-cased. Other letters are left as
-    they are (upper-casing them can change a value's length, ``ß`` -> ``SS``)."""
+    ignored): trailing spaces removed, ASCII letters upper-cased. Key values are printable ASCII
+    (:data:`KEY_PRINTABLE`), so that is the whole of the collation's folding for them."""
     return value.rstrip(" ").translate(_ASCII_UPPER)
 
 
@@ -212,5 +215,9 @@ def _rule(e: Any) -> str:
 
 
 def _pattern_rule(pattern: str | None) -> str:
-    rule = "must not contain control characters (U+0000-U+001F, U+007F)"
-    return rule + " nor be only spaces" if pattern == KEY_PRINTABLE else rule
+    if pattern == KEY_PRINTABLE:
+        return (
+            "must be printable ASCII and not only spaces (VBA's collation folds other letters "
+            "in ways accumsync can't match exactly: two keys could land on one VBA row)"
+        )
+    return "must not contain control characters (U+0000-U+001F, U+007F)"

@@ -160,8 +160,8 @@ else:
 class RemoteAccum(BaseModel):
     """A SubscriberAccum as VBA lists it, read leniently: the flush must not wedge on one odd
     row. Unknown fields are ignored, strings may be longer than the write model allows, a null
-    amount reads as 0; an amount that is not a number fails the row (its key is then known but
-    its money is not)."""
+    amount reads as 0; an amount that is missing or not a number fails the row (its key is then
+    known but its money is not: a field VBA did not send is not a zero)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -176,7 +176,9 @@ class RemoteAccum(BaseModel):
     @classmethod
     def from_vba(cls, payload: Mapping[str, Any]) -> Self:
         """Parse one listed row; ValueError (naming the field) when its money can't be read."""
-        money = {f: _lenient_amount(f, payload.get(f)) for f in VBA_FIELDS}
+        if missing := [f for f in VBA_FIELDS if f not in payload]:
+            raise ValueError(f"{', '.join(missing)}: missing from the row")
+        money = {f: _lenient_amount(f, payload[f]) for f in VBA_FIELDS}
         return cls.model_validate({**payload, "money": money})
 
     def amounts(self) -> dict[str, Decimal]:

@@ -234,9 +234,22 @@ def test_listed_rows_are_read_leniently() -> None:
     that is not a number is refused, naming the field; sub-cent amounts are kept and named."""
     from models.vba import RemoteAccum
 
+    zeros = dict.fromkeys(VBA_FIELDS, 0)
     row = RemoteAccum.from_vba(
-        {**KEYS, "copay_Amt": None, "entry_User": "u" * 40, "newField": 1, "coins_Amt": "1.125"}
+        {**KEYS, **zeros, "copay_Amt": None, "entry_User": "u" * 40, "newField": 1}
+        | {"coins_Amt": "1.125"}
     )
     assert row.amounts()["copay_Amt"] == 0 and row.sub_cent() == ["coins_Amt"]
     with pytest.raises(ValueError, match="deductible_Used: not a number"):
-        RemoteAccum.from_vba({**KEYS, "deductible_Used": "lots"})
+        RemoteAccum.from_vba({**KEYS, **zeros, "deductible_Used": "lots"})
+
+
+def test_a_listed_row_missing_an_amount_is_unreadable_not_zero() -> None:
+    """A null amount is VBA's zero; a field VBA did not send at all is not: the row can't be
+    read (its key is then refused), where reading 0 would make VBA's own share look like 0."""
+    from models.vba import RemoteAccum
+
+    row = {**KEYS, **dict.fromkeys(VBA_FIELDS, 0)}
+    del row["copay_Amt_Net"]
+    with pytest.raises(ValueError, match="copay_Amt_Net: missing from the row"):
+        RemoteAccum.from_vba(row)

@@ -279,7 +279,10 @@ class VbaClient:
                 raise ValueError("a record's subscriber_ID/group_ID differs from the batch's")
         path = _path("subscribers", subscriber_id, "groups", group_id, "accumulators-batch")
         payload = [r.to_request() for r in rows]
-        return self._batch(path, "accumulators.batch", payload, SUBSCRIBER_KEY, before_send)
+        in_path = {"subscriber_ID": subscriber_id, "group_ID": group_id}
+        return self._batch(
+            path, "accumulators.batch", payload, SUBSCRIBER_KEY, before_send, in_path
+        )
 
     # -- plan accumulators ----------------------------------------------------------------
 
@@ -289,7 +292,8 @@ class VbaClient:
         if any(row.plan_ID != plan_id for row in rows):
             raise ValueError("a record's plan_ID differs from the batch's")
         path = _path("plans", plan_id, "accumulators-batch")
-        return self._batch(path, "plans.batch", [r.to_request() for r in rows], PLAN_KEY)
+        payload = [r.to_request() for r in rows]
+        return self._batch(path, "plans.batch", payload, PLAN_KEY, path_key={"plan_ID": plan_id})
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -300,16 +304,17 @@ class VbaClient:
         payload: list[dict[str, Any]],
         key_fields: tuple[str, ...],
         before_send: BeforeSend | None = None,
+        path_key: Mapping[str, str] | None = None,
     ) -> BatchResult:
         if len(payload) > self.settings.vba_batch_max:
             raise ValueError(f"{len(payload)} records exceed vba_batch_max; send them in chunks")
         if not payload:
-            return BatchResult((), key_fields, None)
+            return BatchResult((), key_fields, None, path_key)
         _, envelope = self._request("PUT", path, op, body=dumps(payload), before_send=before_send)
         if not isinstance(envelope.data, list):  # every item's outcome is unknown: settle them
             log.warning("vba.batch_without_items", op=op, activity_id=envelope.activity_id)
         data = envelope.data if isinstance(envelope.data, list) else []
-        result = BatchResult(_items(data), key_fields, envelope.activity_id)
+        result = BatchResult(_items(data), key_fields, envelope.activity_id, path_key)
         failed = sum(not item.ok for item in result.items)
         log.info(
             "vba.batch",

@@ -58,11 +58,18 @@ class BatchResult:
     """A 207 answer, looked up by key values: ``data[]`` order means nothing."""
 
     def __init__(
-        self, items: Iterable[BatchItem], key_fields: tuple[str, ...], activity_id: str | None
+        self,
+        items: Iterable[BatchItem],
+        key_fields: tuple[str, ...],
+        activity_id: str | None,
+        path_key: Mapping[str, str] | None = None,
     ) -> None:
         self.items = tuple(items)
         self.key_fields = key_fields
         self.activity_id = activity_id
+        #: Key fields the request's path names (subscriber and group): an item's id may leave
+        #: them out, naming only the row's own fields.
+        self.path_key = {name_key(k): v for k, v in (path_key or {}).items()}
         self._by_key: dict[tuple[str, ...], BatchItem] = {}
         for item in self.items:
             key = self._key_of(item.key)
@@ -73,8 +80,8 @@ class BatchResult:
     def _key_of(self, key: Mapping[str, str]) -> tuple[str, ...]:
         """The item's key values in ``key_fields`` order, whatever VBA's spelling of the names
         (``subscriber_ID``, ``subscriberID``, ``SubscriberId``) or the values' case."""
-        named = {name_key(name): value for name, value in key.items()}
-        return tuple(canon(named.get(name_key(f), "")) for f in self.key_fields)
+        named = self.path_key | {name_key(name): value for name, value in key.items()}
+        return tuple(canon(str(named.get(name_key(f), ""))) for f in self.key_fields)
 
     def find(self, key: Iterable[str]) -> BatchItem | None:
         """The item for these key values (in ``key_fields`` order), compared as VBA's collation
