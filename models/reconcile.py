@@ -124,18 +124,31 @@ def _against_vba(ownership: Ownership, pushed: Cents, remote: Cents | None) -> V
     return Verdict(Finding.BELOW if below else Finding.EQUAL, below)
 
 
-def repaired_pushed(ownership: Ownership, pushed: Cents, remote: Cents | None) -> dict[str, int]:
-    """Our confirmed share as VBA's row shows it now, for a key the operator repairs: the next
-    flush then sends from there under the normal protocol.
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What a repair may set our confirmed share to (``pushed``), and the fields whose evidence
+    can't tell which share survived (``undecided``: then nothing is repaired, the key is held
+    for a person)."""
 
-    Exclusive: VBA holds what it shows (nothing, when the row is gone). Shared: a row below our
-    confirmed share was reset or rebuilt, so it holds none of our share (the same decision as
-    ``dead-letters resolve --not-landed``), and the flush adds our whole share to it again.
+    pushed: dict[str, int]
+    undecided: tuple[str, ...] = ()
+
+
+def repaired_pushed(ownership: Ownership, pushed: Cents, remote: Cents | None) -> Repair:
+    """Our confirmed share as VBA's row shows it now, field by field, for a key the operator
+    repairs: the next flush then sends from there under the normal protocol.
+
+    Exclusive: VBA holds what it shows (nothing, when the row is gone). Shared: a field at or
+    above our confirmed share keeps it; a field VBA shows at zero holds nothing of ours (nor of
+    VBA's); a field between zero and our share can't tell which share survived (VBA reset it and
+    re-added its own, or lowered ours): undecided, and the repair holds the key for a person
+    (as the flush does), who settles those fields with ``dead-letters resolve``. A row absent
+    holds nothing of ours: the caller repairs that only after reading the absence twice.
     """
     if remote is None:
-        return dict.fromkeys(COLUMNS, 0)
+        return Repair(dict.fromkeys(COLUMNS, 0))
     if ownership == "exclusive":
-        return {c: remote[c] for c in COLUMNS}
-    if any(remote[c] < pushed[c] for c in COLUMNS):
-        return dict.fromkeys(COLUMNS, 0)
-    return dict(pushed)
+        return Repair({c: remote[c] for c in COLUMNS})
+    below = [c for c in COLUMNS if remote[c] < pushed[c]]
+    repaired = {c: 0 if c in below else pushed[c] for c in COLUMNS}
+    return Repair(repaired, tuple(c for c in below if remote[c] > 0))

@@ -298,10 +298,17 @@ def split(remote: int, ours: int) -> dict[str, str]:
 
 
 def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan:
-    """Hold a key whose VBA row holds less than our confirmed share in some fields (VBA reset
-    or rebuilt them). Only those fields are in question; where VBA's value is above zero, the
-    row cannot tell which share survived, so a person decides, field by field as listed."""
-    pushed, ours = base.pushed, base.item.ours
+    """Hold a key whose VBA row holds less than our confirmed share in some fields."""
+    why, detail = below_share_letter(remote, base.pushed, base.item.ours, below)
+    return replace(base, act=Act.HOLD, kind=LetterKind.BELOW_SHARE, reason=why, detail=detail)
+
+
+def below_share_letter(
+    remote: Mapping[str, int], pushed: Mapping[str, int], ours: Mapping[str, int], below: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """The reason and payload of a below-share hold (VBA reset or rebuilt some fields). Only
+    those fields are in question; where VBA's value is above zero, the row cannot tell which
+    share survived, so a person decides, and the letter says what each answer sends."""
     detail = {
         COLUMN_TO_VBA[c]: {
             "vba_now": money(remote[c]),
@@ -320,7 +327,7 @@ def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan
         "shows there is what is left of ours; we send our total). The other fields keep our "
         "confirmed share either way"
     )
-    return replace(base, act=Act.HOLD, kind=LetterKind.BELOW_SHARE, reason=why, detail=detail)
+    return why, detail
 
 
 def negative_row(base: Plan, remote: Mapping[str, int], negative: list[str]) -> Plan:

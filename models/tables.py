@@ -109,7 +109,11 @@ class Accumulator(SQLModel, table=True):
     plan_type: str = Field(max_length=6)
     benefit_code: str = Field(max_length=10)
     change_seq: int = Field(default=0, sa_type=BigInteger)
-    pushed_seq: int = Field(default=0, sa_type=BigInteger)
+    pushed_seq: int = Field(
+        default=0,
+        sa_type=BigInteger,
+        description="the version of pushed_*: every change of our confirmed share bumps it",
+    )
     dirty_since: datetime | None = Field(default=None, index=True)
     updated_at: datetime | None = None
     # The flush's write-ahead intent: set before the PUT, cleared once its outcome is known.
@@ -203,6 +207,17 @@ class PlanPush(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime | None = Field(default=None, index=True)
     last_error: str | None = Field(default=None, sa_type=Text)
+    claim_gen: int = Field(
+        default=0,
+        sa_type=BigInteger,
+        sa_column_kwargs={"server_default": "0"},
+        description="bumped by every claim to send: a send's bookkeeping is fenced on it",
+    )
+    in_flight_until: datetime | None = Field(
+        default=None,
+        description="a send whose outcome is unknown may still land until then: other "
+        "definitions of the plan are not sent before (they would land under it)",
+    )
 
 
 class EventCounter(SQLModel, table=True):

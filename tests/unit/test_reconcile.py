@@ -80,12 +80,38 @@ def test_a_repaired_key_is_equal_after_one_flush(
     ownership: str, ours: dict[str, int], pushed: dict[str, int], remote: dict[str, int] | None
 ) -> None:
     """Whatever VBA showed, repair then one flush (target from the repaired share, written,
-    confirmed) leaves a key reconcile judges equal: never below our share, never drifted."""
-    fresh = repaired_pushed(ownership, pushed, remote)  # type: ignore[arg-type]
-    written = target(ours, fresh, remote, ownership)  # type: ignore[arg-type]
+    confirmed) leaves a key reconcile judges equal: never below our share, never drifted. (A
+    field the repair can't settle holds the key instead: nothing is written for it.)"""
+    repair = repaired_pushed(ownership, pushed, remote)  # type: ignore[arg-type]
+    if repair.undecided:
+        return
+    written = target(ours, repair.pushed, remote, ownership)  # type: ignore[arg-type]
     assert all(v >= 0 for v in written.values())
     after = judge(ownership, ours, ours, written, ours)  # type: ignore[arg-type]
     assert after.finding is Finding.EQUAL
+
+
+def one(column: str, cents: int) -> dict[str, int]:
+    return dict.fromkeys(COLUMNS, 0) | {column: cents}
+
+
+def test_a_repair_of_a_row_below_our_share_acts_field_by_field() -> None:
+    """VBA lowered one field: only that field's confirmed share changes. At zero, nothing of
+    ours (nor of VBA's) is there: repaired to 0. Between zero and our share, the row can't tell
+    which share survived: undecided (the key is held for a person), nothing repaired. Before,
+    every one of the 30 fields went to 0, and the next flush added our whole share on top of
+    the fields VBA had not touched (copay 60.00 where the truth was 30.00)."""
+    pushed = one("copay_total", 3000) | one("copay_in", 3000) | {"deductible_total": 5000}
+    pushed["deductible_in"] = 5000
+    zeroed = pushed | {"deductible_total": 0, "deductible_in": 0}
+    repair = repaired_pushed("shared", pushed, zeroed)
+    assert repair.undecided == () and repair.pushed == pushed | {
+        "deductible_total": 0,
+        "deductible_in": 0,
+    }
+    lowered = pushed | {"deductible_total": 2000, "deductible_in": 2000}
+    repair = repaired_pushed("shared", pushed, lowered)
+    assert repair.undecided == ("deductible_total", "deductible_in")
 
 
 def test_beat_runs_reconcile_only_when_asked() -> None:

@@ -7,8 +7,15 @@ cannot take now (a 429, a 5xx, an item 5xx, no item) is retried by the worker wi
 accumulators' backoff (``next_attempt_at``, swept by beat through ``accumsync.flush_due``).
 207 items are read by key (plan_ID, accum_Name): a 2xx is accepted, a 4xx becomes a dead letter
 with VBA's message. After ``max_attempts`` what remains becomes dead letters too, and
-``dead-letters replay`` sends those records again. A plan definition is absolute, so sending
-one again is always safe.
+``dead-letters replay`` sends those records again.
+
+A plan definition is absolute, so sending the same one again is always safe; sending newer
+definitions while an older send may still land is not (the older would land last). So a send
+claims the plan (``claim_gen``, with ``next_attempt_at`` as the claim's end, long enough for its
+requests to land), a push of new definitions never takes a live claim over, and a send whose
+outcome is unknown keeps other definitions back until it can no longer land
+(``in_flight_until``). A send's bookkeeping is fenced on its claim and on the content it sent: a
+send whose definitions were replaced meanwhile records nothing as sent.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from pydantic import ValidationError
 from sqlalchemy import or_, select, update
 from sqlmodel import Session
 
+from models.events import canon
 from models.sync import backoff
 from models.tables import DeadLetter, PlanPush
 from models.vba import PlanAccumulator, dumps, loads
-from worker.db import clock, db_after, db_now, session_scope
+from worker.db import as_utc, clock, db_after, db_now, session_scope
 from worker.flush.protocol import client
 from worker.ingest.dead_letters import dead_letter
 from worker.logs import Log
@@ -40,8 +48,6 @@ from worker.vba.errors import refuses_data
 
 log = Log("plans")
 T_PLAN = PlanPush.__table__  # type: ignore[attr-defined]
-CLAIM_SECONDS = 120.0
-"""A push being sent is not picked again for this long (a crashed sender's push comes back)."""
 
 
 class PlanFileError(ValueError):
@@ -74,15 +80,24 @@ def load_plans(path: Path) -> list[PlanAccumulator]:
     records = data.get("plans") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise PlanFileError(f"{path}: expected a list of plan accumulators (or {{plans: [...]}})")
-    plans = []
+    plans: list[PlanAccumulator] = []
+    seen: dict[tuple[str, str], int] = {}
     for i, record in enumerate(records):
         try:
-            plans.append(PlanAccumulator.model_validate(record))
+            plan = PlanAccumulator.model_validate(record)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
             )
             raise PlanFileError(f"{path}: record {i}: {problems}") from None
+        key = (canon(plan.plan_ID), canon(plan.accum_Name))
+        if (first := seen.setdefault(key, i)) != i:
+            raise PlanFileError(
+                f"{path}: record {i}: accum_Name: plan {plan.plan_ID} already defines "
+                f"{plan.accum_Name!r} (record {first}; VBA compares names without case or "
+                "trailing spaces): one definition per accumulator"
+            )
+        plans.append(plan)
     return plans
 
 
@@ -109,16 +124,23 @@ def push_plans(
 
 
 def request(session: Session, plan_id: str, records: list[PlanAccumulator], force: bool) -> bool:
-    """Store the plan's records as a pending push; False when they were settled unchanged."""
+    """Store the plan's records as a pending push; False when they were settled unchanged.
+
+    A send under way (a live claim) or one that may still land keeps its time: the new
+    definitions go once it is over, so they land after it, never under it."""
     digest = content_hash(records)
     row = session.get(PlanPush, plan_id)
     if row is not None and row.status == "sent" and row.content_hash == digest and not force:
         return False
+    now = clock(session)
     row = row or PlanPush(plan_id=plan_id, content_hash=digest)
+    changed = row.content_hash != digest
     row.content_hash, row.status, row.attempts = digest, "pending", 0
     row.records = dumps([r.to_wire() for r in records])
     row.remaining = json.dumps(sorted(r.accum_Name for r in records))
-    row.next_attempt_at, row.last_error = None, None
+    busy = [t for t in (row.next_attempt_at, row.in_flight_until if changed else None) if t]
+    row.next_attempt_at = max((as_utc(t) for t in busy if as_utc(t) > now), default=None)
+    row.last_error = None
     session.add(row)
     return True
 
@@ -135,22 +157,40 @@ def _due() -> tuple[Any, ...]:
 
 
 def push_due(vba: VbaClient | None = None, plan_ids: list[str] | None = None) -> PushReport:
-    """Send every due pending push (or only ``plan_ids``), one plan at a time."""
+    """Send every due pending push (or only ``plan_ids``), one plan at a time; a plan asked
+    for that is not due (another send of it is under way, or may still land) is reported as
+    waiting for the worker."""
     report = PushReport()
-    for plan_id in _claim(plan_ids):
-        report.add(_push_one(vba or client(), plan_id))
+    claimed = _claim(plan_ids)
+    for plan_id, gen in claimed:
+        report.add(_push_one(vba or client(), plan_id, gen))
+    for plan_id in sorted(set(plan_ids or ()) - {plan_id for plan_id, _ in claimed}):
+        report.pending += 1
+        report.rows.append((plan_id, "", WAITING))
     return report
 
 
-def _claim(plan_ids: list[str] | None) -> list[str]:
-    """Take the due pushes: each one is sent by one process at a time."""
+WAITING = "queued: an earlier send of it is under way or may still land; the worker sends it next"
+
+
+def _claim(plan_ids: list[str] | None) -> list[tuple[str, int]]:
+    """Take the due pushes: each one is sent by one process at a time (its claim generation)."""
     p = T_PLAN.c
     stmt = update(T_PLAN).where(*_due())
     if plan_ids is not None:
         stmt = stmt.where(p.plan_id.in_(plan_ids))
-    stmt = stmt.values(next_attempt_at=db_after(CLAIM_SECONDS)).returning(p.plan_id)
+    claim = {"next_attempt_at": db_after(_claim_seconds(1)), "claim_gen": p.claim_gen + 1}
+    stmt = stmt.values(claim).returning(p.plan_id, p.claim_gen)
     with session_scope() as s:
-        return sorted(s.execute(stmt).scalars())
+        return sorted((row.plan_id, int(row.claim_gen)) for row in s.execute(stmt))
+
+
+def _claim_seconds(calls: int) -> float:
+    """How long a claim to send ``calls`` requests lasts: each may take the request's worst
+    case, and may land until a grace after it left (a crashed sender's claim then ends only
+    once nothing it sent can land)."""
+    s = get_settings()
+    return calls * s.request_worst_case + s.settle_grace
 
 
 @dataclass
@@ -162,18 +202,28 @@ class Attempt:
     retry: str | None = None
     retry_after: float | None = None
     activity_id: str | None = None
+    may_still_land: bool = False
+    """A request's outcome is unknown and it may still land (a timeout, a gateway's 5xx)."""
 
 
-def _push_one(vba: VbaClient, plan_id: str) -> PushReport:
+def _push_one(vba: VbaClient, plan_id: str, gen: int) -> PushReport:
     with session_scope() as s:
         row = s.get(PlanPush, plan_id)
         assert row is not None
-        names = set(json.loads(row.remaining))
+        names, sending = set(json.loads(row.remaining)), row.content_hash
         records = [PlanAccumulator.model_validate(r) for r in loads(row.records)]
-    todo = [r for r in records if r.accum_Name in names]
+        todo = [r for r in records if r.accum_Name in names]
+        calls = max(1, -(-len(todo) // get_settings().vba_batch_max))
+        s.execute(_fence(plan_id, gen).values(next_attempt_at=db_after(_claim_seconds(calls))))
     attempt = _send(vba, plan_id, todo)
     with session_scope() as s:
-        return _settle(s, plan_id, todo, attempt)
+        return _settle(s, plan_id, gen, sending, todo, attempt)
+
+
+def _fence(plan_id: str, gen: int) -> Any:
+    """An update of the plan's row that holds only while ``gen`` is its claim."""
+    p = T_PLAN.c
+    return update(T_PLAN).where(p.plan_id == plan_id, p.claim_gen == gen)
 
 
 def _send(vba: VbaClient, plan_id: str, records: list[PlanAccumulator]) -> Attempt:
@@ -195,6 +245,7 @@ def _put(vba: VbaClient, plan_id: str, records: list[PlanAccumulator], attempt: 
         if not refuses_data(exc):
             attempt.retry = f"{type(exc).__name__}: {exc}"
             attempt.retry_after = getattr(exc, "retry_after", None)
+            attempt.may_still_land |= getattr(exc, "may_still_land", False)
             return False
         if len(records) == 1:
             attempt.refused.append((records[0], f"VBA refused the record ({exc.status}): {exc}"))
@@ -222,12 +273,32 @@ def _read(result: BatchResult, chunk: list[PlanAccumulator], attempt: Attempt) -
 
 
 def _settle(
-    session: Session, plan_id: str, todo: list[PlanAccumulator], attempt: Attempt
+    session: Session,
+    plan_id: str,
+    gen: int,
+    sent: str,
+    todo: list[PlanAccumulator],
+    attempt: Attempt,
 ) -> PushReport:
-    """Record the attempt: what is left, the dead letters, and when to try again."""
-    row = session.get(PlanPush, plan_id)
-    assert row is not None
+    """Record the attempt: what is left, the dead letters, and when to try again; nothing if
+    the claim was lost, and only when the next send may go if the definitions were replaced
+    meanwhile (what this send got through is no longer what was asked)."""
     now = clock(session)
+    p = T_PLAN.c
+    if attempt.may_still_land:
+        later = now + timedelta(seconds=get_settings().settle_grace)
+        held_back = or_(p.in_flight_until.is_(None), p.in_flight_until < later)
+        session.execute(_fence(plan_id, gen).where(held_back).values(in_flight_until=later))
+    query = select(PlanPush).where(p.plan_id == plan_id, p.claim_gen == gen)
+    row = session.execute(query).scalar_one_or_none()
+    if row is None:
+        log.warning("plans.claim_lost", plan=plan_id)
+        return PushReport(rows=[(plan_id, str(len(todo)), "claim lost: another send took it")])
+    if row.content_hash != sent:
+        row.next_attempt_at = row.in_flight_until if attempt.may_still_land else None
+        session.add(row)
+        log.info("plans.superseded", plan=plan_id)
+        return PushReport(pending=1, rows=[(plan_id, str(len(todo)), SUPERSEDED)])
     for record, reason in attempt.refused:
         _dead_letter(session, record, reason, attempt.activity_id, now, "refused")
     done = attempt.accepted | {r.accum_Name for r, _ in attempt.refused}
@@ -257,6 +328,9 @@ def _settle(
         )
     session.add(row)
     return report
+
+
+SUPERSEDED = "superseded: newer definitions were pushed meanwhile; they are sent next"
 
 
 def _give_up(

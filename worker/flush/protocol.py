@@ -619,6 +619,8 @@ class Flush:
                 self._dead_letter(session, now, p)
         for rows in shapes.values():
             update_rows(session, T_ACCUM, rows, match=["id"])
+        if confirmed:
+            bump_pushed_seq(session, [c["id"] for c in confirmed])
         clean = {"dirty_since": None}
         update_rows(session, T_ACCUM, confirmed, match=["id", "change_seq"], constant=clean)
 
@@ -626,9 +628,8 @@ class Flush:
         """The accumulator columns one decision sets."""
         row: dict[str, Any] = {}
         if p.confirmed is not None:
-            ours, seq = p.confirmed
+            ours, _ = p.confirmed
             row.update({pc: ours[c] for c, pc in zip(COLUMNS, PUSHED, strict=True)})
-            row["pushed_seq"] = seq
         if p.act is Act.SEND:
             intent = p.sent()
             row |= {
@@ -767,6 +768,13 @@ _NO_INTENT: dict[str, Any] = {
     "intent_before": None,
     "intent_at": None,
 }
+
+
+def bump_pushed_seq(session: Session, ids: list[int]) -> None:
+    """Our confirmed share of these keys changed: ``pushed_seq`` moves on, so a reconcile that
+    read the old share repairs nothing (every writer of ``pushed_*`` calls this)."""
+    a = T_ACCUM.c
+    session.execute(update(T_ACCUM).where(a.id.in_(ids)).values(pushed_seq=a.pushed_seq + 1))
 
 
 def flush_pair(pair_id: int, vba: VbaClient | None = None) -> Report:

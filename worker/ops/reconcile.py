@@ -6,9 +6,12 @@ outage loses nothing: the same command resumes after the last pair it finished. 
 the fleet's shared rate budget (every call takes a token of the shared bucket, like a flush) and
 within its own share of it (``rate``), so flushes go on beside it.
 
-``repair`` never writes to VBA: it sets a drifted key's confirmed share to what VBA's row shows
-(:func:`models.reconcile.repaired_pushed`) and marks it dirty, and the next flush rewrites it
-under the normal protocol. A key whose flush moved on while it was read is left for the next run.
+``repair`` never writes to VBA: it sets a drifted key's confirmed share, field by field, to what
+VBA's row shows (:func:`models.reconcile.repaired_pushed`) and marks it dirty, and the next flush
+rewrites it under the normal protocol. It never guesses: a row found absent is read again first
+(one read of absence proves nothing), and a field the evidence can't settle (VBA shows less than
+our share, but not nothing) holds the key with a below-share dead letter, as the flush would, for
+a person to resolve. A key whose flush moved on while it was read is left for the next run.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from models.buckets import COLUMNS
 from models.events import canon
 from models.ledger import totals
 from models.reconcile import DRIFT, REPAIRABLE, Finding, Ownership, Verdict, judge, repaired_pushed
-from models.sync import cents_of_vba
+from models.sync import LetterKind, below_share_letter, cents_of_vba
 from models.tables import PUSHED, ReconcileFinding, ReconcileRun
 from worker.db import as_utc, session_scope, utcnow
-from worker.flush.protocol import Unattributable, read_remote
+from worker.flush.protocol import Unattributable, bump_pushed_seq, read_remote
+from worker.ingest.dead_letters import dead_letter
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_CLAIM, T_PAIR, claim_state
 from worker.logs import Log
 from worker.vba import VbaClient
@@ -45,6 +49,8 @@ SLICE = 1800  # seconds a scheduled reconcile task checks before it queues the n
 BUSY = 600.0  # seconds: an unfinished run that moved this recently is still being run
 Key = tuple[str, ...]
 Cents = dict[str, int]
+Remote = dict[Key, Cents | str]
+"""VBA's rows of a pair by canonical key: cents, or why the row can't be used."""
 
 
 class ScopeError(ValueError):
@@ -201,6 +207,9 @@ class Reconcile:
                 subscriber, group, states = keys[pair_id]
                 remote = self._read(subscriber, group, [state.key for state in states])
                 verdicts = [(s, self._judge(s, remote, ledgers)) for s in states]
+                if self.repair and any(v.finding is Finding.MISSING for _, v in verdicts):
+                    again = self._read(subscriber, group, [state.key for state in states])
+                    remote = _absent_twice(remote, again)
                 with session_scope() as session:
                     record(session, run_id, pair_id, verdicts, remote, self)
                 self.on_pair()
@@ -210,16 +219,14 @@ class Reconcile:
         log.info("reconcile.finished", run=run_id, pairs=len(pair_ids))
         return True
 
-    def _read(
-        self, subscriber: str, group: str, keys: list[Key]
-    ) -> dict[Key, dict[str, int] | str]:
+    def _read(self, subscriber: str, group: str, keys: list[Key]) -> Remote:
         """VBA's rows of the pair by canonical key: cents, or why a row can't be read (every
         key's, when a listed row's own key can't be read: it could be any of them)."""
         try:
             remote = read_remote(self.vba, subscriber, group, before_page=self.bucket.acquire)
         except Unattributable as exc:
             return dict.fromkeys(keys, str(exc))
-        out: dict[Key, Cents | str] = {}
+        out: Remote = {}
         for key, row in remote.rows.items():
             fields = row.sub_cent()
             out[key] = f"more than 2 decimals in {', '.join(fields)}" if fields else (
@@ -227,15 +234,22 @@ class Reconcile:
             )  # fmt: skip
         return out | remote.unreadable
 
-    def _judge(
-        self, s: KeyState, remote: dict[Key, dict[str, int] | str], ledgers: dict[Key, Any]
-    ) -> Verdict:
+    def _judge(self, s: KeyState, remote: Remote, ledgers: dict[Key, Any]) -> Verdict:
         row = remote.get(s.key)
         if isinstance(row, str):
             return Verdict(Finding.UNREADABLE)
         ledger = ledgers.get(s.key) or dict.fromkeys(COLUMNS, 0)
         return judge(self.ownership, s.ours, s.pushed, row, ledger,
                      in_flight=s.in_flight, held=s.held)  # fmt: skip
+
+
+ABSENT_ONCE = "absent on one read, present on the next: not repaired on one read of absence"
+
+
+def _absent_twice(first: Remote, again: Remote) -> Remote:
+    """The pair's rows as a repair may use them: a key absent from the first read but found by
+    the second is marked as such (a string: not repaired), so only an absence read twice is."""
+    return first | {k: ABSENT_ONCE for k in again if k not in first}
 
 
 Keys = dict[int, tuple[str, str, list[KeyState]]]
@@ -279,7 +293,7 @@ def record(
     run_id: int,
     pair_id: int,
     verdicts: list[tuple[KeyState, Verdict]],
-    remote: dict[Key, dict[str, int] | str],
+    remote: Remote,
     run: Reconcile,
 ) -> None:
     """The pair's findings, repairs and the run's cursor, in one transaction."""
@@ -304,16 +318,42 @@ def record(
 
 
 def repair(session: Session, state: KeyState, remote: Any, ownership: Ownership) -> bool:
-    """Set the key's confirmed share to what VBA shows and mark it dirty, unless a flush moved
-    it on since it was read (then the next run sees it anew). True when repaired."""
+    """Set the key's confirmed share to what VBA shows, field by field, and mark it dirty,
+    unless a flush moved it on since it was read (then the next run sees it anew), VBA's row
+    could not be used (``remote`` a string: unreadable, or absent on one read only), or a field
+    can't be settled from the row (then the key is held for a person). True when repaired."""
+    if isinstance(remote, str):
+        return False
     a = T_ACCUM.c
-    pushed = repaired_pushed(ownership, state.pushed, remote if isinstance(remote, dict) else None)
-    values: dict[str, Any] = {p: pushed[c] for c, p in zip(COLUMNS, PUSHED, strict=True)}
-    values |= {"dirty_since": utcnow(), "attempts": 0, "next_attempt_at": None}
+    fix = repaired_pushed(ownership, state.pushed, remote)
     still = (a.id == state.accumulator_id, a.pushed_seq == state.pushed_seq)
-    query = update(T_ACCUM).where(*still, a.intent_target.is_(None), a.held.is_(False))
-    done = cast(CursorResult[Any], session.execute(query.values(values)))
+    unmoved = update(T_ACCUM).where(*still, a.intent_target.is_(None), a.held.is_(False))
+    if fix.undecided:
+        _hold_below_share(session, unmoved, state, remote, fix.undecided)
+        return False
+    values: dict[str, Any] = {p: fix.pushed[c] for c, p in zip(COLUMNS, PUSHED, strict=True)}
+    values |= {"dirty_since": utcnow(), "attempts": 0, "next_attempt_at": None}
+    done = cast(CursorResult[Any], session.execute(unmoved.values(values)))
+    if done.rowcount == 1:
+        bump_pushed_seq(session, [state.accumulator_id])
     return done.rowcount == 1
+
+
+def _hold_below_share(
+    session: Session, unmoved: Any, state: KeyState, remote: Cents, fields: tuple[str, ...]
+) -> None:
+    """Hold a key the repair can't settle, with the flush's below-share letter: the operator
+    says, field by field, which share survived (``dead-letters resolve``)."""
+    done = cast(CursorResult[Any], session.execute(unmoved.values(held=True)))
+    if done.rowcount != 1:
+        return
+    why, detail = below_share_letter(remote, state.pushed, state.ours, list(fields))
+    payload = {"accumulator_id": state.accumulator_id, "key": list(state.key)}
+    payload |= {"kind": str(LetterKind.BELOW_SHARE), **detail}
+    kind = str(LetterKind.BELOW_SHARE)
+    aid = state.accumulator_id
+    dead_letter(session, "flush", payload, why, utcnow(), accumulator_id=aid, kind=kind)
+    log.warning("reconcile.held", accumulator=state.accumulator_id, kind=kind)
 
 
 def summary(run_id: int, scope: Scope, resumed: bool) -> Summary:

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
-from models.buckets import COLUMNS
+from models.buckets import COLUMN_TO_VBA, COLUMNS
 from models.sync import HOLDS, LetterKind
 from models.tables import PUSHED, Accumulator, DeadLetter
 from worker.db import utcnow
 from worker.flush.plans import requeue
+from worker.flush.protocol import bump_pushed_seq
 
 T_ACCUM = Accumulator.__table__  # type: ignore[attr-defined]
 NO_INTENT = dict.fromkeys(("intent_target", "intent_ours", "intent_seq", "intent_before"))
@@ -100,8 +102,9 @@ class NotResolvable(ValueError):
 
 
 def resolve(session: Session, letter_id: int, landed: bool) -> str:
-    """Settle a held key as an operator found VBA: our write ``landed`` or not. Returns what
-    was done. The next flush then sends whatever is still ours to send."""
+    """Settle a held key as an operator found VBA: our write ``landed`` or not (for a row
+    below our share: what VBA shows in the fields named is what is left of ours, or not ours at
+    all). Returns what was done. The next flush then sends whatever is still ours to send."""
     letter = session.get(DeadLetter, letter_id)
     if letter is None or letter.source != "flush" or letter.kind not in HOLDS:
         raise NotResolvable(f"letter {letter_id} is not a hold (see `dead-letters list`)")
@@ -112,7 +115,8 @@ def resolve(session: Session, letter_id: int, landed: bool) -> str:
     row = session.execute(select(T_ACCUM).where(a.id == letter.accumulator_id)).mappings().one()
     values = _settled(letter, row, landed)
     session.execute(update(T_ACCUM).where(a.id == row["id"], a.held.is_(True)).values(values))
-    if landed:  # clean, unless the ledger changed the key since the write
+    bump_pushed_seq(session, [row["id"]])
+    if landed and letter.kind == LetterKind.AMBIGUOUS:  # clean, unless the ledger moved since
         same = update(T_ACCUM).where(a.id == row["id"], a.change_seq == row["intent_seq"])
         session.execute(same.values(dirty_since=None))
     letter.replayed_at, letter.resolution = utcnow(), "landed" if landed else "not_landed"
@@ -124,19 +128,32 @@ def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
     """The accumulator's new confirmed share and state for the operator's answer."""
     values: dict[str, Any] = dict(RELEASED) | NO_INTENT
     if letter.kind == LetterKind.BELOW_SHARE:
-        if landed:
-            raise NotResolvable(
-                f"letter {letter.id}: VBA's row is below our confirmed share, so it cannot "
-                "hold it; --not-landed sends our whole share again"
-            )
-        return values | dict.fromkeys(PUSHED, 0)
+        return values | _below_share_settled(letter, landed)
     if row["intent_ours"] is None:
         raise NotResolvable(f"letter {letter.id}: the accumulator has no write to settle")
     if landed:
         ours = json.loads(row["intent_ours"])
         values |= {p: ours[c] for c, p in zip(COLUMNS, PUSHED, strict=True)}
-        values["pushed_seq"] = row["intent_seq"]
     return values
+
+
+def _below_share_settled(letter: DeadLetter, landed: bool) -> dict[str, int]:
+    """Only the fields the hold names change, each to the share the operator's answer gives
+    it: nothing of ours (not landed: VBA's value is its own), or VBA's value as it was when
+    the hold was made (landed: what is left there is ours). The other fields keep theirs."""
+    detail = _payload(letter.payload)
+    column_of = {vba: c for c, vba in COLUMN_TO_VBA.items()}
+    fields = {f: v for f, v in detail.items() if f in column_of and isinstance(v, dict)}
+    if not fields:
+        raise NotResolvable(f"letter {letter.id}: it names no field below our share")
+    return {
+        f"pushed_{column_of[f]}": cents(v["vba_now"]) if landed else 0 for f, v in fields.items()
+    }
+
+
+def cents(money: str) -> int:
+    """A dead letter's 2-decimal amount as cents."""
+    return int(Decimal(money).scaleb(2))
 
 
 def _payload(text: str) -> Any:
