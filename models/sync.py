@@ -338,7 +338,7 @@ def negative_row(base: Plan, remote: Mapping[str, int], negative: list[str]) -> 
     why = (
         f"VBA's row holds a negative amount in {names}; accumsync never writes a negative amount "
         "and a write carries all 30 fields, so it cannot write this row. Correct the field in "
-        "VBA, then `accumsync dead-letters replay ID` (the key is read again and sent)"
+        "VBA, then `accumsync dead-letters replay --id ID` (the key is read again and sent)"
     )
     return replace(base, act=Act.REFUSE, kind=LetterKind.NEGATIVE, reason=why, detail=detail)
 

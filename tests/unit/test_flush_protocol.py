@@ -2,15 +2,18 @@
 simulated VBA behind httpx's MockTransport, under any interleaving hypothesis finds.
 
 Two flushes of one pair are driven step by step (lease, read, send, settle), and between any two
-steps: claims are ingested, VBA writes amounts of its own or resets a row, the next PUT lands
-with its answer lost (or not at all), an item is answered 500 after (or without) being written,
-leases lapse, a flush dies after its PUT, an operator resolves a hold from the truth. At the
-end, every lease lapsed and VBA healthy, the flushes drain, and:
+steps: claims are ingested, VBA writes amounts of its own, resets a row or one field of it, the
+next PUT lands with its answer lost (or not at all), a gateway answers it 502 or 504 at once
+while VBA writes it later (or never), VBA's own 502 follows a write, an item is answered 500
+after (or without) being written, a list is answered 404 by a gateway, leases lapse, the settle
+grace passes (a late write not landed by then never lands), a flush dies after its PUT, an
+operator resolves a hold from the truth. Throughout and at the end:
 
-- every key not held: VBA's row == VBA's own share + our ledger total, to the cent;
-- every held key: an open dead letter of kind ambiguous (one of its two candidate readings is
-  the truth) or below_share (VBA's row really is below our confirmed share);
-- no amount VBA ever held was negative.
+- every held key is an open dead letter carrying both candidate readings of each field in
+  question (ambiguous, or below our share); the operator picks the true one;
+- no amount VBA ever held was negative;
+- at the end, every lease lapsed, every grace passed, VBA healthy and the holds resolved, the
+  flushes drain, and every key's VBA row == VBA's own share + our ledger total, to the cent.
 
 VBA's own writes never land between a flush's read and its PUT: there the protocol can only
 keep the window small (README), and a write there is overwritten by design.
@@ -22,6 +25,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,7 @@ from models.buckets import COLUMN_TO_VBA
 from models.sync import HOLDS, ZERO, Cents
 from models.tables import DeadLetter
 from models.vba import dumps, loads
-from tests.unit.vba_fake import unit_settings, vba_json
+from tests.unit.vba_fake import problem, unit_settings, vba_json
 from worker import db
 from worker.flush.protocol import Flush
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
@@ -56,7 +60,8 @@ from worker.vba import VbaClient
 PAIR = ("S1", "G1")
 BENEFITS = ("DED", "OOP")
 KEYS = [(*PAIR, "2026", "MED", b) for b in BENEFITS]
-OURS = ("deductible_total", "deductible_in")  # our claims: in-network deductible
+OURS = ("deductible_total", "deductible_in", "coinsurance_total", "coinsurance_in")
+OUR_FIELDS = {"deductible": OURS[:2], "coinsurance": OURS[2:]}  # our claims' two trios
 OWN = ("copay_total", "copay_in")  # VBA's own claims: in-network copay (never a coincidence)
 TABLES = (
     "received_event",
@@ -75,8 +80,15 @@ class SimulatedVba:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, ...], Cents] = {}
         self.next_put = "ok"
+        self.next_list = "ok"
         self.applied: dict[tuple[str, ...], Cents] = {}  # the last target of ours written
+        self.late: list[tuple[tuple[str, ...], Cents]] = []  # writes VBA is still working on
         self.negative = False
+
+    def write(self, key: tuple[str, ...], cents: Cents) -> None:
+        self.negative |= min(cents.values()) < 0
+        self.rows[key] = cents
+        self.applied[key] = dict(cents)  # what we wrote, not what VBA adds later
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -88,6 +100,11 @@ class SimulatedVba:
         return self._batch(request)
 
     def _list(self, request: httpx.Request) -> httpx.Response:
+        fate, self.next_list = self.next_list, "ok"
+        if fate == "gateway_404":  # a route or a gateway: says nothing of VBA's rows
+            return httpx.Response(404, json={"message": "Not Found"})
+        if not self.rows:  # VBA's own "not found": the subscriber has no row at all
+            return problem(404, "Not Found", "Subscriber not found")
         page = int(parse_qs(request.url.query.decode()).get("page", ["1"])[0])
         rows = [self.wire(k) for k in sorted(self.rows)] if page == 1 else []
         info = {"TotalCount": len(rows), "TotalPages": 1, "CurrentPage": page, "PageSize": 100}
@@ -107,11 +124,10 @@ class SimulatedVba:
                 for f in ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")
             )
             cents = {c: int(Decimal(str(record[v])) * 100) for c, v in COLUMN_TO_VBA.items()}
-            writes = fate not in ("lost_not_landed", "item_500")
-            if writes:
-                self.negative |= min(cents.values()) < 0
-                self.rows[key] = cents
-                self.applied[key] = dict(cents)  # what we wrote, not what VBA adds later
+            if fate in ("late_502", "late_504"):
+                self.late.append((key, cents))
+            elif fate not in ("lost_not_landed", "item_500", "late_never"):
+                self.write(key, cents)
             status = 500 if fate in ("item_500", "item_500_written") else 200
             ident = [
                 {"key": f, "value": record[f]}
@@ -120,6 +136,10 @@ class SimulatedVba:
             items.append({"id": ident, "status": status, "body": "Updated"})
         if fate.startswith("lost"):
             raise httpx.ReadTimeout("the answer was lost", request=request)
+        if fate.startswith("late"):  # a gateway's answer, at once: VBA goes on (or drops it)
+            return httpx.Response(504 if fate == "late_504" else 502, json={"message": "gone"})
+        if fate == "vba_502_written":  # VBA's own handler failed after writing: it is done
+            return problem(502, "Bad Gateway", "VBA failed after saving")
         if fate == "missing_item":
             items = items[1:]
         return httpx.Response(207, content=dumps({"data": items, "debug": {"activityId": "a"}}))
@@ -152,11 +172,15 @@ class FlushMachine(RuleBasedStateMachine):
 
     # -- the world -------------------------------------------------------------------------
 
-    @rule(benefit=st.sampled_from(BENEFITS), cents=st.integers(1, 50_000))
-    def ingest_claim(self, benefit: str, cents: int) -> None:
-        """A new claim of ours adds to a key."""
+    @rule(
+        benefit=st.sampled_from(BENEFITS),
+        cents=st.integers(1, 50_000),
+        coins=st.integers(0, 9_999),
+    )
+    def ingest_claim(self, benefit: str, cents: int, coins: int = 0) -> None:
+        """A new claim of ours adds to a key (a deductible, and a coinsurance)."""
         self.claims += 1
-        self._ingest(self._event(f"c{self.claims}", 0, benefit, cents))
+        self._ingest(self._event(f"c{self.claims}", 0, benefit, cents, coins))
 
     @precondition(lambda self: self.claims > 0)
     @rule(data=st.data())
@@ -166,9 +190,10 @@ class FlushMachine(RuleBasedStateMachine):
         self._ingest(self._event(f"c{n}", 9, "DED", 0, status="reversed"))
 
     def _event(
-        self, claim: str, version: int, benefit: str, cents: int, **extra: Any
+        self, claim: str, version: int, benefit: str, cents: int, coins: int = 0, **extra: Any
     ) -> dict[str, Any]:
-        amount = str(Decimal(cents).scaleb(-2))
+        amounts = {"deductible": str(Decimal(cents).scaleb(-2))}
+        amounts["coinsurance"] = str(Decimal(coins).scaleb(-2))
         return {
             "event_id": f"{claim}-v{version}",
             "claim_id": claim,
@@ -180,7 +205,7 @@ class FlushMachine(RuleBasedStateMachine):
             "plan_type": "MED",
             "benefit_code": benefit,
             "network": "in",
-            "amounts": {"deductible": amount},
+            "amounts": amounts,
         } | extra
 
     def _ingest(self, event: dict[str, Any]) -> None:
@@ -208,13 +233,57 @@ class FlushMachine(RuleBasedStateMachine):
             self.own[key] = 0
             self.vba.applied.pop(key, None)
 
+    @precondition(_no_window_open)
+    @rule(key=st.sampled_from(KEYS), fields=st.sampled_from(sorted(OUR_FIELDS)))
+    def vba_resets_a_field(self, key: tuple[str, ...], fields: str) -> None:
+        """A hand edit in VBA sets one trio of the row to zero (ours was there): one field of
+        the row is below our share, the other 29 are as they were."""
+        if key in self.vba.rows:
+            for c in OUR_FIELDS[fields]:
+                self.vba.rows[key][c] = 0
+            self.vba.applied.pop(key, None)
+
     @rule(
         fate=st.sampled_from(
-            ["lost_landed", "lost_not_landed", "item_500", "item_500_written", "missing_item"]
+            [
+                "lost_landed",
+                "lost_not_landed",
+                "item_500",
+                "item_500_written",
+                "missing_item",
+                "late_502",
+                "late_504",
+                "late_never",
+                "vba_502_written",
+            ]
         )
     )
     def next_put_fails(self, fate: str) -> None:
         self.vba.next_put = fate
+
+    @rule()
+    def next_list_is_a_gateway_404(self) -> None:
+        self.vba.next_list = "gateway_404"
+
+    @precondition(lambda self: bool(self.vba.late))
+    @rule()
+    def a_late_write_lands(self) -> None:
+        """VBA finishes a call a gateway gave up on: its write lands now, inside the grace."""
+        key, cents = self.vba.late.pop(0)
+        self.vba.write(key, cents)
+
+    @rule()
+    def the_grace_passes(self) -> None:
+        """Past the settle grace: a late write that has not landed never will, and every write
+        of unknown outcome may be settled."""
+        self._grace_passes()
+
+    def _grace_passes(self) -> None:
+        self.vba.late.clear()
+        with db.engine().begin() as conn:
+            a = T_ACCUM.c
+            long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+            conn.execute(update(T_ACCUM).where(a.intent_at.is_not(None)).values(intent_at=long_ago))
 
     @rule()
     def leases_lapse(self) -> None:
@@ -267,7 +336,8 @@ class FlushMachine(RuleBasedStateMachine):
             return list(conn.execute(query).scalars())
 
     def _resolve(self, letter_id: int) -> None:
-        """Resolve as the truth says: landed when VBA holds the write the intent recorded."""
+        """Resolve as the truth says: an ambiguous write landed when VBA holds what the intent
+        recorded; a row below our share holds none of ours in the fields named."""
         with db.session_scope() as s:
             letter = s.get(DeadLetter, letter_id)
             assert letter is not None
@@ -291,16 +361,32 @@ class FlushMachine(RuleBasedStateMachine):
     def never_negative(self) -> None:
         assert not self.vba.negative, "a negative amount reached VBA"
 
+    @invariant()
+    def holds_carry_both_candidates(self) -> None:
+        """Each hold names the fields in question, each with what either answer means."""
+        d = DeadLetter.__table__.c  # type: ignore[attr-defined]
+        open_holds = d.kind.in_(sorted(HOLDS)), d.replayed_at.is_(None)
+        with db.engine().connect() as conn:
+            payloads = conn.execute(select(d.kind, d.payload).where(*open_holds)).all()
+        for kind, payload in payloads:
+            body = json.loads(payload)
+            named = body["candidates"] if kind == "ambiguous" else body
+            fields = {f: v for f, v in named.items() if isinstance(v, dict)}
+            assert fields, body
+            for field in fields.values():
+                assert {"if_landed", "if_not_landed"} <= set(field), body
+
     def teardown(self) -> None:
         """Every flush gone, leases and backoffs lapsed, VBA healthy, one more claim on every
         key (so a flush reads each row again); the flushes drain while an operator resolves
         each hold from the truth. Then VBA holds its own share plus ours on every key."""
-        self.vba.next_put = "ok"
+        self.vba.next_put = self.vba.next_list = "ok"
         self.holders = {"A": None, "B": None}
         for benefit in BENEFITS:
             self.ingest_claim(benefit, 1)
         for _ in range(8):
             self._time_passes()
+            self._grace_passes()
             for hold in self._holds():
                 self._resolve(hold)
             Flush(self._pair_id(), self.vba_client, self.settings, random.Random(0)).run()
@@ -323,8 +409,9 @@ def sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     db.upgrade(url)
     monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", url)
     monkeypatch.setenv("ACCUMSYNC_HOME", str(tmp_path))
-    monkeypatch.setenv("ACCUMSYNC_SETTLE_GRACE", "0.001")  # no request is ever in flight here
-    monkeypatch.setenv("ACCUMSYNC_VBA_TIMEOUT", "0.00025")
+    # The machine decides when the grace has passed (the_grace_passes): never on its own.
+    monkeypatch.setenv("ACCUMSYNC_SETTLE_GRACE", "3600")
+    monkeypatch.setenv("ACCUMSYNC_VBA_TIMEOUT", "1")
     monkeypatch.setenv("ACCUMSYNC_MAX_ATTEMPTS", "1000")
     monkeypatch.setenv("ACCUMSYNC_OWNERSHIP", "shared")
     get_settings.cache_clear()

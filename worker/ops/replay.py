@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlmodel import Session, col
 
 from models.buckets import COLUMN_TO_VBA, COLUMNS
@@ -127,8 +127,9 @@ def resolve(session: Session, letter_id: int, landed: bool) -> str:
 def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
     """The accumulator's new confirmed share and state for the operator's answer."""
     values: dict[str, Any] = dict(RELEASED) | NO_INTENT
-    if letter.kind == LetterKind.BELOW_SHARE:
-        return values | _below_share_settled(letter, landed)
+    if letter.kind == LetterKind.BELOW_SHARE:  # the key is sent again (a repair held it clean)
+        dirty = func.coalesce(T_ACCUM.c.dirty_since, utcnow())
+        return values | _below_share_settled(letter, landed) | {"dirty_since": dirty}
     if row["intent_ours"] is None:
         raise NotResolvable(f"letter {letter.id}: the accumulator has no write to settle")
     if landed:

@@ -72,6 +72,11 @@ def problem(
     return envelope(None, status=status, error=error, headers=headers)
 
 
+def gateway(status: int) -> Response:
+    """A gateway's own answer in front of VBA (502, 504): its words, no VBA envelope."""
+    return JSONResponse({"message": GATEWAY[status]}, status_code=status)
+
+
 class Reset(Response):
     """Half of ``answer`` under its full Content-Length, then the connection closes.
 
@@ -286,7 +291,7 @@ class Sandbox:
             await asyncio.sleep(f.latency)
         if self.chance(f.timeout_rate):
             await asyncio.sleep(f.timeout_seconds)
-            return problem(504, "Gateway Timeout", "The sandbox hung on purpose")
+            return gateway(504)  # the gateway gave up on VBA, which may go on
         if self.chance(f.rate_429):
             return JSONResponse({"message": "Too Many Requests"}, 429, headers=self.retry_after())
         for status, share in ((500, f.error_500), (502, f.error_502), (503, f.error_503)):
@@ -328,8 +333,7 @@ class Sandbox:
             self.landing.add(task)
             task.add_done_callback(self.landing.discard)
         how = self.faults.late_status
-        status = self.rng.choice((502, 504)) if how == "either" else int(how)
-        return JSONResponse({"message": GATEWAY[status]}, status_code=status)
+        return gateway(self.rng.choice((502, 504)) if how == "either" else int(how))
 
     async def _land(self, request: Request, handler: Handler, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -354,9 +358,7 @@ class Sandbox:
             return Reset(answer)
         if how == "hang":
             await asyncio.sleep(hang)
-        return problem(
-            504, "Gateway Timeout", "The answer was lost after the write (sandbox fault)"
-        )
+        return gateway(504)
 
     def counts(self) -> dict[str, Any]:
         """Requests per route and status, and per status overall (0: connection reset)."""
