@@ -222,3 +222,76 @@ def test_retry_after_is_a_capped_floor(retry_after: float, seed: int) -> None:
     """A server's Retry-After is honoured (never sooner), but never beyond the cap."""
     delay = backoff(1, 0.5, 900, random.Random(seed), retry_after)
     assert min(retry_after, 900) <= delay <= 900
+
+
+KEY = ("S", "G", "2026", "MED", "DED")
+
+
+def ded(value: int) -> Cents:
+    """An in-network deductible: its total and in-network columns."""
+    return ZERO | {"deductible_total": value, "deductible_in": value}
+
+
+def copay(value: int) -> Cents:
+    return ZERO | {"copay_total": value, "copay_in": value}
+
+
+def test_exclusive_waits_while_an_unknown_write_may_land_then_resends_whatever_it_did() -> None:
+    """Exclusive ownership reads nothing, so an unknown outcome can't be settled: while its
+    request may still land, nothing is sent for the key (a newer total sent now could land
+    under it); once it can't, our total is sent again even if the ledger came back to the
+    confirmed share, since VBA may hold the unknown write."""
+    sent = Intent(ded(10_000), ded(10_000), 3, None)
+    fresh = Item(1, KEY, 4, ded(13_000), ZERO, sent, intent_fresh=True)
+    assert plan(fresh, None, "exclusive").act is Act.WAIT
+    stale = Item(1, KEY, 5, ZERO, ZERO, sent)  # our claims reversed: ours == pushed == 0
+    decided = plan(stale, None, "exclusive")
+    assert (decided.act, decided.target) == (Act.SEND, ZERO)
+
+
+def test_an_unknown_outcome_waits_in_either_ownership_until_it_cannot_land() -> None:
+    """A lost answer (the request may still land) keeps the intent and waits, exclusive as
+    shared; a call VBA answered (an item 500) is over: shared settles it by the row read at
+    once, exclusive keeps the intent as done (settled by the next send, at once)."""
+    item = Item(1, KEY, 1, ded(10_000), ZERO)
+    sending = plan(item, ZERO, "shared")
+    for mode in ("shared", "exclusive"):
+        waited = after_send(sending, Fate.UNKNOWN, None, ownership=mode, max_attempts=5)  # type: ignore[arg-type]
+        assert (waited.act, waited.keep_intent, waited.intent_done) == (Act.WAIT, True, False)
+    over = after_send(
+        sending, Fate.UNKNOWN, None, ownership="exclusive", max_attempts=5, finished=True
+    )
+    assert (over.act, over.keep_intent, over.intent_done) == (Act.RETRY, True, True)
+    landed = after_send(
+        sending, Fate.UNKNOWN, ded(10_000), ownership="shared", max_attempts=5, finished=True
+    )
+    assert landed.confirmed == (item.ours, item.seq)
+
+
+def test_a_negative_amount_of_vbas_own_is_refused_with_the_way_out() -> None:
+    """VBA's row holds -5.00 copay of its own: we never write a negative and a write carries
+    all 30 fields, so the key is refused, saying to correct the field in VBA and replay
+    (before, it was held as "below our share" for ever, and resolve changed nothing)."""
+    item = Item(1, KEY, 2, ded(10_000), ZERO)
+    decided = plan(item, copay(-500), "shared")
+    assert (decided.act, decided.kind) == (Act.REFUSE, LetterKind.NEGATIVE)
+    assert "copay_Amt" in decided.reason and "replay --id" in decided.reason
+    assert decided.detail == {
+        "copay_Amt": {"vba_now": "-5.00"},
+        "copay_Amt_Net": {"vba_now": "-5.00"},
+    }
+
+
+def test_a_below_share_hold_names_only_the_fields_below_with_both_answers() -> None:
+    """One field lowered: the letter names it alone, with what each answer sends."""
+    pushed = plus(ded(10_000), copay(3_000))
+    item = Item(1, KEY, 2, plus(ded(10_500), copay(3_000)), pushed)
+    decided = plan(item, plus(ded(2_000), copay(3_000)), "shared")
+    assert (decided.act, decided.kind) == (Act.HOLD, LetterKind.BELOW_SHARE)
+    both = {
+        "vba_now": "20.00",
+        "our_confirmed_share": "100.00",
+        "if_not_landed": {"vba_own": "20.00", "we_send": "125.00"},
+        "if_landed": {"vba_own": "0.00", "we_send": "105.00"},
+    }
+    assert decided.detail == {"deductible_Used": both, "ded_PPO_Used": both}

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from models.vba import loads
-from tests.unit.vba_fake import FakeVba, record, vba_json
+from tests.unit.vba_fake import FakeVba, problem, record, vba_json
+from worker.vba import VbaRejected
 from worker.vba.ratelimit import LocalBucket
 
 
@@ -224,3 +225,32 @@ def test_no_negative_amount_leaves() -> None:
     with fake.client() as client, pytest.raises(ValueError, match="negative"):
         client.upsert_accumulators("123456789", "GRP1", [record("DED", copay_Amt=Decimal("-1.00"))])
     assert fake.calls == []
+
+
+def test_207_ids_naming_only_the_rows_own_fields_match_by_the_path() -> None:
+    """An item's id may name only plan_Year, plan_Type and benefit_Code (subscriber and group
+    are in the path): it is matched with the path's, not taken as a missing item (whose
+    outcome would be unknown, and re-read or resent for nothing)."""
+    raw = item("DED", 201, "Created")
+    raw["id"] = [kv for kv in raw["id"] if kv["key"] not in ("subscriber_ID", "group_ID")]  # type: ignore[index, union-attr, operator]
+    fake = FakeVba(text_207([raw]))
+    with fake.client() as client:
+        result = client.upsert_accumulators("123456789", "GRP1", [record("DED")])
+    found = result.find((*KEY, "DED"))
+    assert found is not None and found.status == 201
+
+
+def test_only_vbas_own_404_on_a_list_means_no_rows() -> None:
+    """VBA's "not found" (its envelope) is an empty page; a 404 from a route or a gateway
+    (``{"message": ...}``, an HTML page, an empty body) is raised: it proves nothing about
+    VBA's rows, and reading it as "none" overwrote VBA's own amounts."""
+    ours = problem(404, title="Not Found", detail="Subscriber not found")
+    gateway = httpx.Response(404, json={"message": "Not Found"})
+    html = httpx.Response(404, text="<html><body>404 - File or directory not found.</body></html>")
+    fake = FakeVba(ours, gateway, html, httpx.Response(404))
+    with fake.client() as client:
+        assert client.list_accumulators("123456789", "GRP1").items == []
+        for _ in range(3):
+            with pytest.raises(VbaRejected) as caught:
+                client.list_accumulators("123456789", "GRP1")
+            assert caught.value.status == 404 and not caught.value.not_found

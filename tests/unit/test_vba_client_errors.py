@@ -51,6 +51,43 @@ def test_retryable_statuses_raise_unavailable(status: int) -> None:
     assert caught.value.activity_id == f"act-{status}"
 
 
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_gateways_5xx_may_still_land(status: int) -> None:
+    """A 5xx without VBA's envelope came from something in front of VBA (an IIS 502.3, an
+    application gateway, a load balancer's idle timeout): VBA's handler may be working on the
+    request still, so a write's outcome stays unknown until the grace has passed."""
+    fake = FakeVba(httpx.Response(status, json={"message": "Internal server error"}))
+    with pytest.raises(VbaUnavailable) as caught, fake.client() as client:
+        client.get_accumulator("1", "G", "2026", "MED", "DED")
+    assert caught.value.may_have_landed and caught.value.may_still_land
+    assert "gateway" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "landed", "still"),
+    [(500, True, False), (502, True, False), (504, True, False), (503, False, False)],
+)
+def test_vbas_own_5xx_says_the_request_is_over(status: int, landed: bool, still: bool) -> None:
+    """A 5xx in VBA's envelope (its activity id) was written by VBA's side once it was done
+    with the request: its rows tell at once what happened. Its own 503 refused the request
+    before the handler: nothing was written."""
+    fake = FakeVba(problem(status))
+    with pytest.raises(VbaUnavailable) as caught, fake.client() as client:
+        client.get_accumulator("1", "G", "2026", "MED", "DED")
+    assert (caught.value.may_have_landed, caught.value.may_still_land) == (landed, still)
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_refusals_before_processing_never_landed(status: int) -> None:
+    """A 408 (the request never arrived whole) or a 429 (the gateway's rate limit) proves
+    nothing was written, whoever answered."""
+    for answer in (problem(status), httpx.Response(status, json={"message": "Too Many"})):
+        fake = FakeVba(answer)
+        with pytest.raises(VbaUnavailable) as caught, fake.client() as client:
+            client.get_accumulator("1", "G", "2026", "MED", "DED")
+        assert not caught.value.may_have_landed and not caught.value.may_still_land
+
+
 @pytest.mark.parametrize("status", [400, 404, 409, 422])
 def test_other_statuses_raise_rejected(status: int) -> None:
     """Other non-2xx raise VbaRejected with VBA's title, detail and activityId."""
