@@ -11,6 +11,7 @@ field of a row, a row VBA makes unreadable.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -19,9 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
+from celery import Celery
+from sqlalchemy import text
 
 from tests.integration.test_flush_races import KEY, SUB, claim, letters, our_writes
 from tests.stack import Stack
+from worker.db import make_engine
 from worker.demo.procs import wait_for
 from worker.demo.sandboxes import SandboxHandle
 
@@ -71,47 +75,78 @@ def test_a_gateway_502_whose_write_lands_later_is_counted_once(
 def test_exclusive_waits_the_grace_before_sending_over_a_write_that_may_land(
     flush_stack: Callable[..., Stack], sandboxes: Callable[..., SandboxHandle]
 ) -> None:
-    """Exclusive ownership: our 100 is answered 504 at once and lands 8 s later; meanwhile a
-    claim of 30 arrives. The new total 130 goes only once the old request can no longer land
-    (a 15 s grace), so it lands last: VBA 130. (Before, 130 was sent at once and the old 100
-    landed over it: VBA 100, the key clean, 30.00 lost.)"""
+    """Exclusive ownership: our 100 is answered 504 at once and lands 12 s later; meanwhile a
+    claim of 30 arrives (beat flushes every second). The new total 130 goes only once the old
+    request can no longer land (a 15 s grace), so it lands last: VBA 130. (Before, 130 was
+    sent at the next tick and the old 100 landed over it: VBA 100, the key clean.)"""
     sandbox = sandboxes()
     stack = stack_on(flush_stack, sandbox, ownership="exclusive", settle_grace="15")
-    sandbox.admin.set_faults(late_answers=1, late_status="504", late_seconds=8)
+    stack.beat()
+    sandbox.admin.set_faults(late_answers=1, late_status="504", late_seconds=12)
     stack.publish([claim("c1", "100.00")])
-    stack.cli("flush")
-    assert wait_for(lambda: batch_answers(sandbox, 504) == 1, 30, 0.1)
+    assert wait_for(lambda: batch_answers(sandbox, 504) == 1, 30, 0.05)
     answered = time.monotonic()
-    stack.publish([claim("c2", "30.00")])
+    send_now(stack, [claim("c2", "30.00")])
     stack.flush_wait()
-    time.sleep(max(0.0, answered + 8.5 - time.monotonic()))  # the late write has landed by now
+    time.sleep(max(0.0, answered + 12.5 - time.monotonic()))  # the late write has landed by now
     assert field(sandbox, "deductible_Used") == Decimal("130.00")
     assert [w["after"]["deductible_Used"] for w in our_writes(sandbox)] == [100, 130]
+
+
+def send_now(stack: Stack, events: list[dict[str, Any]]) -> None:
+    """Publish straight from this process and wait until the store has the events: the CLI
+    takes seconds to start on a loaded machine, and these tests race a late write."""
+    app = Celery(broker=stack.env["ACCUMSYNC_BROKER_URL"])
+    try:
+        app.send_task("accumsync.ingest", args=[events], queue=stack.queue)
+    finally:
+        app.close()
+    engine = make_engine(stack.database_url)
+    ids = [e["event_id"] for e in events]
+    query = text("SELECT count(*) FROM received_event WHERE event_id = ANY(:ids)")
+    try:
+        with engine.connect() as conn:
+            got = lambda: conn.execute(query, {"ids": ids}).scalar() == len(ids)  # noqa: E731
+            assert wait_for(got, 30, 0.05)
+    finally:
+        engine.dispose()
+
+
+def consume(stack: Stack, worker: str, queue: str) -> None:
+    """Have a running worker consume ``queue`` too (Celery's remote control)."""
+    node = f"{worker}-{stack.queue}@{socket.gethostname()}"
+    app = Celery(broker=stack.env["ACCUMSYNC_BROKER_URL"])
+    try:
+        replies = app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+    finally:
+        app.close()
+    assert replies, f"{node} did not answer"
 
 
 def test_a_takeover_waits_for_a_dead_holders_write_even_when_the_lease_outlasts_the_grace(
     flush_stack: Callable[..., Stack], sandboxes: Callable[..., SandboxHandle]
 ) -> None:
     """Flush lease 8 s, grace 6 s (settings the validator accepts). Holder A sends our 100; a
-    gateway answers 504 at once and VBA writes it 14 s later; A dies right after its PUT. B
-    takes the lapsed lease after 8 s with a claim of 30 more to send. A's intent may still
-    land until a grace after B took over, so B waits, finds 100 landed, and sends 130 over it:
-    VBA 130. (Before, A's intent was past its grace when B came: B read the row as before,
-    sent 130, and A's 100 landed over it at 14 s: VBA 100, the key clean.)"""
+    gateway answers 504 at once and VBA writes it 13 s later; A dies right after its PUT.
+    B takes the lapsed lease after 8 s (beat ticks every second) with a claim of 30 more to
+    send. A's intent may still land until a grace after B took over, so B waits, finds 100
+    landed, and sends 130 over it: VBA 130. (Before, A's intent was past its grace when B
+    came: B read the row as before, sent 130, and A's 100 landed over it: VBA 100, the key
+    clean.)"""
     sandbox = sandboxes()
     stack = flush_stack(sandbox, ownership="shared", flush_lease="8")
-    sandbox.admin.set_faults(late_answers=1, late_status="504", late_seconds=14)
-    stack.worker("ingest", queue=stack.queue)  # ingests c2 while the pair is A's
     flushes = f"{stack.queue}.flush"
+    stack.worker("b", concurrency=2, queue=stack.queue)  # ingests; flushes only once A is gone
     a = stack.worker("a", pool="solo", queue=flushes, ACCUMSYNC_FAILPOINT="flush.after_put")
+    stack.beat()
+    sandbox.admin.set_faults(late_answers=1, late_status="504", late_seconds=13)
     stack.publish([claim("c1", "100.00")])
-    stack.cli("flush")
-    assert wait_for(lambda: not a.alive(), 60, 0.1), a.output()
+    assert wait_for(lambda: not a.alive(), 60, 0.05), a.output()
     sent = time.monotonic()
-    stack.publish([claim("c2", "30.00")])
-    stack.worker("b", queue=flushes)
+    send_now(stack, [claim("c2", "30.00")])
+    consume(stack, "b", flushes)
     stack.flush_wait(timeout=120)
-    time.sleep(max(0.0, sent + 15 - time.monotonic()))  # A's write has landed by now
+    time.sleep(max(0.0, sent + 13.5 - time.monotonic()))  # A's write has landed by now
     assert field(sandbox, "deductible_Used") == Decimal("130.00")
     assert [w["after"]["deductible_Used"] for w in our_writes(sandbox)] == [100, 130]
 
