@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from models.buckets import COLUMNS
 from models.sync import LetterKind
 from models.tables import FlushAttempt
 from tests.unit.test_flush_protocol import PAIR, SimulatedVba, sqlite_store
-from tests.unit.vba_fake import unit_settings
+from tests.unit.vba_fake import unit_settings, vba_json
 from worker import db
 from worker.flush.plans import PlanFileError, load_plans
 from worker.flush.protocol import Flush
@@ -46,38 +47,53 @@ def event(benefit: str, cents: int) -> dict[str, Any]:
     }
 
 
-class RefusesFirst(SimulatedVba):
-    """Refuses the first batch call whole (a model-binding 400): the flush splits it."""
+class SlowSplitVba(SimulatedVba):
+    """Lists in two pages, the second 30 ms slower; refuses the first batch call whole (a
+    model-binding 400), so the flush splits it; each batch call takes 20 ms."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refused = False
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "PUT" and not self.refused:
-            self.refused = True
-            errors = {"$[0].benefit_Code": ["The value is not valid."]}
-            body = {"title": "One or more validation errors occurred.", "errors": errors}
-            return httpx.Response(400, json=body | {"traceId": "00-ab-cd-00"})
+        if request.method == "GET" and "accumulators" in request.url.path:
+            return self._paged(request)
+        if request.method == "PUT":
+            time.sleep(0.02)
+            if not self.refused:
+                self.refused = True
+                errors = {"$[0].benefit_Code": ["The value is not valid."]}
+                body = {"title": "One or more validation errors occurred.", "errors": errors}
+                return httpx.Response(400, json=body | {"traceId": "00-ab-cd-00"})
         return super().__call__(request)
 
+    def _paged(self, request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params.get("page", "1"))
+        if page == 2:
+            time.sleep(0.03)
+        rows = [self.wire(k) for k in sorted(self.rows)] if page == 1 else []
+        info = {"TotalCount": len(rows), "TotalPages": 2, "CurrentPage": page, "PageSize": 100}
+        return vba_json(rows, headers={"X-Pagination": json.dumps(info)})
 
-def test_every_request_of_a_split_call_measures_its_read_to_write_window(
+
+def test_every_request_measures_its_read_to_write_window_from_the_first_page(
     sqlite_store: str,
 ) -> None:
-    """A call VBA refuses whole is split in halves: each half is its own request, with its own
-    window from the read (before, only the first request of a chunk was measured, and the
-    halves and later pages went unmeasured)."""
+    """The window a VBA write can fall into runs from the read's first page to each request:
+    a read of two pages (the second 30 ms later) counts both, and a call VBA refuses whole is
+    split in halves, each its own request with its own, later window (before, the window began
+    after the last page, and every request of a chunk got its first request's figure)."""
     with db.session_scope() as s:
         ingest(s, [event("DED", 10_000), event("OOP", 5_000)])
         pair_id = s.execute(text("SELECT id FROM pair")).scalar_one()
     settings = unit_settings(vba_rate=1e6, vba_burst=10_000, vba_breaker_threshold=100)
-    with VbaClient(settings, transport=httpx.MockTransport(RefusesFirst())) as vba:
+    with VbaClient(settings, transport=httpx.MockTransport(SlowSplitVba())) as vba:
         report = Flush(pair_id, vba, settings, random.Random(0)).run()
     assert report.calls == 2  # the two halves, each answered 207
+    query = select(FlushAttempt.read_to_put_ms).order_by(FlushAttempt.id)  # type: ignore[arg-type]
     with db.session_scope() as s:
-        windows = s.execute(select(FlushAttempt.read_to_put_ms)).scalars().all()  # type: ignore[call-overload]
-    assert len(windows) == 3 and all(w is not None and w >= 0 for w in windows), windows
+        whole, first, second = s.execute(query).scalars().all()
+    assert 30 <= whole < first < second, (whole, first, second)
 
 
 def test_a_resolve_moves_the_confirmed_share_on_so_a_stale_repair_changes_nothing(
