@@ -183,9 +183,25 @@ SCHEMA_ID: Final = "urn:accumsync:schema:claim-event:v1"
 def json_schema() -> dict[str, Any]:
     """ClaimEvent v1 as a JSON Schema (draft 2020-12), for producers that validate before they
     publish; ``schemas/claim_event.v1.json`` is this, written by ``accumsync schema``."""
-    body = ClaimEvent.model_json_schema(mode="validation")
+    body = _end_is_the_end(ClaimEvent.model_json_schema(mode="validation"))
     body["title"] = "ClaimEvent v1"
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **body}
+
+
+def _end_is_the_end(node: Any) -> Any:
+    """Each ``pattern`` ending in ``$`` also refuses a final newline: ``$`` means the end of the
+    text to ECMA-262 and to the worker's validator, but Python's ``re`` (and so the
+    ``jsonschema`` package) also lets it match before a final ``\n``, which passed ``"0\n"``
+    as a benefit code the worker refuses. A lookahead says the same to every engine."""
+    if isinstance(node, dict):
+        fixed = {k: _end_is_the_end(v) for k, v in node.items()}
+        pattern = fixed.get("pattern")
+        if isinstance(pattern, str) and pattern.endswith("$"):
+            fixed["pattern"] = pattern + r"(?!\n)"
+        return fixed
+    if isinstance(node, list):
+        return [_end_is_the_end(v) for v in node]
+    return node
 
 
 def describe(error: ValidationError) -> str:
