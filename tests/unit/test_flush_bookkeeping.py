@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from models.buckets import COLUMNS
-from models.sync import LetterKind
+from models.sync import ZERO, LetterKind
 from models.tables import FlushAttempt
 from tests.unit.test_flush_protocol import PAIR, SimulatedVba, sqlite_store
 from tests.unit.vba_fake import unit_settings, vba_json
@@ -87,7 +87,10 @@ def test_every_request_measures_its_read_to_write_window_from_the_first_page(
         ingest(s, [event("DED", 10_000), event("OOP", 5_000)])
         pair_id = s.execute(text("SELECT id FROM pair")).scalar_one()
     settings = unit_settings(vba_rate=1e6, vba_burst=10_000, vba_breaker_threshold=100)
-    with VbaClient(settings, transport=httpx.MockTransport(SlowSplitVba())) as vba:
+    vba_rows = SlowSplitVba()
+    for benefit in ("DED", "OOP"):  # VBA has the rows: the read's first page lists them
+        vba_rows.rows[(*PAIR, "2026", "MED", benefit)] = dict(ZERO)
+    with VbaClient(settings, transport=httpx.MockTransport(vba_rows)) as vba:
         report = Flush(pair_id, vba, settings, random.Random(0)).run()
     assert report.calls == 2  # the two halves, each answered 207
     query = select(FlushAttempt.read_to_put_ms).order_by(FlushAttempt.id)  # type: ignore[arg-type]
