@@ -9,16 +9,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
 import httpx
 from redis import Redis
+from redis.exceptions import LockNotOwnedError
 
 from worker.logs import Log
 from worker.settings import Settings
@@ -30,10 +30,6 @@ log = Log("vba.auth")
 #: VBA documents a 24 h token; used when the login answer has no ``expiresIn``.
 DEFAULT_LIFETIME = 24 * 3600.0
 LOCK_TTL_MS = 30_000
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +93,6 @@ class RedisTokenStore:
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self.redis, self.key, self.lock_key = redis, f"{prefix}:token", f"{prefix}:token-lock"
-        self._release = redis.register_script(_RELEASE)
 
     def load(self) -> Token | None:
         raw = self.redis.get(self.key)
@@ -109,13 +104,16 @@ class RedisTokenStore:
 
     @contextmanager
     def try_lock(self) -> Iterator[bool]:
-        owner = secrets.token_hex(8)
-        held = bool(self.redis.set(self.lock_key, owner, nx=True, px=LOCK_TTL_MS))
+        """redis-py's lock, without waiting: held by one process at a time, for at most its TTL,
+        and released only by its holder (a holder that outlived the TTL releases nothing)."""
+        lock = self.redis.lock(self.lock_key, timeout=LOCK_TTL_MS / 1000, blocking=False)
+        held = bool(lock.acquire())
         try:
             yield held
         finally:
             if held:
-                self._release(keys=[self.lock_key], args=[owner])
+                with suppress(LockNotOwnedError):
+                    lock.release()
 
 
 def store_prefix(settings: Settings) -> str:
