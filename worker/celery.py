@@ -32,6 +32,7 @@ FLUSH_TASKS = (
     "accumsync.flush_pair",
     "accumsync.push_plans",
     "accumsync.reconcile",
+    "accumsync.prune",
 )
 
 app = Celery("accumsync")

@@ -546,6 +546,22 @@ def metrics(
         httpd.server_close()
 
 
+@app.command()
+def prune(as_json: JsonFlag = False) -> None:
+    """Delete audit rows older than ACCUMSYNC_AUDIT_RETENTION_DAYS now (beat does it hourly)."""
+    from worker.ops.retention import prune as prune_audit
+    from worker.settings import get_settings
+
+    _require_store()
+    deleted = prune_audit(get_settings())
+    if as_json:
+        out.print_json(json.dumps(deleted))
+    elif not deleted:
+        out.print("retention is off (ACCUMSYNC_AUDIT_RETENTION_DAYS=0): nothing deleted")
+    else:
+        out.print(", ".join(f"{table}: {n} rows deleted" for table, n in deleted.items()))
+
+
 def _mount_sandbox() -> None:
     from worker.sandbox.cli import sandbox
 

@@ -41,6 +41,14 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"expires": interval},
         },
     }
+    if settings.audit_retention_days > 0:
+        # The audit tables lose rows older than the retention, a chunk at a time; their totals
+        # live on in the counters. Hourly keeps each run short; a late run is dropped.
+        entries["prune"] = {
+            "task": "accumsync.prune",
+            "schedule": 3600.0,
+            "options": {"expires": 3600},
+        }
     if settings.reconcile_cron:
         # Every pair against VBA at ACCUMSYNC_RECONCILE_RATE, report only (no repair); a run
         # resumes where the last one stopped, so an entry that finds one running adds nothing.

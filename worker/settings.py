@@ -131,6 +131,13 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="seconds messages may wait with no task making progress"
     )
 
+    audit_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="days the audit rows (ingest_batch, flush_attempt) are kept before beat's "
+        "hourly prune deletes them; 0 keeps them for ever (the counters keep every total)",
+    )
+
     reconcile_rate: float = Field(
         default=5.0, gt=0, description="VBA reads/s reconcile may take of the shared budget"
     )

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ import pytest
 import yaml
 from sqlmodel import Session
 
-from models.tables import BeatTick, FlushAttempt, IngestBatch
+from models.tables import BeatTick
+from worker import counters
 from worker.db import make_engine
+from worker.ingest.store import BatchResult, record_batch
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,11 +189,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     started = datetime.now(UTC) - timedelta(minutes=3)
     engine = make_engine(f"sqlite:///{home / 'accumsync.db'}")
     with Session(engine) as session:
-        session.add(IngestBatch(at=started, received=2, applied=2))
-        attempt = FlushAttempt(
-            started_at=started, items=2, http_status=207, statuses='{"200": 2}', outcome="ok"
-        )
-        session.add(attempt)
+        record_batch(session, BatchResult(received=2, applied=2), started, time.perf_counter())
+        counters.add(session, {"calls.ok.207": 1, "items.200": 2})  # as a flush's audit adds
         session.add(BeatTick(beat="host:1", first_at=started, last_at=started, ticks=1))
         session.commit()
     engine.dispose()

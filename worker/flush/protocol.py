@@ -750,6 +750,10 @@ class Flush:
             "read_to_put_ms": exchange.read_to_put_ms,
         }
         session.execute(insert(session, T_ATTEMPT).values(row))
+        http = "none" if row["http_status"] is None else str(row["http_status"])
+        counters.add(
+            session, {f"calls.{outcome}.{http}": 1} | {f"items.{s}": n for s, n in statuses.items()}
+        )
         log.info(
             "flush.sent",
             pair=self.pair_id,

@@ -37,6 +37,7 @@ from models.tables import (
     Pair,
     ReceivedEvent,
 )
+from worker import counters
 from worker.db import insert, utcnow
 from worker.ingest.bulk import rows_where_in, upsert
 from worker.ingest.dead_letters import dead_letter
@@ -357,6 +358,8 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
 
 
 def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:
+    """The batch's audit row, and its outcomes added to the counters (same transaction)."""
     row = result.summary() | {"at": now}
     row["duration_ms"] = int((time.perf_counter() - started) * 1000)
     session.execute(insert(session, T_BATCH).values(row))
+    counters.add(session, {f"events.{k}": n for k, n in result.summary().items()})

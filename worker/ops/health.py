@@ -27,11 +27,10 @@ from datetime import datetime
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlmodel import Session, col
+from sqlalchemy import select
+from sqlmodel import Session
 
 from models.sync import HOLDS
-from models.tables import FlushAttempt, IngestBatch
 from worker import counters
 from worker.db import age_seconds, as_utc, clock, session_scope, utcnow
 from worker.ops.queries import held, open_dead_letters, waiting_for_flush
@@ -98,16 +97,12 @@ def _age(since: datetime | None, now: datetime) -> float | None:
 
 def last_success(session: Session) -> datetime | None:
     """When a batch call to VBA last succeeded (a 207, whatever its items said)."""
-    query = select(func.max(FlushAttempt.started_at)).where(col(FlushAttempt.outcome).in_(SUCCESS))
-    found: datetime | None = session.execute(query).scalar_one()
-    return found
+    return counters.last(session, prefix=tuple(f"calls.{outcome}." for outcome in SUCCESS))
 
 
 def last_progress(session: Session) -> datetime | None:
     """When a task last made progress: an ingested batch or any batch call to VBA."""
-    ingested = session.execute(select(func.max(IngestBatch.at))).scalar_one()
-    called = session.execute(select(func.max(FlushAttempt.started_at))).scalar_one()
-    return max((t for t in (ingested, called) if t is not None), default=None, key=as_utc)
+    return counters.last(session, prefix=("events.received", "calls."))
 
 
 def access_check(session: Session, limits: Limits, now: datetime) -> Check:

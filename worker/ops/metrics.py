@@ -7,7 +7,6 @@ or the broker (queue length). Any number of metrics processes may run; they hold
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -16,12 +15,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from models.ledger import Kind
 from models.sync import HOLDS
-from models.tables import FlushAttempt
 from worker import counters
 from worker.db import age_seconds, session_scope, utcnow
 from worker.ops import health
@@ -31,22 +28,19 @@ from worker.settings import get_settings
 
 
 def item_statuses(session: Session) -> Counter[str]:
-    """207 item outcomes by status, summed over every batch call (grouped in SQL first)."""
-    statuses = col(FlushAttempt.statuses)
-    query = select(statuses, func.count()).group_by(statuses)
-    totals: Counter[str] = Counter()
-    for raw, n in session.execute(query):
-        for item_status, count in json.loads(raw).items():
-            totals[item_status] += int(count) * int(n)
-    return totals
+    """207 item outcomes by status, over every batch call (the counters)."""
+    return Counter(
+        {k.removeprefix("items."): n for k, n in counters.read(session, "items.").items()}
+    )
 
 
 def batch_calls(session: Session) -> dict[tuple[str, str], int]:
     """Batch calls by (outcome, HTTP status); a call that never got an answer has status ''."""
-    fa = FlushAttempt
-    outcome, http = col(fa.outcome), col(fa.http_status)
-    query = select(outcome, http, func.count()).group_by(outcome, http)
-    return {(str(o), "" if s is None else str(s)): int(n) for o, s, n in session.execute(query)}
+    calls = {}
+    for name, n in counters.read(session, "calls.").items():
+        outcome, _, http = name.removeprefix("calls.").partition(".")
+        calls[(outcome, "" if http == "none" else http)] = n
+    return calls
 
 
 def snapshot(session: Session) -> dict[str, Any]:

@@ -9,17 +9,17 @@ from sqlalchemy import func, or_, select
 from sqlmodel import Session, col
 
 from models.ledger import Kind
-from models.tables import Accumulator, DeadLetter, IngestBatch
+from models.tables import Accumulator, DeadLetter
+from worker import counters
 
 SOURCES = ("ingest", "flush", "plans", "broker")
 
 
 def outcomes(session: Session) -> dict[str, int]:
-    """Every ingest outcome's count over all batches, by :class:`models.ledger.Kind`."""
-    t = IngestBatch.__table__  # type: ignore[attr-defined]
-    sums = [func.coalesce(func.sum(t.c[kind.value]), 0) for kind in Kind]
-    row = session.execute(select(*sums)).one()
-    return {kind.value: int(n) for kind, n in zip(Kind, row, strict=True)}
+    """Every ingest outcome's count since the store began, by :class:`models.ledger.Kind` (the
+    counters: the audit rows are pruned)."""
+    counted = counters.read(session, "events.")
+    return {kind.value: counted.get(f"events.{kind.value}", 0) for kind in Kind}
 
 
 def waiting_for_flush(session: Session) -> tuple[int, datetime | None]:
