@@ -11,6 +11,7 @@
 - ``PlanPush``: the content hash of each plan's accumulator definitions as last accepted by VBA.
 - ``EventCounter``: durable counts of events of note (token refreshes, 429s) for ``metrics``.
 - ``BeatTick``: each celery beat's first and last scheduled flush, so ``health`` sees beat.
+- ``SharedState``: the rate-limit bucket and the VBA token, shared through the store without Redis.
 """
 
 from __future__ import annotations
@@ -218,6 +219,17 @@ class PlanPush(SQLModel, table=True):
         description="a send whose outcome is unknown may still land until then: other "
         "definitions of the plan are not sent before (they would land under it)",
     )
+
+
+class SharedState(SQLModel, table=True):
+    """What the fleet's processes share through the store when there is no Redis (the embedded
+    defaults): VBA's rate-limit bucket, the id token and its renewal lock, as JSON by name."""
+
+    __tablename__ = "shared_state"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(default="{}", sa_type=Text, description="JSON")
+    until: datetime | None = Field(default=None, description="a lock's end (the store's clock)")
 
 
 class EventCounter(SQLModel, table=True):

@@ -79,9 +79,9 @@ class LeaseLost(Exception):
 
 @cache
 def client() -> VbaClient:
-    """This process's VBA client (one token and one rate-limit bucket shared via Redis), its
-    events of note counted durably."""
-    return VbaClient(get_settings(), on_event=counters.bump)
+    """This process's VBA client (one token and one rate-limit bucket shared by the fleet, via
+    Redis or else the store), its events of note counted durably."""
+    return VbaClient(get_settings(), on_event=counters.bump, in_store=True)
 
 
 @dataclass

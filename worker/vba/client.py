@@ -34,12 +34,14 @@ from worker.vba.auth import (
     Authenticator,
     LocalTokenStore,
     RedisTokenStore,
+    TokenStore,
     store_prefix,
 )
 from worker.vba.breaker import PAUSE_CAP, Breaker, LocalBreaker, RedisBreaker, check
 from worker.vba.errors import VbaAuthError, VbaRejected, VbaUnavailable, classify, envelope_of
 from worker.vba.ratelimit import LocalBucket, RateLimiter, RedisBucket, client_burst
 from worker.vba.results import BatchItem, BatchResult, Page
+from worker.vba.storeshared import StoreBucket, StoreTokenStore
 
 
 def _version() -> str:
@@ -80,7 +82,11 @@ class VbaClient:
         transport: httpx.BaseTransport | None = None,
         redis: Redis | None = None,
         on_event: Callable[[str], None] = lambda _: None,
+        in_store: bool = False,
     ) -> None:
+        """``in_store``: without Redis, share the rate-limit bucket and the token with the
+        fleet's other processes through the store (the embedded defaults' ``-c N``), not
+        within this process only."""
         if not settings.vba_base_url:
             raise NotConfigured(
                 "ACCUMSYNC_VBA_BASE_URL is not set: VBA's API address (https://...)"
@@ -97,16 +103,25 @@ class VbaClient:
         )
         url = settings.effective_redis_url
         self.redis = redis if redis is not None else (shared_redis(url) if url else None)
+        self.in_store = in_store and self.redis is None
         self.limiter = self._limiter()
         self._local = threading.local()
         self.breaker = self._breaker()
-        store = RedisTokenStore(self.redis, store_prefix(settings)) if self.redis else None
         self.on_event = on_event
-        tokens = store or LocalTokenStore()
-        self.auth = Authenticator(settings, self.http, tokens, self.limiter, on_event=on_event)
+        self.auth = Authenticator(
+            settings, self.http, self._tokens(), self.limiter, on_event=on_event
+        )
+
+    def _tokens(self) -> TokenStore:
+        prefix = store_prefix(self.settings)
+        if self.redis is not None:
+            return RedisTokenStore(self.redis, prefix)
+        return StoreTokenStore(prefix) if self.in_store else LocalTokenStore()
 
     def _limiter(self) -> RateLimiter:
         s, burst = self.settings, client_burst(self.settings.vba_burst)
+        if self.in_store:
+            return StoreBucket(rate_key(s), s.vba_rate, burst)
         if self.redis is None:
             return LocalBucket(s.vba_rate, burst)
         return RedisBucket(self.redis, rate_key(s), s.vba_rate, burst)
