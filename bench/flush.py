@@ -32,8 +32,8 @@ from sqlalchemy import Engine, select, text
 from sqlmodel import Session
 
 from bench.common import CpuMeter, Report, Run, producer_app, store, wait_until
-from models.tables import FlushAttempt
 from worker.demo.sandboxes import running_sandbox
+from worker.store.tables import T_ATTEMPT
 
 RATE, BURST = 25.0, 50
 
@@ -82,7 +82,7 @@ def call_window(engine: Engine) -> tuple[float, int]:
     """(seconds from the first batch call's start to the last one's end, number of calls).
 
     Read as rows and computed here, so it is the same on Postgres and SQLite."""
-    f = FlushAttempt.__table__.c  # type: ignore[attr-defined]
+    f = T_ATTEMPT.c
     sql = select(f.started_at, f.duration_ms).where(f.pair_id.is_not(None))
     with engine.connect() as conn:
         rows = conn.execute(sql).all()
@@ -144,7 +144,7 @@ def phase(ownership: str, pairs: int, processes: int, embedded: bool = False) ->
 
 def read_to_put(engine: Engine) -> list[int]:
     """Every batch call's read-to-write window (ms), sorted."""
-    f = FlushAttempt.__table__.c  # type: ignore[attr-defined]
+    f = T_ATTEMPT.c
     sql = select(f.read_to_put_ms).where(f.read_to_put_ms.is_not(None))
     with engine.connect() as conn:
         return sorted(int(v) for v in conn.execute(sql).scalars())

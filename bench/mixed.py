@@ -35,11 +35,11 @@ from sqlalchemy import Engine, func, select
 
 from bench.common import CpuMeter, Report, Run, events_ingested, producer_app, store, wait_until
 from bench.flush import BURST, RATE, call_window, dirty, event, seed
-from models.tables import FlushAttempt, IngestBatch, Pair
 from tests.services import ensure_redis
 from tests.stack import Stack, remote_totals, same_totals
 from worker.demo.sandboxes import running_sandbox
 from worker.demo.streams import StreamSpec, expected_totals, generate
+from worker.store.tables import T_ATTEMPT, T_BATCH, T_PAIR
 
 #: Seeded subscribers start here: the stream's members are ``S0000000`` up to ``--members``.
 FIRST_SEEDED = 9_000_000
@@ -75,13 +75,13 @@ class Sampler:
 def seeded_pairs(engine: Engine) -> int:
     """The highest pair id right after seeding: every seeded pair's id is at most this."""
     with engine.connect() as conn:
-        last = conn.execute(select(func.max(Pair.__table__.c.id))).scalar()  # type: ignore[attr-defined]
+        last = conn.execute(select(func.max(T_PAIR.c.id))).scalar()
     return int(last or 0)
 
 
 def last_commit(engine: Engine) -> tuple[float, int, int]:
     """(wall-clock time of the last ingest batch the workers recorded, batches, events)."""
-    b = IngestBatch.__table__.c  # type: ignore[attr-defined]
+    b = T_BATCH.c
     with engine.connect() as conn:
         at, rows, received = conn.execute(
             select(func.max(b.at), func.count(), func.coalesce(func.sum(b.received), 0))
@@ -91,7 +91,7 @@ def last_commit(engine: Engine) -> tuple[float, int, int]:
 
 def calls_between(engine: Engine, t0: float, t1: float) -> int:
     """Batch calls that started between two wall-clock times."""
-    f = FlushAttempt.__table__.c  # type: ignore[attr-defined]
+    f = T_ATTEMPT.c
     sql = select(f.started_at).where(f.pair_id.is_not(None))
     with engine.connect() as conn:
         started = [s if s.tzinfo else s.replace(tzinfo=UTC) for (s,) in conn.execute(sql)]

@@ -22,8 +22,8 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from bench.common import Report, Run, store
-from worker import counters
 from worker.ops.metrics import snapshot
+from worker.store import counters
 
 OLD_SCRAPE = [
     "SELECT COALESCE(SUM(received),0), COALESCE(SUM(applied),0), COALESCE(SUM(duplicate),0),"

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import select
 
 from models.buckets import BUCKETS, VBA_FIELDS
-from models.tables import Accumulator
 from worker.db import make_engine
 from worker.demo.procs import Child, beat_argv, wait_for, worker_argv
 from worker.demo.streams import Key
+from worker.store.tables import T_ACCUM
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
 
@@ -124,7 +124,7 @@ class Stack:
         engine = make_engine(self.database_url)
         try:
             with engine.connect() as conn:
-                rows = conn.execute(select(Accumulator.__table__)).mappings().all()  # type: ignore[attr-defined]
+                rows = conn.execute(select(T_ACCUM)).mappings().all()
         finally:
             engine.dispose()
         return {

@@ -282,10 +282,10 @@ def reconcile(
     finished. Reads take a share (--rate) of the fleet's VBA budget, so flushing goes on.
     """
     from worker.db import session_scope
-    from worker.flush.protocol import client
     from worker.ops.reconcile import Reconcile, ScopeError, findings, scope_of, summary
     from worker.settings import get_settings
     from worker.vba import VbaError
+    from worker.vba.fleet import client
 
     settings = get_settings()
     _require_store()

@@ -3,7 +3,8 @@
 Fields are opaque ids, counts, statuses and VBA activityIds. Never pass member data (subscriber or
 group ids, amounts) or secrets: these lines end up in log aggregators that many people read.
 
-A log call writes a line and nothing else (durable counts have their own hook: worker/counters.py).
+A log call writes a line and nothing else (durable counts have their own hook:
+worker/store/counters.py).
 """
 
 from __future__ import annotations

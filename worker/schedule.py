@@ -16,13 +16,12 @@ from typing import Any
 from celery.schedules import crontab
 from celery.signals import after_task_publish, beat_init
 
-from models.tables import BeatTick
 from worker.db import db_after, db_now, insert, reset_engine, session_scope
 from worker.logs import Log
 from worker.settings import Settings
+from worker.store.tables import T_BEAT
 
 log = Log("beat")
-T_BEAT = BeatTick.__table__  # type: ignore[attr-defined]
 FLUSH_DUE = "accumsync.flush_due"
 #: Rows of beats silent this long are dropped when another beat ticks.
 FORGET_AFTER = timedelta(days=7)

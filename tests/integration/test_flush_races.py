@@ -18,16 +18,15 @@ import pytest
 import yaml
 from sqlalchemy import select, text, update
 
-from models.tables import Pair
 from tests.stack import Stack, remote_totals, same_totals
 from worker.db import make_engine
 from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle
 from worker.demo.streams import StreamSpec, expected_totals, generate
+from worker.store.tables import T_PAIR
 
 pytestmark = pytest.mark.integration
 
-T_PAIR = Pair.__table__  # type: ignore[attr-defined]
 SUB, GROUP = "S00000042", "GRP42"
 KEY = {"subscriber_ID": SUB, "group_ID": GROUP, "plan_Year": "2026", "plan_Type": "MED"}
 KEY_FIELDS = ("subscriber_ID", "group_ID", "plan_Year", "plan_Type", "benefit_Code")

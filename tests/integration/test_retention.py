@@ -13,12 +13,13 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from models.tables import FlushAttempt, IngestBatch
-from worker import counters, db
+from worker import db
 from worker.ingest.store import BatchResult, record_batch
 from worker.ops.metrics import snapshot
 from worker.ops.retention import prune
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
+from worker.store import counters
 
 pytestmark = pytest.mark.integration
 

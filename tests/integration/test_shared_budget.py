@@ -22,7 +22,7 @@ RATE, BURST, PROCESSES, CALLS = 25, 50, 4, 300
 # One worker process: its VBA client as the flush builds it; n list calls, then its times.
 WORKER = """
 import json, sys, time
-from worker.flush.protocol import client
+from worker.vba.fleet import client
 n = int(sys.argv[1])
 vba = client()
 print("ready", flush=True)

@@ -18,8 +18,8 @@ from models.tables import DeadLetter
 from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
 from worker.db import make_engine, upgrade
-from worker.ingest.dead_letters import storable
 from worker.ingest.store import ingest
+from worker.store.dead_letters import storable
 
 LONE_SURROGATE = json.loads('"e\\ud800x"')  # what a JSON parser makes of "\ud800"
 

@@ -20,7 +20,7 @@ from tests.stack import Stack, same_totals
 from tests.unit.test_ledger_properties import deliveries, ingest_in_batches
 from worker.db import make_engine, upgrade
 from worker.demo.streams import StreamSpec, expected_totals, generate
-from worker.ingest.bulk import statement
+from worker.store.bulk import statement
 
 TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch"
 

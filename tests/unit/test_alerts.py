@@ -20,10 +20,10 @@ import yaml
 from sqlmodel import Session
 
 from models.tables import BeatTick
-from worker import counters
 from worker.db import make_engine
 from worker.ingest.store import BatchResult, record_batch
 from worker.settings import Settings
+from worker.store import counters
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "ops" / "prometheus"

@@ -22,10 +22,10 @@ from tests.unit.vba_fake import unit_settings, vba_json
 from worker import db
 from worker.flush.plans import PlanFileError, load_plans
 from worker.flush.protocol import Flush
-from worker.ingest.dead_letters import dead_letter
 from worker.ingest.store import T_ACCUM, ingest
 from worker.ops.reconcile import load_keys, repair
 from worker.ops.replay import resolve
+from worker.store.dead_letters import dead_letter
 from worker.vba import VbaClient
 
 __all__ = ["sqlite_store"]  # the fixture, shared with the flush machine's module

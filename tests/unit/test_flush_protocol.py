@@ -55,6 +55,7 @@ from worker.flush.protocol import Flush
 from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
 from worker.ops.replay import resolve
 from worker.settings import get_settings
+from worker.store.tables import T_DEAD
 from worker.vba import VbaClient
 
 PAIR = ("S1", "G1")
@@ -329,7 +330,7 @@ class FlushMachine(RuleBasedStateMachine):
 
     def _holds(self) -> list[int]:
         """The open holds' ids."""
-        d = DeadLetter.__table__.c  # type: ignore[attr-defined]
+        d = T_DEAD.c
         open_holds = d.kind.in_(sorted(HOLDS)), d.replayed_at.is_(None)
         query = select(d.id).where(*open_holds).order_by(d.id)
         with db.engine().connect() as conn:
@@ -364,7 +365,7 @@ class FlushMachine(RuleBasedStateMachine):
     @invariant()
     def holds_carry_both_candidates(self) -> None:
         """Each hold names the fields in question, each with what either answer means."""
-        d = DeadLetter.__table__.c  # type: ignore[attr-defined]
+        d = T_DEAD.c
         open_holds = d.kind.in_(sorted(HOLDS)), d.replayed_at.is_(None)
         with db.engine().connect() as conn:
             payloads = conn.execute(select(d.kind, d.payload).where(*open_holds)).all()

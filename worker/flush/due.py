@@ -12,10 +12,10 @@ from sqlmodel import Session
 
 from worker.db import db_after, db_now, in_transaction
 from worker.flush.plans import due_count as plans_due
-from worker.flush.protocol import client
-from worker.ingest.store import T_ACCUM, T_PAIR
 from worker.logs import Log
 from worker.settings import get_settings
+from worker.store.tables import T_ACCUM, T_PAIR, awaits_flush
+from worker.vba.fleet import client
 
 log = Log("flush")
 
@@ -70,8 +70,7 @@ def due_pairs(session: Session, limit: int = 10_000) -> list[int]:
     query = (
         select(p.id)
         .join(T_ACCUM, a.pair_id == p.id)
-        .where(a.held.is_(False))
-        .where(or_(a.dirty_since.is_not(None), a.intent_target.is_not(None)))
+        .where(awaits_flush())
         .where(or_(a.next_attempt_at.is_(None), a.next_attempt_at <= now))
         .where(or_(p.next_attempt_at.is_(None), p.next_attempt_at <= now))
         .where(or_(p.queued_until.is_(None), p.queued_until < now))

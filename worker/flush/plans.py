@@ -36,18 +36,18 @@ from sqlmodel import Session
 
 from models.events import canon
 from models.sync import backoff
-from models.tables import DeadLetter, PlanPush
+from models.tables import PlanPush
 from models.vba import PlanAccumulator, dumps, loads
 from worker.db import as_utc, clock, db_after, db_now, session_scope
-from worker.flush.protocol import client
-from worker.ingest.dead_letters import dead_letter
 from worker.logs import Log
 from worker.settings import get_settings
+from worker.store.dead_letters import dead_letter
+from worker.store.tables import T_PLAN
 from worker.vba import BatchResult, VbaClient, VbaError
 from worker.vba.errors import refuses_data
+from worker.vba.fleet import client
 
 log = Log("plans")
-T_PLAN = PlanPush.__table__  # type: ignore[attr-defined]
 
 
 class PlanFileError(ValueError):
@@ -362,22 +362,22 @@ def _dead_letter(
     dead_letter(session, "plans", payload, reason, now, activity_id=activity_id, kind=kind)
 
 
-def requeue(session: Session, letter: DeadLetter) -> str:
+def requeue(session: Session, letter_id: int, payload: str) -> str:
     """Put a dead-lettered record back into its plan's pending push; the plan's id.
 
     ValueError, saying why, when the plan's requested definitions no longer hold that record
     (the file changed since: pushing it again is the way)."""
     try:
-        record = PlanAccumulator.model_validate(loads(letter.payload))
+        record = PlanAccumulator.model_validate(loads(payload))
     except (ValueError, ValidationError):
-        raise ValueError(f"letter {letter.id}: its payload is not a plan record") from None
+        raise ValueError(f"letter {letter_id}: its payload is not a plan record") from None
     row = session.get(PlanPush, record.plan_ID)
     requested = (
         [] if row is None else [PlanAccumulator.model_validate(r) for r in loads(row.records)]
     )
     if row is None or record not in requested:
         raise ValueError(
-            f"letter {letter.id}: plan {record.plan_ID}'s definitions changed since; "
+            f"letter {letter_id}: plan {record.plan_ID}'s definitions changed since; "
             "push the plans file again"
         )
     row.remaining = json.dumps(sorted(set(json.loads(row.remaining)) | {record.accum_Name}))

@@ -30,7 +30,6 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from functools import cache
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -54,34 +53,28 @@ from models.sync import (
     plan,
     vba_of_cents,
 )
-from models.tables import PUSHED, FlushAttempt
+from models.tables import PUSHED
 from models.vba import SUBSCRIBER_KEY, RemoteAccum, SubscriberAccum
-from worker import counters, failpoints
+from worker import failpoints
 from worker.db import as_utc, db_after, db_now, in_transaction, insert, session_scope
-from worker.ingest.bulk import update_rows
-from worker.ingest.dead_letters import dead_letter
-from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR
 from worker.logs import Log
 from worker.settings import Settings, get_settings
+from worker.store import counters
+from worker.store.bulk import update_rows
+from worker.store.dead_letters import dead_letter
+from worker.store.tables import KEY_COLS, T_ACCUM, T_ATTEMPT, T_PAIR, awaits_flush
 from worker.vba import BatchResult, VbaClient, VbaError, VbaUnavailable
 from worker.vba.errors import refuses_data
+from worker.vba.fleet import client
 
 log = Log("flush")
 T = TypeVar("T")
-T_ATTEMPT = FlushAttempt.__table__  # type: ignore[attr-defined]
 SORT_BY = "plan_Year:asc,plan_Type:asc,benefit_Code:asc"
 """A stable list order, so paging can't skip a row that would then be taken as absent."""
 
 
 class LeaseLost(Exception):
     """Another flush took this pair's lease: this one stops, writing and sending nothing."""
-
-
-@cache
-def client() -> VbaClient:
-    """This process's VBA client (one token and one rate-limit bucket shared by the fleet, via
-    Redis or else the store), its events of note counted durably."""
-    return VbaClient(get_settings(), on_event=counters.bump, in_store=True)
 
 
 @dataclass
@@ -348,8 +341,7 @@ class Flush:
         a = T_ACCUM.c
         query = (
             select(T_ACCUM)
-            .where(a.pair_id == self.pair_id, a.held.is_(False))
-            .where(or_(a.dirty_since.is_not(None), a.intent_target.is_not(None)))
+            .where(a.pair_id == self.pair_id, awaits_flush())
             .where(or_(a.next_attempt_at.is_(None), a.next_attempt_at <= db_now()))
             .order_by(*[a[c] for c in KEY_COLS])
         )

@@ -11,10 +11,10 @@ from sqlmodel import Session
 
 from worker import failpoints
 from worker.db import in_transaction
-from worker.ingest.dead_letters import storable
 from worker.ingest.store import BatchResult, refuse
 from worker.ingest.store import ingest as ingest_batch
 from worker.logs import Log
+from worker.store.dead_letters import storable
 
 log = Log("ingest")
 

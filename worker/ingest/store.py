@@ -22,35 +22,30 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Table, delete, func, literal, union_all, update
+from sqlalchemy import delete, func, literal, union_all, update
 from sqlmodel import Session
 
-from models.buckets import AMOUNTS, COLUMNS
+from models.buckets import COLUMNS
 from models.events import AccumKey, ClaimEvent, describe
 from models.ledger import ClaimState, Fold, Kind
 from models.tables import (
     CLAIM_CENTS,
-    Accumulator,
-    Claim,
-    DeadLetter,
-    IngestBatch,
-    Pair,
-    ReceivedEvent,
 )
-from worker import counters
 from worker.db import insert, utcnow
-from worker.ingest.bulk import rows_where_in, upsert
-from worker.ingest.dead_letters import dead_letter
+from worker.store import counters
+from worker.store.bulk import rows_where_in, upsert
+from worker.store.dead_letters import dead_letter
+from worker.store.tables import (
+    CENTS_OF,
+    KEY_COLS,
+    T_ACCUM,
+    T_BATCH,
+    T_CLAIM,
+    T_EVENT,
+    T_PAIR,
+    claim_state,
+)
 
-T_CLAIM: Table = Claim.__table__  # type: ignore[attr-defined]
-T_EVENT: Table = ReceivedEvent.__table__  # type: ignore[attr-defined]
-T_PAIR: Table = Pair.__table__  # type: ignore[attr-defined]
-T_ACCUM: Table = Accumulator.__table__  # type: ignore[attr-defined]
-T_DEAD: Table = DeadLetter.__table__  # type: ignore[attr-defined]
-T_BATCH: Table = IngestBatch.__table__  # type: ignore[attr-defined]
-KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
-CENTS_OF = dict(zip(AMOUNTS, CLAIM_CENTS, strict=True))
-"""Amount name -> its claim column."""
 CLAIM_COLUMNS = tuple(c.name for c in T_CLAIM.c)
 """A claim row as written: every column (the amounts sparse, a missing one is 0)."""
 ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
@@ -142,7 +137,7 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
 
     An upsert that touches existing rows locks them as they come, in claim_id order; new claims
     get a placeholder row (version -1) so the next batch on the same claim waits for this one.
-    One statement for the whole batch (``worker.ingest.bulk``).
+    One statement for the whole batch (``worker.store.bulk``).
     """
     rows = upsert(
         session,
@@ -159,21 +154,6 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
 def touch_claim(_: Any, new: Any) -> dict[str, Any]:
     """The claim lock's upsert: write the row unchanged (which locks it)."""
     return {"claim_id": new.claim_id}
-
-
-def claim_state(row: Any) -> ClaimState:
-    """The ledger state of a ``claim`` row."""
-    if row["subscriber_id"] is None:
-        return ClaimState(row["version"], row["content_hash"], None, None)
-    key: AccumKey = (
-        row["subscriber_id"],
-        row["group_id"],
-        row["plan_year"],
-        row["plan_type"],
-        row["benefit_code"],
-    )
-    cents = tuple(sorted((a, row[c]) for a, c in CENTS_OF.items() if row[c]))
-    return ClaimState(row["version"], row["content_hash"], key, row["network"], cents)
 
 
 def first_of_each_id(good: Valid) -> dict[str, tuple[ClaimEvent, str]]:

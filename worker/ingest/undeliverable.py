@@ -23,8 +23,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 
 from worker.db import session_scope, utcnow
-from worker.ingest.dead_letters import dead_letter
 from worker.logs import Log
+from worker.store.dead_letters import dead_letter
 
 log = Log("broker")
 logger = logging.getLogger("accumsync.broker")

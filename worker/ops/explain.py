@@ -20,11 +20,18 @@ from models.buckets import COLUMN_TO_VBA, COLUMNS
 from models.events import canon
 from models.ledger import totals
 from models.sync import money
-from models.tables import PUSHED, DeadLetter, FlushAttempt
-from worker.ingest.store import CENTS_OF, KEY_COLS, T_ACCUM, T_CLAIM, T_EVENT, T_PAIR, claim_state
-
-T_ATTEMPT = FlushAttempt.__table__  # type: ignore[attr-defined]
-T_DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
+from models.tables import PUSHED
+from worker.store.tables import (
+    CENTS_OF,
+    KEY_COLS,
+    T_ACCUM,
+    T_ATTEMPT,
+    T_CLAIM,
+    T_DEAD,
+    T_EVENT,
+    T_PAIR,
+    claim_state,
+)
 
 
 class NotFound(LookupError):

@@ -9,12 +9,12 @@ from datetime import datetime
 
 from rich.console import Console
 from sqlalchemy import func, select
-from sqlmodel import Session, col
+from sqlmodel import Session
 
-from models.tables import DeadLetter, FlushAttempt
 from worker.celery import app
 from worker.db import session_scope, utcnow
 from worker.ops.queries import waiting_for_flush
+from worker.store.tables import T_ATTEMPT, T_DEAD
 
 RETRIGGER_EVERY = 5.0  # seconds: retries whose time has come are picked up without beat
 
@@ -26,18 +26,13 @@ def pending(session: Session) -> int:
 
 def summary(session: Session, since: datetime) -> dict[str, int]:
     """Batch calls, 207 item statuses and new flush dead letters since ``since``."""
-    attempts = session.execute(
-        select(col(FlushAttempt.statuses), col(FlushAttempt.outcome)).where(
-            col(FlushAttempt.started_at) >= since
-        )
-    ).all()
+    f, d = T_ATTEMPT.c, T_DEAD.c
+    attempts = session.execute(select(f.statuses, f.outcome).where(f.started_at >= since)).all()
     statuses: Counter[str] = Counter()
     for raw, _ in attempts:
         statuses.update(json.loads(raw))
     dead = session.execute(
-        select(func.count())
-        .select_from(DeadLetter)
-        .where(col(DeadLetter.source) == "flush", col(DeadLetter.last_seen) >= since)
+        select(func.count()).where(d.source == "flush", d.last_seen >= since)
     ).scalar_one()
     outcomes = Counter(o for _, o in attempts)
     return {

@@ -31,11 +31,11 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from models.sync import HOLDS
-from worker import counters
 from worker.db import age_seconds, as_utc, clock, session_scope, utcnow
 from worker.ops.queries import held, open_dead_letters, waiting_for_flush
-from worker.schedule import T_BEAT
 from worker.settings import Settings, get_settings
+from worker.store import counters
+from worker.store.tables import T_BEAT
 
 SUCCESS = ("ok", "partial", "recovered")
 

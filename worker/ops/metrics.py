@@ -19,12 +19,12 @@ from sqlmodel import Session
 
 from models.ledger import Kind
 from models.sync import HOLDS
-from worker import counters
 from worker.db import age_seconds, session_scope, utcnow
 from worker.ops import health
 from worker.ops.queries import held, open_dead_letters
 from worker.ops.reports import status
 from worker.settings import get_settings
+from worker.store import counters
 
 
 def item_statuses(session: Session) -> Counter[str]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
-from sqlmodel import Session, col
+from sqlalchemy import func, select
+from sqlmodel import Session
 
 from models.ledger import Kind
-from models.tables import Accumulator, DeadLetter
-from worker import counters
+from worker.store import counters
+from worker.store.tables import T_ACCUM, T_DEAD, awaits_flush
 
 SOURCES = ("ingest", "flush", "plans", "broker")
 
@@ -25,25 +25,22 @@ def outcomes(session: Session) -> dict[str, int]:
 def waiting_for_flush(session: Session) -> tuple[int, datetime | None]:
     """Accumulators waiting for a flush (changed, or a write of unknown outcome; not held by a
     dead letter), and the oldest change among them."""
-    a = Accumulator
-    pending = or_(col(a.dirty_since).is_not(None), col(a.intent_target).is_not(None))
-    query = select(func.count(), func.min(a.dirty_since)).where(pending, col(a.held).is_(False))
+    query = select(func.count(), func.min(T_ACCUM.c.dirty_since)).where(awaits_flush())
     count, oldest = session.execute(query).one()
     return int(count), oldest
 
 
 def open_dead_letters(session: Session) -> dict[str, int]:
     """Open dead letters by source (every source present, at 0 when none)."""
-    d = DeadLetter
-    source = col(d.source)
-    query = select(source, func.count()).where(col(d.replayed_at).is_(None)).group_by(source)
+    d = T_DEAD.c
+    query = select(d.source, func.count()).where(d.replayed_at.is_(None)).group_by(d.source)
     found = {str(s): int(n) for s, n in session.execute(query)}
     return dict.fromkeys(SOURCES, 0) | found
 
 
 def held(session: Session) -> dict[str, int]:
     """Accumulators held by an open flush dead letter, by its kind (``ambiguous``, ...)."""
-    d = DeadLetter
-    kind = func.coalesce(col(d.kind), "refused")
-    query = select(kind, func.count()).where(col(d.source) == "flush", col(d.replayed_at).is_(None))
+    d = T_DEAD.c
+    kind = func.coalesce(d.kind, "refused")
+    query = select(kind, func.count()).where(d.source == "flush", d.replayed_at.is_(None))
     return {str(k): int(n) for k, n in session.execute(query.group_by(kind))}

@@ -32,18 +32,16 @@ from models.events import canon
 from models.ledger import totals
 from models.reconcile import DRIFT, REPAIRABLE, Finding, Ownership, Verdict, judge, repaired_pushed
 from models.sync import LetterKind, below_share_letter, cents_of_vba
-from models.tables import PUSHED, ReconcileFinding, ReconcileRun
+from models.tables import PUSHED
 from worker.db import as_utc, session_scope, utcnow
 from worker.flush.protocol import Unattributable, bump_pushed_seq, read_remote
-from worker.ingest.dead_letters import dead_letter
-from worker.ingest.store import KEY_COLS, T_ACCUM, T_CLAIM, T_PAIR, claim_state
 from worker.logs import Log
+from worker.store.dead_letters import dead_letter
+from worker.store.tables import KEY_COLS, T_ACCUM, T_CLAIM, T_FINDING, T_PAIR, T_RUN, claim_state
 from worker.vba import VbaClient
 from worker.vba.ratelimit import LocalBucket
 
 log = Log("reconcile")
-T_RUN = ReconcileRun.__table__  # type: ignore[attr-defined]
-T_FINDING = ReconcileFinding.__table__  # type: ignore[attr-defined]
 CHUNK = 100  # pairs whose claims are read in one query
 SLICE = 1800  # seconds a scheduled reconcile task checks before it queues the next
 BUSY = 600.0  # seconds: an unfinished run that moved this recently is still being run
@@ -392,8 +390,8 @@ def run_scheduled(continuing: bool = False) -> dict[str, int]:
     """Beat's reconcile: every pair, report only, for at most SLICE seconds. It resumes the
     unfinished scheduled run, unless that one moved within BUSY seconds (another task runs it)
     and this task is not its own continuation. Counts only: safe for logs and Flower."""
-    from worker.flush.protocol import client
     from worker.settings import get_settings
+    from worker.vba.fleet import client
 
     settings = get_settings()
     with session_scope() as session:

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlmodel import Session, col
+from sqlalchemy import Row, func, select, update
+from sqlmodel import Session
 
 from models.buckets import COLUMN_TO_VBA, COLUMNS
 from models.sync import HOLDS, LetterKind
-from models.tables import PUSHED, Accumulator, DeadLetter
+from models.tables import PUSHED
 from worker.db import utcnow
 from worker.flush.plans import requeue
 from worker.flush.protocol import bump_pushed_seq
+from worker.store.tables import T_ACCUM, T_DEAD
 
-T_ACCUM = Accumulator.__table__  # type: ignore[attr-defined]
 NO_INTENT = dict.fromkeys(("intent_target", "intent_ours", "intent_seq", "intent_before"))
 RELEASED = {"held": False, "attempts": 0, "next_attempt_at": None, "intent_at": None}
 
@@ -47,31 +47,31 @@ class Replayed:
 
 def replay(session: Session, ids: list[int] | None = None, source: str | None = None) -> Replayed:
     """Close the chosen open letters that can be replayed (the caller commits)."""
-    query = select(DeadLetter).where(col(DeadLetter.replayed_at).is_(None))
+    d = T_DEAD.c
+    query = select(T_DEAD).where(d.replayed_at.is_(None))
     if ids:
-        query = query.where(col(DeadLetter.id).in_(ids))
+        query = query.where(d.id.in_(ids))
     if source:
-        query = query.where(col(DeadLetter.source) == source)
+        query = query.where(d.source == source)
     done = Replayed()
-    now = utcnow()
-    for letter in session.execute(query.order_by(col(DeadLetter.id))).scalars():
-        if not _replay_one(session, letter, done):
-            continue
-        letter.replayed_at = now
-        session.add(letter)
-    # Write now: the row locks make a worker re-refusing a replayed event wait for our commit,
-    # so its reopening of the letter lands after (not under) our "replayed".
-    session.flush()
+    letters = session.execute(query.order_by(d.id)).all()
+    closed = [letter.id for letter in letters if _replay_one(session, letter, done)]
+    # Written now, in the caller's transaction: the row locks make a worker re-refusing a
+    # replayed event wait for our commit, so its reopening of the letter lands after (not under)
+    # our "replayed".
+    for start in range(0, len(closed), 900):
+        part = closed[start : start + 900]
+        session.execute(update(T_DEAD).where(d.id.in_(part)).values(replayed_at=utcnow()))
     return done
 
 
-def _replay_one(session: Session, letter: DeadLetter, done: Replayed) -> bool:
+def _replay_one(session: Session, letter: Row[Any], done: Replayed) -> bool:
     """Replay one letter into ``done``; False (with the reason noted) when it can't be."""
     if letter.source == "ingest":
         done.events.append(_payload(letter.payload))
     elif letter.source == "plans":
         try:
-            plan_id = requeue(session, letter)
+            plan_id = requeue(session, letter.id, letter.payload)
         except ValueError as exc:
             done.refused.append(str(exc))
             return False
@@ -105,7 +105,7 @@ def resolve(session: Session, letter_id: int, landed: bool) -> str:
     """Settle a held key as an operator found VBA: our write ``landed`` or not (for a row
     below our share: what VBA shows in the fields named is what is left of ours, or not ours at
     all). Returns what was done. The next flush then sends whatever is still ours to send."""
-    letter = session.get(DeadLetter, letter_id)
+    letter = session.execute(select(T_DEAD).where(T_DEAD.c.id == letter_id)).one_or_none()
     if letter is None or letter.source != "flush" or letter.kind not in HOLDS:
         raise NotResolvable(f"letter {letter_id} is not a hold (see `dead-letters list`)")
     if letter.replayed_at is not None:
@@ -119,12 +119,13 @@ def resolve(session: Session, letter_id: int, landed: bool) -> str:
     if landed and letter.kind == LetterKind.AMBIGUOUS:  # clean, unless the ledger moved since
         same = update(T_ACCUM).where(a.id == row["id"], a.change_seq == row["intent_seq"])
         session.execute(same.values(dirty_since=None))
-    letter.replayed_at, letter.resolution = utcnow(), "landed" if landed else "not_landed"
-    session.add(letter)
-    return f"letter {letter_id} resolved as {letter.resolution}: accumulator released"
+    resolution = "landed" if landed else "not_landed"
+    closed = update(T_DEAD).where(T_DEAD.c.id == letter_id)
+    session.execute(closed.values(replayed_at=utcnow(), resolution=resolution))
+    return f"letter {letter_id} resolved as {resolution}: accumulator released"
 
 
-def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
+def _settled(letter: Row[Any], row: Any, landed: bool) -> dict[str, Any]:
     """The accumulator's new confirmed share and state for the operator's answer."""
     values: dict[str, Any] = dict(RELEASED) | NO_INTENT
     if letter.kind == LetterKind.BELOW_SHARE:  # the key is sent again (a repair held it clean)
@@ -138,7 +139,7 @@ def _settled(letter: DeadLetter, row: Any, landed: bool) -> dict[str, Any]:
     return values
 
 
-def _below_share_settled(letter: DeadLetter, landed: bool) -> dict[str, int]:
+def _below_share_settled(letter: Row[Any], landed: bool) -> dict[str, int]:
     """Only the fields the hold names change, each to the share the operator's answer gives
     it: nothing of ours (not landed: VBA's value is its own), or VBA's value as it was when
     the hold was made (landed: what is left there is ours). The other fields keep theirs."""

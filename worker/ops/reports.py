@@ -6,12 +6,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from models.ledger import Kind
 from models.tables import Accumulator, DeadLetter, Pair
 from worker.db import age_seconds, utcnow
 from worker.ops.queries import open_dead_letters, outcomes, waiting_for_flush
+from worker.store.tables import T_DEAD
 
 STATUS_KEYS = (
     *(kind.value for kind in Kind),
@@ -42,14 +43,16 @@ def dead_letters(
     session: Session, limit: int = 50, source: str | None = None, payload: bool = False
 ) -> list[dict[str, Any]]:
     """The most recent open dead letters; the raw payload (member data) only when asked."""
-    query = select(DeadLetter).where(DeadLetter.replayed_at.is_(None))  # type: ignore[union-attr]
+    d = T_DEAD.c
+    query = select(T_DEAD).where(d.replayed_at.is_(None))
     if source:
-        query = query.where(col(DeadLetter.source) == source)
-    query = query.order_by(DeadLetter.last_seen.desc()).limit(limit)  # type: ignore[attr-defined]
+        query = query.where(d.source == source)
+    query = query.order_by(d.last_seen.desc()).limit(limit)
     rows = []
-    for d in session.execute(query).scalars():
-        row = d.model_dump(exclude={"fingerprint", "payload"}, mode="json")
+    for letter in session.execute(query).mappings():
+        row = DeadLetter.model_validate(dict(letter))
+        shown = row.model_dump(exclude={"fingerprint", "payload"}, mode="json")
         if payload:
-            row["payload"] = d.payload
-        rows.append(row)
+            shown["payload"] = letter["payload"]
+        rows.append(shown)
     return rows

@@ -1,8 +1,9 @@
 """The audit tables' retention: ``ingest_batch`` (one row per ingested message) and
 ``flush_attempt`` (one row per batch call to VBA) grow with every message and call, about two
-million rows a day at VBA's 25 calls/s. Their totals live on in the counters (``worker.counters``),
-so pruning rows older than ``ACCUMSYNC_AUDIT_RETENTION_DAYS`` loses no figure: only the detail of
-old batches and calls (``accumsync explain`` shows a key's calls within the retention).
+million rows a day at VBA's 25 calls/s. Their totals live on in the counters
+(``worker.store.counters``), so pruning rows older than ``ACCUMSYNC_AUDIT_RETENTION_DAYS``
+loses no figure: only the detail of old batches and calls (``accumsync explain`` shows a
+key's calls within the retention).
 
 Beat runs :func:`prune` hourly (``accumsync.prune``), ``accumsync prune`` runs it by hand. It
 deletes in chunks, each its own short transaction by the database's clock, so it never holds
@@ -17,16 +18,16 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, delete, select
 
-from models.tables import FlushAttempt, IngestBatch
 from worker.db import db_after, session_scope
 from worker.logs import Log
 from worker.settings import Settings
+from worker.store.tables import T_ATTEMPT, T_BATCH
 
 log = Log("retention")
 CHUNK = 10_000
 AUDIT: tuple[tuple[Table, str], ...] = (
-    (IngestBatch.__table__, "at"),  # type: ignore[attr-defined]
-    (FlushAttempt.__table__, "started_at"),  # type: ignore[attr-defined]
+    (T_BATCH, "at"),
+    (T_ATTEMPT, "started_at"),
 )
 
 

@@ -22,11 +22,9 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 from sqlmodel import Session
 
-from models.tables import SharedState
 from worker.db import clock, db_after, db_now, in_transaction, insert
+from worker.store.tables import T_SHARED
 from worker.vba.auth import LOCK_TTL_MS, Token
-
-T_SHARED = SharedState.__table__  # type: ignore[attr-defined]
 
 
 def _load(session: Session, name: str, lock: bool = False) -> dict[str, Any] | None:

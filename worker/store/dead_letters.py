@@ -10,10 +10,9 @@ from typing import Any
 
 from sqlmodel import Session
 
-from models.tables import DeadLetter
 from worker.db import insert
+from worker.store.tables import T_DEAD
 
-T_DEAD = DeadLetter.__table__  # type: ignore[attr-defined]
 MAX_DEAD_PAYLOAD = 65_536  # characters of a refused item kept (a valid event is ~1 KB)
 
 

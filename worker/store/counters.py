@@ -24,11 +24,10 @@ from datetime import datetime
 from sqlalchemy import func, or_, select
 from sqlmodel import Session
 
-from models.tables import EventCounter
 from worker.db import insert, session_scope, utcnow
 from worker.logs import Log
+from worker.store.tables import T_COUNTER
 
-T_COUNTER = EventCounter.__table__  # type: ignore[attr-defined]
 NAMES = ("vba_token_refreshes", "vba_logins", "vba_429", "vba_401", "vba_403")
 SHARDS = 8
 """Rows per counter: enough that two worker processes rarely share one."""
