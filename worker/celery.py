@@ -1,7 +1,10 @@
 """The Celery app: broker, queues, task events for Flower, late acks, the start-up schema check.
 
 ``celery -A worker worker`` / ``beat`` / ``flower`` find this module by Celery's own convention
-(``worker.celery.app``); nothing else imports it but the tasks and the producer.
+(``worker.celery.app``); nothing else imports it but the tasks and the producer. Importing it has
+no effect beyond defining the app: the settings are read when its configuration is first needed,
+logging is set up by the worker's and beat's start-up signals (and by the CLI), and the broker
+fixes are transports of ours named in the configuration (:data:`TRANSPORTS`).
 
 Two queues: ingest on ``ACCUMSYNC_QUEUE``, the flush tasks on ``ACCUMSYNC_FLUSH_QUEUE``, so slow
 VBA calls never hold the slots ingest needs, and the reverse. A worker started without ``-Q``
@@ -17,6 +20,7 @@ from celery import Celery
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    beat_init,
     worker_init,
     worker_process_init,
 )
@@ -41,7 +45,7 @@ app = Celery("accumsync")
 def transport_options(
     broker_url: str, visibility_timeout: float = 300.0, health_check_interval: float = 10.0
 ) -> dict[str, Any]:
-    """Per-transport options: kombu passes SQLAlchemy's straight to ``create_engine``."""
+    """Per-transport options (the embedded broker's are read by worker/sqlbroker.py)."""
     if broker_url.startswith(("redis", "rediss")):
         # A connection that goes silent (NAT entry dropped, failover, partition: no FIN, no RST)
         # must fail, not hang: without a socket timeout a worker waits on it forever, up but not
@@ -68,91 +72,95 @@ def transport_options(
         # broker never took (connection closed under it, app stopped, a broker-side refusal)
         # raises, and Celery's publish retry or the caller sees it, instead of a silent drop.
         return {"confirm_publish": True}
+    if broker_url.startswith("sqla"):
+        # Read by worker/sqlbroker.py's channel (which hands none of its own to create_engine).
+        return {"visibility_timeout": visibility_timeout}
     return {}
 
 
-def configure(settings: Settings) -> None:
-    """Point the app at the configured broker; called at import and by tests that switch."""
-    app.conf.update(
-        broker_url=settings.effective_broker_url,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options=transport_options(
+#: Our kombu transports, by broker URL scheme: each fixes what kombu's own loses (named here,
+#: never patched into kombu's classes: importing this module changes nothing in the process).
+TRANSPORTS = {
+    "redis": "worker.redisbroker:Transport",
+    "rediss": "worker.redisbroker:Transport",
+    "sqla": "worker.sqlbroker:Transport",
+}
+
+
+def broker_of(url: str) -> tuple[str, str | None]:
+    """The URL kombu is given and the transport that serves it (None: kombu's, by the scheme).
+
+    The embedded broker's ``sqla+sqlite:///...`` names kombu's transport in its prefix, which
+    kombu obeys over any ``transport=``: ours gets the URL without it."""
+    scheme = url.split("://", 1)[0]
+    prefix, _, rest = url.partition("+")
+    if "+" in scheme and prefix in TRANSPORTS:
+        return rest, TRANSPORTS[prefix]
+    return url, TRANSPORTS.get(scheme)
+
+
+def broker(settings: Settings) -> tuple[str, str | None]:
+    """:func:`broker_of` the configured broker."""
+    return broker_of(settings.effective_broker_url)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The app's configuration for ``settings``: a plain dict, computed, never applied here."""
+    url, transport = broker(settings)
+    return {
+        "broker_url": url,
+        "broker_transport": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options(
             settings.effective_broker_url,
             settings.broker_visibility_timeout,
             settings.broker_health_check_interval,
         ),
         # On a lost broker connection, running tasks are cancelled rather than finished
         # unacknowledgeable: their messages come back (acks_late) and every task is idempotent.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue), Queue(settings.effective_flush_queue)],
-        task_routes={name: {"queue": settings.effective_flush_queue} for name in FLUSH_TASKS},
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(settings.queue), Queue(settings.effective_flush_queue)],
+        "task_routes": {name: {"queue": settings.effective_flush_queue} for name in FLUSH_TASKS},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
         # Ack after the transaction commits; a killed worker's message is delivered again.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
         # Flower sees every task; arguments are opaque (argsrepr), never member data.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        worker_hijack_root_logger=False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
         # A message no task can run becomes a dead letter (source broker), never a log line
         # carrying its body: worker/ingest/undeliverable.py (by name: no import upward).
-        worker_consumer="worker.ingest.undeliverable:Consumer",
-        timezone="UTC",
-        enable_utc=True,
-        include=TASK_MODULES,
-        beat_schedule=beat_schedule(settings),
-    )
-    if settings.effective_broker_url.startswith(("redis", "rediss")):
-        _consume_on_when_redis_is_full()
-    if settings.effective_broker_url.startswith("sqla"):
-        _poll_sql_broker_every(0.03)
-        _lease_sql_broker_messages(settings.broker_visibility_timeout)
+        "worker_consumer": "worker.ingest.undeliverable:Consumer",
+        "timezone": "UTC",
+        "enable_utc": True,
+        "include": TASK_MODULES,
+        "beat_schedule": beat_schedule(settings),
+    }
+
+
+def configure(settings: Settings) -> None:
+    """Point the app at other settings (tests, the demo and the benchmarks switch brokers)."""
+    app.conf.update(celery_config(settings))
+
+
+# Read from the environment when the app's configuration is first needed (a worker starting, a
+# first publish), not at import: importing the producer creates no file and no log handler.
+app.add_defaults(lambda: celery_config(get_settings()))
+
+
+@worker_init.connect
+@beat_init.connect
+def _our_log_lines(**_: Any) -> None:
+    """A worker or beat writes accumsync's lines in the configured format (the CLI does the same
+    for its commands; a process that only imports the producer gets no handler of ours)."""
+    settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
-
-
-def _consume_on_when_redis_is_full() -> None:
-    """A full Redis refuses kombu's record of a taken message and stops the worker, losing the
-    message; worker/redisbroker.py's QoS runs it instead (set on the class, as below)."""
-    from kombu.transport import redis
-
-    from worker.redisbroker import FullSafeQoS
-
-    redis.Channel.QoS = FullSafeQoS
-
-
-def _poll_sql_broker_every(seconds: float) -> None:
-    """The embedded broker is polled, by default once a second: with prefetch 1 that is one task
-    per second. Every 0.03 s the embedded flush reaches VBA's 25 calls/s (at 0.1 s it made 9.5,
-    at 0.05 s 18); an idle worker's main process then spends about 8% of a core polling (2% at
-    0.1 s), measured with bench.flush's embedded phase. A larger prefetch would be faster still,
-    but this transport loses a prefetched, unacknowledged message when its worker is killed.
-
-    Celery's ``broker_polling_interval`` does not reach kombu's virtual transports, and this
-    transport hands every transport option to ``create_engine`` (which refuses
-    ``polling_interval``), so the transport's class attribute is the one place to set it."""
-    from kombu.transport import sqlalchemy
-
-    sqlalchemy.Transport.polling_interval = seconds
-
-
-def _lease_sql_broker_messages(visibility_timeout: float) -> None:
-    """kombu's SQL transport loses a message its worker took and died holding; the channel of
-    worker/sqlbroker.py leases it instead, as Redis does (set on the class, for the reason
-    above)."""
-    from kombu.transport import sqlalchemy
-
-    from worker.sqlbroker import LeasedChannel
-
-    LeasedChannel.visibility_timeout = visibility_timeout
-    sqlalchemy.Transport.Channel = LeasedChannel
-
-
-configure(get_settings())
 
 
 @after_setup_logger.connect

@@ -44,6 +44,23 @@ def _options(
     ] = False,
 ) -> None:
     _debug["on"] = debug
+    _log_lines()
+
+
+def _log_lines() -> None:
+    """accumsync's log lines in the configured format; with settings that don't validate, the
+    default one (a command that needs them names the bad setting; ``schema`` does not need them)."""
+    from pydantic import ValidationError
+
+    from worker import logs
+    from worker.settings import get_settings
+
+    try:
+        settings = get_settings()
+    except ValidationError:
+        logs.configure()
+        return
+    logs.configure(settings.log_format, settings.log_level)
 
 
 def _require_store() -> None:

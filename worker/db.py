@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, Table, create_engine, event, literal, select
+from sqlalchemy import Engine, Table, create_engine, event, literal, make_url, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.compiler import compiles
@@ -132,6 +132,7 @@ def _sqlite_begin(conn: Any) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and immediate transactions."""
     if url.startswith("sqlite"):
+        _make_folder(url)
         engine = create_engine(
             url, poolclass=NullPool, connect_args={"timeout": 30}, hide_parameters=True
         )
@@ -144,6 +145,13 @@ def make_engine(url: str) -> Engine:
         url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True,
         connect_args=link_options(settings.db_connect_timeout, settings.db_link_timeout),
     )  # fmt: skip
+
+
+def _make_folder(url: str) -> None:
+    """The SQLite file's folder (``ACCUMSYNC_HOME`` by default), made when first used."""
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
 def link_options(connect_timeout: int, link_timeout: int) -> dict[str, int | str]:

@@ -17,8 +17,9 @@ acknowledges with the same deletes outside a MULTI (which a full Redis accepts, 
 memory), and skips a restore pass it cannot lock: the next one, every few seconds, restores.
 Draining the queue is what frees the memory, so the workers must keep doing it.
 
-worker/celery.py puts it on kombu's Redis channel class (as for the polling interval, the class
-attribute is the one place kombu reads it from).
+:class:`Transport` is kombu's Redis transport with this QoS, named in the app's configuration
+(``broker_transport``, worker/celery.py) for ``redis://`` and ``rediss://`` brokers. It overrides
+kombu's private QoS methods: pyproject bounds kombu to the minor version it was written against.
 """
 
 from __future__ import annotations
@@ -90,3 +91,15 @@ class FullSafeQoS(redis.QoS):
             super().restore_visible(*args, **kwargs)
         except OutOfMemoryError:  # every second while full: debug; the next pass restores
             log.debug("broker.full.restore_skipped")
+
+
+class Channel(redis.Channel):
+    """kombu's Redis channel with :class:`FullSafeQoS`."""
+
+    QoS = FullSafeQoS
+
+
+class Transport(redis.Transport):
+    """kombu's Redis transport with :class:`Channel`: ``worker.redisbroker:Transport``."""
+
+    Channel = Channel

@@ -270,7 +270,4 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read once; tests call ``get_settings.cache_clear()``."""
-    settings = Settings()
-    if settings.embedded or settings.effective_broker_url.startswith("sqla+sqlite"):
-        settings.home.mkdir(parents=True, exist_ok=True)
-    return settings
+    return Settings()

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from tests.stack import Stack, remote_totals, same_totals
-from worker.celery import transport_options
+from worker.celery import broker_of, transport_options
 from worker.db import make_engine
 from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
@@ -231,10 +231,12 @@ class ChaosStack(Stack):
         """Publish as the producer API does (same task, argsrepr), without a CLI start-up."""
         if self._producer is None:
             self._producer = Celery("chaos-producer", set_as_current=False)
-            url = self.producer_url or self.env["ACCUMSYNC_BROKER_URL"]
+            raw = self.producer_url or self.env["ACCUMSYNC_BROKER_URL"]
+            url, transport = broker_of(raw)
             self._producer.conf.update(
                 broker_url=url,
-                broker_transport_options=transport_options(url),  # publisher confirms on AMQP
+                broker_transport=transport,
+                broker_transport_options=transport_options(raw),  # publisher confirms on AMQP
                 broker_connection_retry_on_startup=True,
                 task_serializer="json",
                 task_send_sent_event=True,

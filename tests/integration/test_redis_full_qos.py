@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from kombu import Connection, Exchange, Queue
-from kombu.transport import redis
 
 from tests.chaos.conftest import PrivateRedis
-from worker.redisbroker import FullSafeQoS
+from worker.redisbroker import Transport
 
 
 @pytest.fixture
@@ -23,12 +22,6 @@ def server(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield private
     finally:
         private.kill()
-
-
-@pytest.fixture
-def full_safe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kombu's Redis channel with our QoS, as worker/celery.py sets it for a Redis broker."""
-    monkeypatch.setattr(redis.Channel, "QoS", FullSafeQoS)
 
 
 def redis_cli(server: PrivateRedis, *args: str) -> str:
@@ -54,11 +47,11 @@ def queued(server: PrivateRedis) -> int:
 
 
 def test_taken_while_full_is_delivered_acked_and_put_back(
-    server: PrivateRedis, full_safe: None
+    server: PrivateRedis,
 ) -> None:
     """Full: a message taken is delivered (kombu raised and lost it), acknowledged without
     error; one still held when its consumer stops goes back on the queue once Redis has room."""
-    with Connection(server.url) as conn:
+    with Connection(server.url, transport=Transport) as conn:  # the worker's transport
         producer = conn.Producer()
         for n in range(3):
             producer.publish({"n": n}, exchange=QUEUE.exchange, routing_key="full-test",

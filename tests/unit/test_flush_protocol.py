@@ -238,11 +238,11 @@ class FlushMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS), fields=st.sampled_from(sorted(OUR_FIELDS)))
     def vba_resets_a_field(self, key: tuple[str, ...], fields: str) -> None:
         """A hand edit in VBA sets one trio of the row to zero (ours was there): one field of
-        the row is below our share, the other 29 are as they were."""
+        the row is below our share, the other 29 are as they were. Our last write to the row
+        still landed (``applied`` stays): an operator asked about it answers "landed"."""
         if key in self.vba.rows:
             for c in OUR_FIELDS[fields]:
                 self.vba.rows[key][c] = 0
-            self.vba.applied.pop(key, None)
 
     @rule(
         fate=st.sampled_from(

@@ -192,10 +192,11 @@ def beat_check(session: Session, limits: Limits) -> Check:
 def queue_lengths(settings: Settings | None = None) -> dict[str, int]:
     """Messages waiting in each of the two queues, ingest and flush (Redis lists, AMQP queues,
     or kombu's SQL table)."""
-    from worker.celery import app
+    from worker.celery import app, broker
 
     settings = settings or get_settings()
-    with app.connection_for_read(settings.effective_broker_url) as conn:
+    url, transport = broker(settings)
+    with app.connection_for_read(url, transport=transport) as conn:
         conn.ensure_connection(max_retries=2, interval_start=0, interval_step=1)
         channel: Any = conn.default_channel  # kombu's stubs omit queue_declare
         queues = (settings.queue, settings.effective_flush_queue)
