@@ -21,6 +21,8 @@ from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
     beat_init,
+    task_postrun,
+    task_prerun,
     worker_init,
     worker_process_init,
 )
@@ -161,6 +163,17 @@ def _our_log_lines(**_: Any) -> None:
     for its commands; a process that only imports the producer gets no handler of ours)."""
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
+
+
+@task_prerun.connect
+def _lines_name_the_task(task_id: str, task: Any, **_: Any) -> None:
+    """A task's log lines carry its id and name, as Flower shows them (worker/logs.py)."""
+    logs.bind_task(task_id, task.name)
+
+
+@task_postrun.connect
+def _task_done(**_: Any) -> None:
+    logs.unbind_task()
 
 
 @after_setup_logger.connect

@@ -135,11 +135,14 @@ def issued_tokens(sandbox: SandboxHandle) -> set[str]:
 #: A number with 3 or more decimals (a task's runtime, an epoch timestamp) is never money, which
 #: has at most 2; its digits can still spell a needle's cents (``0.0047399360009876546s``).
 NOT_MONEY = re.compile(r"\d+\.\d{3,}(?:e-?\d+)?")
+#: A Celery task id (a UUID, on every line a task writes): never member data, yet its hex digits
+#: can spell a needle's cents (``8f245000-...``).
+TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def leaks(texts: dict[str, str], values: set[str]) -> list[str]:
     """``where: value`` for each value found in each text (numbers that can't be money aside)."""
-    scrubbed = {where: NOT_MONEY.sub("", body) for where, body in texts.items()}
+    scrubbed = {where: NOT_MONEY.sub("", TASK_ID.sub("", b)) for where, b in texts.items()}
     return [f"{where}: {v!r}" for where, body in scrubbed.items() for v in values if v in body]
 
 

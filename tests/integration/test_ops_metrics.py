@@ -105,6 +105,13 @@ def test_metrics_and_json_logs_after_a_faulty_run(
     events_logged = {r["event"] for r in records}
     assert {"ingest.batch", "flush.sent", "flush.item_retry"} <= events_logged
     assert any(" ready." in e for e in events_logged)  # Celery's own lines, as JSON
+    # A task's lines carry its Celery id and name: each flush.sent joins the task Flower shows
+    # (Celery's own "Task accumsync.flush_pair[<id>] succeeded" line names the same id).
+    sent = [r for r in records if r["event"] == "flush.sent"]
+    assert sent and {r["task"] for r in sent} == {"accumsync.flush_pair"}
+    celery_ids = set(re.findall(r"accumsync\.flush_pair\[([0-9a-f-]{36})\]", worker.output()))
+    assert {r["task_id"] for r in sent} <= celery_ids
+    assert all(r["task"] == "accumsync.ingest" for r in records if r["event"] == "ingest.batch")
     # Every answer VBA wrapped in its envelope is logged with its activityId (a bare 429 from
     # the rate limiter has none: its line carries the status instead).
     partial = [r for r in records if r["event"] == "vba.batch" and r["failed"]]
