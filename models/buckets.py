@@ -1,4 +1,5 @@
-"""The one table mapping ClaimEvent amounts to VBA SubscriberAccum fields (DESIGN.md section 3).
+"""The one table mapping ClaimEvent amounts to VBA SubscriberAccum fields (docs/design.md,
+"Buckets").
 
 Each of the ten amounts feeds a trio of VBA fields: the total, the in-network column and the
 out-of-network column. An ``in`` event adds to total and in-network, an ``out`` event to total and

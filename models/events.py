@@ -1,4 +1,4 @@
-"""ClaimEvent v1, the producer contract (DESIGN.md section 2), and its canonical content hash."""
+"""ClaimEvent v1, the producer contract (docs/producers.md), and its canonical content hash."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ledger's law (DESIGN.md section 2), pure: what one event does to a claim and its totals.
+"""The ledger's law (docs/design.md, "The ledger law"), pure: what one event does to a claim
+and its totals.
 
 A claim contributes the amounts of its highest version, or nothing when that version is
 ``reversed``. So totals depend only on the *set* of events received, never on their order or on

@@ -1,5 +1,5 @@
-"""The flush's decisions (DESIGN.md section 4), pure: absolute targets from owned shares, and the
-settle rule for writes whose outcome we never heard.
+"""The flush's decisions (docs/design.md, "The flush"), pure: absolute targets from owned
+shares, and the settle rule for writes whose outcome we never heard.
 
 VBA stores absolute totals and its own adjudication writes the same rows, so we never send an
 increment. Per key we know ``ours`` (the ledger's sum), ``pushed`` (our share as VBA last

@@ -1,4 +1,4 @@
-"""The one reader of the environment: every ACCUMSYNC_* setting (DESIGN.md section 7)."""
+"""The one reader of the environment: every ACCUMSYNC_* setting (README.md, "Configuration")."""
 
 from __future__ import annotations
 

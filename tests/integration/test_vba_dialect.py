@@ -1,5 +1,5 @@
 """Speaking VBA's dialect: what the seeds leave unsaid, against the sandbox's strict dialect
-(a .NET service on SQL Server behind an API gateway, as DESIGN.md section 1 assumes), with real
+(a .NET service on SQL Server behind an API gateway, as docs/vba.md assumes), with real
 workers, Redis and Postgres. Each test names the behaviour that would have stopped every write.
 """
 

@@ -1,4 +1,5 @@
-"""The bucket table (DESIGN.md section 3) against the seed's field list and its own invariants."""
+"""The bucket table (docs/design.md, "Buckets") against the seed's field list and its own
+invariants."""
 
 from __future__ import annotations
 

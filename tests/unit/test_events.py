@@ -1,4 +1,4 @@
-"""ClaimEvent v1: every rule of DESIGN.md section 2, each failure naming its field and rule."""
+"""ClaimEvent v1: every rule of docs/producers.md, each failure naming its field and rule."""
 
 from __future__ import annotations
 

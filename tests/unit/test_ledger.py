@@ -1,4 +1,4 @@
-"""The ledger's law (DESIGN.md section 2), rule by rule, on plain values."""
+"""The ledger's law (docs/design.md, "The ledger law"), rule by rule, on plain values."""
 
 from __future__ import annotations
 

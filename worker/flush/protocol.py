@@ -1,5 +1,5 @@
-"""The flush protocol (DESIGN.md section 4) for one (subscriber, group) pair, in three
-transactions per batch call, every write fenced by the pair's lease generation.
+"""The flush protocol (docs/design.md, "The fenced lease") for one (subscriber, group) pair,
+in three transactions per batch call, every write fenced by the pair's lease generation.
 
 1. **Lease and load.** Taking the lease bumps ``pair.lease_gen`` and sets ``lease_until`` by the
    database's clock; the pair's due accumulators are loaded in the same transaction.
