@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install services lint test test-fast demo bench clean
+.PHONY: install services services-compose lint test test-fast demo bench clean
 
 # Every dependency at the version and hash requirements-dev.lock names; then this checkout,
 # resolving nothing again. Regenerate the locks after changing pyproject.toml's dependencies:
@@ -18,8 +18,15 @@ $(VENV)/.installed: pyproject.toml requirements-dev.lock
 
 install: $(VENV)/.installed
 
+# Debian or Ubuntu: installs what is missing with `sudo apt-get` (redis-server, postgresql,
+# rabbitmq-server, docker-compose, prometheus for promtool), then starts the three servers.
 services:
 	bash scripts/services.sh
+
+# Anywhere with Docker: the same three servers from compose.test.yaml, on loopback, once healthy.
+# Then `make test SERVICES=services-compose`.
+services-compose:
+	docker compose -f compose.test.yaml up -d --wait
 
 lint: install
 	$(BIN)/ruff check .
@@ -29,7 +36,8 @@ lint: install
 
 # The whole suite: unit, integration (real Redis, Postgres, RabbitMQ, workers, sandbox) and chaos,
 # in two lanes (pytest-xdist); the chaos and RabbitMQ tests take one at a time (tests/conftest.py).
-test: install services lint
+SERVICES ?= services
+test: install $(SERVICES) lint
 	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 # Unit tests only: no services needed.
@@ -39,7 +47,8 @@ test-fast: install
 demo: install
 	$(BIN)/accumsync demo
 
-# The four benchmarks (README, Performance): long, noisy on a busy machine, never run by CI.
+# The five end-to-end benchmarks (bench/README.md lists all seven and the soak): long, noisy on a
+# busy machine, never run by CI.
 bench: install services
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.flush

@@ -120,14 +120,21 @@ def _full_broker_exits() -> Iterator[None]:
 @app.command()
 def publish(
     file: Annotated[str, typer.Argument(help="a JSONL file of ClaimEvent v1, or - for stdin")],
-    batch_size: Annotated[int, typer.Option(min=1, max=50_000)] = 500,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=50_000, help="events per message [default: ACCUMSYNC_INGEST_BATCH_SIZE]"
+        ),
+    ] = None,
 ) -> None:
     """Publish ClaimEvent v1 lines to the ingest queue, in batches; exit 2 if the broker is
     unreachable or full (the line says how many were queued)."""
     from worker.ingest.producer import connect
     from worker.ingest.producer import publish as send
+    from worker.settings import get_settings
 
     connect()  # an unreachable broker is said before a progress bar starts
+    batch_size = batch_size or get_settings().ingest_batch_size
     total = None if file == "-" else _count_lines(Path(file))
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
     columns = (TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -1,4 +1,4 @@
-"""The one reader of the environment: every ACCUMSYNC_* setting (README.md, "Configuration")."""
+"""The one reader of the environment: every ACCUMSYNC_* setting (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -42,39 +42,78 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
     )
 
-    home: Path = Field(default=DEFAULT_HOME, description="where the embedded defaults keep files")
-    broker_url: str = ""
-    database_url: str = ""
-    redis_url: str = ""
-    queue: str = Field(default="accumsync", min_length=1, description="the ingest queue's name")
+    home: Path = Field(
+        default=DEFAULT_HOME,
+        description="where the embedded defaults keep their files (store, broker)",
+        json_schema_extra={"shown_default": "~/.accumsync"},
+    )
+    broker_url: str = Field(
+        default="",
+        description="`redis://...` or `amqp://...`",
+        json_schema_extra={"shown_default": "embedded SQLite broker"},
+    )
+    database_url: str = Field(
+        default="",
+        description="the store: `postgresql+psycopg://...`",
+        json_schema_extra={"shown_default": "embedded SQLite file"},
+    )
+    redis_url: str = Field(
+        default="",
+        description="Redis for the shared VBA token, rate limit and locks",
+        json_schema_extra={"shown_default": "the broker URL when it is Redis"},
+    )
+    queue: str = Field(
+        default="accumsync",
+        min_length=1,
+        description="the ingest queue (`accumsync.ingest` messages)",
+    )
     flush_queue: str = Field(
-        default="", description="the flush tasks' queue (default: the ingest queue's + .flush)"
+        default="",
+        description="the flush tasks' queue (`accumsync.flush_due`, `flush_pair`, `push_plans`)",
+        json_schema_extra={"shown_default": "`<queue>.flush` (`accumsync.flush`)"},
     )
 
-    vba_base_url: str = ""
-    vba_api_key: SecretStr = SecretStr("")
-    vba_database: str = ""
-    vba_username: str = ""
-    vba_password: SecretStr = SecretStr("")
+    vba_base_url: str = Field(
+        default="", description="e.g. `https://vbapi.vbasoftware.com/vbasoftware`"
+    )
+    vba_api_key: SecretStr = Field(default=SecretStr(""), description="VBA's `x-api-key`")
+    vba_database: str = Field(default="", description="VBA's `vbasoftware-database` header")
+    vba_username: str = Field(default="", description="the user for `/user-authentication`")
+    vba_password: SecretStr = Field(
+        default=SecretStr(""), description="the password for `/user-authentication`"
+    )
     vba_api_key_file: Path | None = Field(
-        default=None, description="a file holding the API key (Docker/Kubernetes secrets)"
+        default=None,
+        description="read the API key from this file instead (Docker/Kubernetes secrets; a "
+        "final newline is dropped); set the key or the file, not both. `accumsync sandbox` "
+        "reads it too (`--api-key-file`); compose sets it",
     )
     vba_password_file: Path | None = Field(
-        default=None, description="a file holding the password (Docker/Kubernetes secrets)"
+        default=None,
+        description="read the password from this file instead, as `VBA_API_KEY_FILE`; "
+        "`accumsync sandbox` reads it too (`--password-file`)",
     )
-    vba_client_id: str = ""
-    vba_client_code: str = ""
-    vba_rate: float = Field(default=25.0, gt=0)
-    vba_burst: int = Field(default=50, ge=1)
-    vba_batch_max: int = Field(default=100, ge=1, le=10_000)
+    vba_client_id: str = Field(default="", description="VBA's `vbasoftware-client-id` header")
+    vba_client_code: str = Field(default="", description="VBA's `vbasoftware-client-code` header")
+    vba_rate: float = Field(
+        default=25.0,
+        gt=0,
+        description="VBA calls/s of the fleet's token bucket (shared through Redis, or the "
+        "store on the embedded defaults)",
+    )
+    vba_burst: int = Field(default=50, ge=1, description="the token bucket's burst")
+    vba_batch_max: int = Field(default=100, ge=1, le=10_000, description="items per batch PUT")
     vba_timeout: float = Field(
         default=30.0,
         gt=0,
         description="seconds VBA may take for each phase of a call: connect, write, await the "
         "answer",
     )
-    vba_verify_tls: bool = True
-    vba_allow_http: bool = False
+    vba_verify_tls: bool = Field(default=True, description="verify VBA's TLS certificate")
+    vba_allow_http: bool = Field(
+        default=False,
+        description="allow `http://` to a non-loopback host (the compose sandbox)",
+    )
 
     vba_audit_user: str = Field(
         default="ACCUMSYNC",
@@ -83,13 +122,24 @@ class Settings(BaseSettings):
         description="update_User (and entry_User on create) of our writes: VBA's audit trail",
     )
 
-    ownership: Literal["shared", "exclusive"] = "shared"
-    flush_interval: float = Field(default=60.0, gt=0)
-    max_attempts: int = Field(default=10, ge=1)
-    backoff_base: float = Field(default=2.0, gt=0, description="seconds, first retry's cap")
-    backoff_max: float = Field(default=900.0, gt=0, description="seconds, cap of any retry")
+    ownership: Literal["shared", "exclusive"] = Field(
+        default="shared",
+        description="`shared`: VBA's own amounts are kept; `exclusive`: the rows are ours alone "
+        '(docs/design.md, "Ownership")',
+    )
+    flush_interval: float = Field(default=60.0, gt=0, description="seconds between beat's flushes")
+    max_attempts: int = Field(
+        default=10, ge=1, description="attempts per item before it becomes a dead letter"
+    )
+    backoff_base: float = Field(
+        default=2.0, gt=0, description="seconds: the first retry's cap (full jitter)"
+    )
+    backoff_max: float = Field(default=900.0, gt=0, description="seconds: any retry's cap")
     flush_lease: float = Field(
-        default=120.0, gt=0, description="seconds a pair's flush lease lasts"
+        default=120.0,
+        gt=0,
+        description="seconds a pair's flush lease lasts, by the database's clock (a dead "
+        "worker's lease expires)",
     )
     settle_grace: float = Field(
         default=120.0,
@@ -113,22 +163,36 @@ class Settings(BaseSettings):
     db_link_timeout: int = Field(
         default=30,
         ge=3,
-        description="Postgres: seconds a connection's network may stay silent (a partition) "
-        "before the connection is given up",
+        description="Postgres: seconds a connection's network may stay silent (a partition, a "
+        "failover) before the connection, and any transaction it left open on the server, is "
+        "given up (libpq keepalives and `tcp_user_timeout`, and the session option "
+        "`idle_in_transaction_session_timeout`; behind pgbouncer, list `options` in its "
+        "`ignore_startup_parameters` and set that timeout on the server)",
     )
     vba_breaker_threshold: int = Field(
         default=3, ge=1, description="consecutive VBA failures that pause every worker's calls"
     )
-    ingest_batch_size: int = Field(default=500, ge=1, le=50_000)
+    ingest_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=50_000,
+        description="events per ingest message that `accumsync publish` and "
+        "`worker.ingest.producer.publish` send (their batch size argument overrides it)",
+    )
 
     health_max_dirty_age: float = Field(
-        default=900.0, gt=0, description="seconds an accumulator may wait for its flush"
+        default=900.0, gt=0, description="`health`: seconds an accumulator may wait for its flush"
     )
     health_max_flush_age: float = Field(
-        default=900.0, gt=0, description="seconds without a successful flush while work waits"
+        default=900.0,
+        gt=0,
+        description="`health`: seconds without a successful flush while work waits",
     )
     health_max_idle: float = Field(
-        default=300.0, gt=0, description="seconds messages may wait with no task making progress"
+        default=300.0,
+        gt=0,
+        description="`health`: seconds messages may wait with no task making progress "
+        "(a stalled consumer)",
     )
 
     audit_retention_days: float = Field(
@@ -139,15 +203,23 @@ class Settings(BaseSettings):
     )
 
     reconcile_rate: float = Field(
-        default=5.0, gt=0, description="VBA reads/s reconcile may take of the shared budget"
+        default=5.0,
+        gt=0,
+        description="VBA reads/s `reconcile` may take of the shared budget (below "
+        "`VBA_RATE`: flushes keep the rest)",
     )
     reconcile_cron: str = Field(
         default="",
-        description="beat runs reconcile of every pair at these times (crontab: 'm h dom mon dow')",
+        description="beat reconciles every pair at these times (crontab: 'm h dom mon dow', e.g. "
+        "'30 2 * * *'), report only, in resumable 30-minute slices",
+        json_schema_extra={"shown_default": "off"},
     )
 
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per line, Celery's own lines included",
+    )
+    log_level: str = Field(default="INFO", description="the log level of every process")
 
     @model_validator(mode="before")
     @classmethod

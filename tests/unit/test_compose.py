@@ -296,3 +296,67 @@ def test_docker_compose_config_resolves_it(compose: dict[str, Any], tmp_path: Pa
     for name in APP_SERVICES:
         mounted = [s["source"] for s in resolved["services"][name]["secrets"]]
         assert sorted(mounted) == sorted(files), name
+
+
+#: The test-suite's own servers for a machine with Docker (``make services-compose``).
+TEST_COMPOSE = ROOT / "compose.test.yaml"
+
+
+@pytest.fixture(scope="module")
+def test_compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(TEST_COMPOSE.read_text())
+    return loaded
+
+
+def test_test_services_are_where_the_tests_look(test_compose: dict[str, Any]) -> None:
+    """compose.test.yaml publishes Redis, PostgreSQL and RabbitMQ on loopback at the ports, and
+    with the users, that tests/services.py connects to: no password for postgres, guest for
+    RabbitMQ allowed from outside the container, healthy before ``--wait`` returns."""
+    from urllib.parse import urlsplit
+
+    from tests.services import AMQP_URL, PG_ADMIN, REDIS_URL
+
+    services = test_compose["services"]
+    assert set(services) == {"redis", "postgres", "rabbitmq"}
+    for name, url in (("redis", REDIS_URL), ("postgres", PG_ADMIN), ("rabbitmq", AMQP_URL)):
+        parts = urlsplit(url)
+        assert parts.hostname == "127.0.0.1", name
+        assert services[name]["ports"] == [f"127.0.0.1:{parts.port}:{parts.port}"], name
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    postgres = services["postgres"]["environment"]
+    assert postgres["POSTGRES_USER"] == urlsplit(PG_ADMIN).username
+    assert postgres["POSTGRES_HOST_AUTH_METHOD"] == "trust"
+    assert urlsplit(AMQP_URL).username == "guest"
+    rabbit = services["rabbitmq"]["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]
+    assert rabbit == "-rabbit loopback_users []"
+    assert all(":" in s["image"] and not s["image"].endswith(":latest") for s in services.values())
+
+
+def test_make_services_compose_starts_them() -> None:
+    """``make services-compose`` starts compose.test.yaml and waits for its health checks; ``make
+    test SERVICES=services-compose`` runs the suite on them instead of scripts/services.sh."""
+    makefile = (ROOT / "Makefile").read_text()
+    target = makefile.split("\nservices-compose:\n", 1)[1].split("\n\n", 1)[0]
+    assert target.strip() == "docker compose -f compose.test.yaml up -d --wait"
+    assert "\nSERVICES ?= services\ntest: install $(SERVICES) lint\n" in makefile
+
+
+@needs_compose
+def test_the_compose_spec_schema_and_docker_compose_accept_the_test_services(
+    test_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """The Compose Specification's schema accepts compose.test.yaml, and ``docker-compose
+    config`` resolves it (no engine needed)."""
+    assert test_compose["name"] == "accumsync-test"
+    bare = {k: v for k, v in test_compose.items() if k != "name"}
+    validator = jsonschema.Draft201909Validator(json.loads(COMPOSE_SPEC.read_text()))
+    assert [e.message for e in validator.iter_errors(bare)] == []
+    path = tmp_path / "compose.test.yaml"
+    path.write_text(yaml.safe_dump(bare, sort_keys=False))
+    assert DOCKER_COMPOSE is not None
+    proc = subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(path), "config"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)["services"]
+    assert resolved["postgres"]["ports"] == ["127.0.0.1:5432:5432/tcp"]

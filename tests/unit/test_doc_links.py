@@ -104,3 +104,19 @@ def test_the_check_finds_a_missing_file_and_section(tmp_path: Path) -> None:
         'docs/design.md has no section "No such section"',
         "docs/design.md has no heading #no-such-anchor",
     ]
+
+
+def test_the_schema_version_the_docs_quote_is_the_migrations_head() -> None:
+    """An example of ``accumsync status`` on an unmigrated store names the head migration
+    ("expected 0012"), not an older one (a recorded run's output, quoting its own day's head,
+    is not an example of today's)."""
+    versions = (ROOT / "migrations" / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    head = max(p.name[:4] for p in versions)
+    example = re.compile(r"schema is at nothing, expected (\d{4})\b")
+    quoted = {
+        f"{path.relative_to(ROOT)}: {m.group(1)}"
+        for path in sources()
+        if path.suffix == ".md"
+        for m in example.finditer(path.read_text(encoding="utf-8"))
+    }
+    assert quoted and all(q.endswith(f": {head}") for q in quoted), (head, sorted(quoted))

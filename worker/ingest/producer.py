@@ -16,8 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.celery import app
-
-DEFAULT_BATCH = 500
+from worker.settings import get_settings
 
 
 class BrokerFull(Exception):
@@ -73,13 +72,16 @@ def connect(retries: int = 1) -> None:
 
 def publish(
     events: Iterable[Any],
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
-    """Send ``events`` in messages of ``batch_size``; returns how many were sent.
+    """Send ``events`` in messages of ``batch_size`` (default: ACCUMSYNC_INGEST_BATCH_SIZE);
+    returns how many were sent.
 
     Raises :class:`BrokerFull` when the broker is out of memory. Its message is ours: the
     driver's would quote the refused command, and a command can carry the start of a body."""
+    if batch_size is None:
+        batch_size = get_settings().ingest_batch_size
     if batch_size < 1:
         raise ValueError("batch_size: must be >= 1")
     sent = 0
