@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -18,18 +19,77 @@ app = typer.Typer(
     help="accumsync: claim events in, exact VBA accumulators out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # rich tracebacks print locals: secrets, member data
+    context_settings={"help_option_names": ["-h", "--help"]},  # the subcommands inherit it
 )
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
 dead_app = typer.Typer(help="Events and items that were refused, with their reasons.")
 plans_app = typer.Typer(help="Plan accumulator definitions (PUT /plans/{id}/accumulators-batch).")
-app.add_typer(db_app, name="db")
-app.add_typer(dead_app, name="dead-letters")
-app.add_typer(plans_app, name="plans")
+#: The help's panels: running the pipeline, looking at it, putting things right, developing.
+RUN, INSPECT, REPAIR, DEVELOP = "Run", "Inspect", "Repair", "Develop"
+app.add_typer(db_app, name="db", rich_help_panel=RUN)
+app.add_typer(dead_app, name="dead-letters", rich_help_panel=REPAIR)
+app.add_typer(plans_app, name="plans", rich_help_panel=RUN)
 out = Console()
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 _debug = {"on": False}
+
+
+class Code(IntEnum):
+    """Every command's exit codes (docs/cli.md has the table)."""
+
+    OK = 0
+    #: The command ran and found what it reports: drift, unhealthy, dead letters, refusals.
+    FOUND = 1
+    #: The command line or its input: a bad option, an unreadable file, a bad plan file.
+    USAGE = 2
+    #: ``flush --wait``: accumulators still waiting at the timeout.
+    PENDING = 3
+    #: accumsync cannot work here: a setting, the store or broker unreachable or full, the
+    #: store's schema not current, VBA unreachable.
+    ENVIRONMENT = 4
+    INTERRUPTED = 130
+
+
+class Source(StrEnum):
+    """Where a dead letter came from."""
+
+    ingest = "ingest"
+    flush = "flush"
+    plans = "plans"
+    broker = "broker"
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        out.print(f"accumsync {version('accumsync')}")
+        raise typer.Exit()
+
+
+def _readable(path: Path) -> Path:
+    """A file named on the command line, if it can be read; otherwise one line and exit 2."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        sys.stderr.write(f"accumsync: cannot read {path}: {exc.strerror or exc}\n")
+        raise typer.Exit(Code.USAGE) from None
+    return path
+
+
+def _writable(path: Path) -> Path:
+    """A file the command will write, if it can be; otherwise one line and exit 2 (before any
+    work is done)."""
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        sys.stderr.write(f"accumsync: cannot write {path}: {exc.strerror or exc}\n")
+        raise typer.Exit(Code.USAGE) from None
+    return path
 
 
 @app.callback()
@@ -40,6 +100,12 @@ def _options(
             "--debug",
             envvar="ACCUMSYNC_DEBUG",
             help="show the whole traceback of a configuration or connection problem",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
         ),
     ] = False,
 ) -> None:
@@ -81,7 +147,7 @@ def db_upgrade() -> None:
 
 @db_app.command("check")
 def db_check() -> None:
-    """Exit 0 when the store's schema is current; 2, naming the fix, when it is not."""
+    """Exit 0 when the store's schema is current; 4, naming the fix, when it is not."""
     _require_store()
     out.print("database schema is current")
 
@@ -105,7 +171,7 @@ def _count_lines(path: Path) -> int | None:
 @contextmanager
 def _full_broker_exits() -> Iterator[None]:
     """A broker out of memory refusing a message: its one line (what was queued, what to do)
-    and exit 2, not a traceback."""
+    and exit 4, not a traceback."""
     from worker.ingest.producer import BrokerFull
 
     try:
@@ -114,10 +180,10 @@ def _full_broker_exits() -> Iterator[None]:
         if _debug["on"]:
             raise
         sys.stderr.write(f"{exc}\n")
-        raise typer.Exit(2) from None
+        raise typer.Exit(Code.ENVIRONMENT) from None
 
 
-@app.command()
+@app.command(rich_help_panel=RUN)
 def publish(
     file: Annotated[str, typer.Argument(help="a JSONL file of ClaimEvent v1, or - for stdin")],
     batch_size: Annotated[
@@ -127,12 +193,14 @@ def publish(
         ),
     ] = None,
 ) -> None:
-    """Publish ClaimEvent v1 lines to the ingest queue, in batches; exit 2 if the broker is
+    """Publish ClaimEvent v1 lines to the ingest queue, in batches; exit 4 if the broker is
     unreachable or full (the line says how many were queued)."""
     from worker.ingest.producer import connect
     from worker.ingest.producer import publish as send
     from worker.settings import get_settings
 
+    if file != "-":
+        _readable(Path(file))
     connect()  # an unreachable broker is said before a progress bar starts
     batch_size = batch_size or get_settings().ingest_batch_size
     total = None if file == "-" else _count_lines(Path(file))
@@ -145,15 +213,7 @@ def publish(
     out.print(f"published {sent} events in batches of {batch_size}")
 
 
-@app.command()
-def schema() -> None:
-    """Print ClaimEvent v1 as a JSON Schema (the file in schemas/), for producers to validate."""
-    from models.events import json_schema
-
-    sys.stdout.write(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
-
-
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def status(as_json: JsonFlag = False) -> None:
     """Counters: events received and applied, duplicates, dead letters, dirty accumulators."""
     from worker.db import session_scope
@@ -175,7 +235,7 @@ def status(as_json: JsonFlag = False) -> None:
 def dead_list(
     as_json: JsonFlag = False,
     limit: Annotated[int, typer.Option(min=1)] = 50,
-    source: Annotated[str | None, typer.Option(help="ingest | flush | plans | broker")] = None,
+    source: Annotated[Source | None, typer.Option(help="only the letters from there")] = None,
     show_payload: Annotated[
         bool, typer.Option(help="include the raw payload (it holds member data)")
     ] = False,
@@ -186,7 +246,7 @@ def dead_list(
 
     _require_store()
     with session_scope() as session:
-        rows = dead_letters(session, limit, source, show_payload)
+        rows = dead_letters(session, limit, source and source.value, show_payload)
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -211,7 +271,8 @@ def dead_replay(
         list[int] | None, typer.Option("--id", help="a letter's id (repeatable)")
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="every open letter")] = False,
-    source: Annotated[str | None, typer.Option(help="ingest | flush")] = None,
+    source: Annotated[Source | None, typer.Option(help="every open letter from there")] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Re-queue dead-lettered events, or release dead-lettered accumulators, after a fix."""
     from worker.db import session_scope
@@ -221,17 +282,23 @@ def dead_replay(
 
     if not ids and not all_ and not source:
         err.print("name letters with --id N, or choose --all or --source")
-        raise typer.Exit(2)
+        raise typer.Exit(Code.USAGE)
     _require_store()
     with _full_broker_exits(), session_scope() as session:
-        done = replay(session, ids, source)
+        done = replay(session, ids, source and source.value)
         # Publish before the commit marks them replayed: a failed publish leaves them open.
         sent = send(done.events) if done.events else 0
+    pushes = push_due(plan_ids=done.plans) if done.plans else None
+    if as_json:
+        plans = _pushes_json(pushes) if pushes else None
+        answer = {"republished": sent, "released": done.released, "plans": plans}
+        out.print_json(json.dumps(answer | {"refused": done.refused}))
+        return
     out.print(
         f"re-published {sent} events; released {done.released} accumulators for the next flush"
     )
-    if done.plans:
-        _print_pushes(push_due(plan_ids=done.plans), "plans re-sent")
+    if pushes:
+        _print_pushes(pushes, "plans re-sent")
     for why in done.refused:
         err.print(f"[yellow]not replayed: {why}[/yellow]")
 
@@ -253,33 +320,52 @@ def dead_resolve(
 
     if landed is None:
         err.print("say what VBA shows: --landed or --not-landed")
-        raise typer.Exit(2)
+        raise typer.Exit(Code.USAGE)
     _require_store()
     try:
         with session_scope() as session:
             message = resolve(session, letter, landed)
     except NotResolvable as exc:
         err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        raise typer.Exit(Code.FOUND) from None
     out.print(message)
 
 
-@app.command()
+@app.command(rich_help_panel=RUN)
 def flush(
     wait: Annotated[bool, typer.Option(help="wait until nothing is left to flush")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait at most")] = 600.0,
     poll: Annotated[float, typer.Option(help="seconds between checks")] = 1.0,
+    as_json: JsonFlag = False,
 ) -> None:
     """Trigger a flush now; with --wait, wait for it: exit 1 on new dead letters, 3 if some are
     still pending at the timeout."""
     from worker.ops.flushwait import wait_for_flush
 
     _require_store()
-    code = wait_for_flush(out, wait=wait, timeout=timeout, poll=poll)
-    raise typer.Exit(code)
+    waited = wait_for_flush(wait=wait, timeout=timeout, poll=poll)
+    figures = waited.figures
+    if as_json:
+        out.print_json(
+            json.dumps({"queued": True, "waited": figures is not None} | (figures or {}))
+        )
+    elif figures is None:
+        out.print("flush queued")
+    else:
+        out.print(" ".join(f"{k}={v}" for k, v in figures.items()))
+        out.print(FLUSH_ENDS[Code(waited.code)].format(**figures, timeout=timeout))
+    raise typer.Exit(waited.code)
 
 
-@app.command()
+#: What ``flush --wait`` says last, by its exit code.
+FLUSH_ENDS = {
+    Code.OK: "[green]flushed: nothing left to send[/green]",
+    Code.FOUND: "[red]some items ended as dead letters: `accumsync dead-letters list`[/red]",
+    Code.PENDING: "[yellow]{pending} accumulators still pending after {timeout}s[/yellow]",
+}
+
+
+@app.command(rich_help_panel=REPAIR)
 def reconcile(
     subscriber: Annotated[str | None, typer.Option(help="one pair: its subscriber_id")] = None,
     group: Annotated[str | None, typer.Option(help="one pair: its group_id")] = None,
@@ -311,6 +397,10 @@ def reconcile(
     from worker.vba import VbaError
     from worker.vba.fleet import client
 
+    if pairs is not None:
+        _readable(pairs)
+    if csv_file is not None:
+        _writable(csv_file)
     settings = get_settings()
     _require_store()
     try:
@@ -318,7 +408,7 @@ def reconcile(
             scope = scope_of(session, subscriber, group, pairs, all_)
     except ScopeError as exc:
         err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(Code.USAGE) from None
     columns = (TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False) as progress:
         bar = progress.add_task("pairs", total=len(scope.pair_ids))
@@ -334,11 +424,11 @@ def reconcile(
         except KeyboardInterrupt:
             progress.stop()
             err.print("interrupted: run the same command again to go on where this stopped")
-            raise typer.Exit(130) from None
+            raise typer.Exit(Code.INTERRUPTED) from None
         except VbaError as exc:
             progress.stop()
             err.print(f"[red]VBA: {exc}[/red]; run the same command again to go on from here")
-            raise typer.Exit(2) from None
+            raise typer.Exit(Code.ENVIRONMENT) from None
     report = summary(run_id, scope, resumed)
     rows = findings(run_id)
     if csv_file is not None:
@@ -385,7 +475,7 @@ def _write_findings(path: Path, rows: list[dict[str, Any]]) -> None:
                 writer.writerow(key | diff)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def explain(
     subscriber: Annotated[str, typer.Option(help="the member's subscriber_id")],
     group: Annotated[str, typer.Option(help="the member's group_id")],
@@ -451,21 +541,30 @@ def _print_story(story: dict[str, Any]) -> None:
 def plans_push(
     file: Annotated[Path, typer.Argument(help="YAML or JSON: a list of plan accumulators")],
     force: Annotated[bool, typer.Option(help="send plans even when unchanged")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Validate plan accumulator definitions and send one batch per changed plan."""
     from worker.flush.plans import PlanFileError, load_plans, push_plans
 
     try:
-        plans = load_plans(file)
+        plans = load_plans(_readable(file))
     except PlanFileError as exc:
         err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(Code.USAGE) from None
     _require_store()
     report = push_plans(plans, force=force)
-    _print_pushes(report, "plans push")
+    if as_json:
+        out.print_json(json.dumps(_pushes_json(report)))
+    else:
+        _print_pushes(report, "plans push")
     if report.failed:
         err.print(f"[red]{report.failed} records refused: see `accumsync dead-letters list`[/red]")
-        raise typer.Exit(1)
+        raise typer.Exit(Code.FOUND)
+
+
+def _pushes_json(report: Any) -> dict[str, Any]:
+    plans = [{"plan_id": p, "records": n, "outcome": o} for p, n, o in report.rows]
+    return {"plans": plans, "failed": report.failed, "pending": report.pending}
 
 
 def _print_pushes(report: Any, title: str) -> None:
@@ -477,7 +576,15 @@ def _print_pushes(report: Any, title: str) -> None:
         err.print(f"{report.pending} plans wait for VBA: the worker retries them (beat)")
 
 
-@app.command()
+@app.command(rich_help_panel=DEVELOP)
+def schema() -> None:
+    """Print ClaimEvent v1 as a JSON Schema (the file in schemas/), for producers to validate."""
+    from models.events import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command(rich_help_panel=DEVELOP)
 def demo(
     events: Annotated[int, typer.Option(min=100, help="events to generate")] = 5_000,
     members: Annotated[int, typer.Option(min=1, help="subscribers they spread over")] = 300,
@@ -506,14 +613,14 @@ def demo(
         code = Demo(opts, out).run()
     except KeyboardInterrupt:
         err.print("interrupted: every child process was stopped")
-        raise typer.Exit(130) from None
+        raise typer.Exit(Code.INTERRUPTED) from None
     except (TimeoutError, RuntimeError) as exc:
         err.print(f"[red]demo failed: {exc}[/red]")
-        raise typer.Exit(1) from None
+        raise typer.Exit(Code.FOUND) from None
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def health(
     max_dirty_age: Annotated[
         float | None, typer.Option(help="seconds; default ACCUMSYNC_HEALTH_MAX_DIRTY_AGE")
@@ -546,7 +653,7 @@ def health(
     raise typer.Exit(0 if report.healthy else 1)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def metrics(
     port: Annotated[int, typer.Option(help="port to serve /metrics on")] = 9808,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
@@ -570,7 +677,7 @@ def metrics(
         httpd.server_close()
 
 
-@app.command()
+@app.command(rich_help_panel=REPAIR)
 def prune(as_json: JsonFlag = False) -> None:
     """Delete audit rows older than ACCUMSYNC_AUDIT_RETENTION_DAYS now (beat does it hourly)."""
     from worker.ops.retention import prune as prune_audit
@@ -589,7 +696,7 @@ def prune(as_json: JsonFlag = False) -> None:
 def _mount_sandbox() -> None:
     from worker.sandbox.cli import sandbox
 
-    app.command("sandbox")(sandbox)
+    app.command("sandbox", rich_help_panel=DEVELOP)(sandbox)
 
 
 _mount_sandbox()
@@ -597,14 +704,17 @@ _mount_sandbox()
 
 def main() -> None:
     """Console-script entry point: a configuration or connection problem prints the line or two
-    that name it and its fix, and exits 2; ``--debug`` (ACCUMSYNC_DEBUG=1) shows the traceback."""
+    that name it and its fix, and exits 4; ``--debug`` (ACCUMSYNC_DEBUG=1) shows the traceback.
+    A file the system refuses (the store's folder not writable, say) gets one line too."""
     from worker.problems import explain
 
     try:
         app()
     except Exception as exc:
         problem = explain(exc)
+        if problem is None and isinstance(exc, OSError) and exc.filename is not None:
+            problem = f"accumsync: {exc.filename}: {exc.strerror or exc}"
         if problem is None or _debug["on"]:
             raise
         sys.stderr.write(problem + "\n")
-        sys.exit(2)
+        sys.exit(Code.ENVIRONMENT)

@@ -143,7 +143,7 @@ def test_migration_under_ingest_then_workers_older_than_the_schema_refuse(chaos:
     assert (broker.llen(stack.queue), stack.received()) == (depth, received)
     # Nor can this release's `db upgrade` touch it (alembic alone would say "can't locate").
     upgrade_newer = stack.cli("db", "upgrade", check=False)
-    assert upgrade_newer.returncode == 2, upgrade_newer.stdout + upgrade_newer.stderr
+    assert upgrade_newer.returncode == 4, upgrade_newer.stdout + upgrade_newer.stderr
     assert upgrade_newer.stderr.startswith(f"this accumsync knows schema up to {real_head}")
 
     # (b) The store one revision behind today's head: today's worker refuses, naming the fix.

@@ -1,7 +1,7 @@
 """RabbitMQ under the workers: every connection closed by the broker mid-publish and mid-ingest,
 then the broker app stopped for 20 s and started again. Publishers hear of every message the
 broker did not take (publisher confirms): the test's own publisher retries or raises, and
-``accumsync publish`` exits 2 naming the broker; the workers reconnect by themselves."""
+``accumsync publish`` exits 4 naming the broker; the workers reconnect by themselves."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_rabbitmq_connections_closed_and_app_stopped_lose_nothing(
         cli, health = cli_run.result(), health_run.result()
         time.sleep(max(0.0, STOPPED - (time.monotonic() - stopped_at)))
         stopped_for = round(time.monotonic() - stopped_at, 1)
-    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert cli.returncode == 4, cli.stdout + cli.stderr
     assert "cannot reach the broker at 127.0.0.1:5672" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr and "guest:***@" in cli.stderr
     assert health.returncode == 1 and "cannot reach the broker" in health.stdout, health.stdout

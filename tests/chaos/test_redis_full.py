@@ -87,7 +87,7 @@ def test_full_redis_refuses_publishes_loudly_loses_nothing_and_recovers(
     cli_file.write_text("".join(json.dumps(e) + "\n" for e in rest[len(accepted) :]))
     cli = stack.cli("publish", str(cli_file), "--batch-size", "50", check=False)
     cli_line = cli.stderr.strip().splitlines()[-1]
-    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert cli.returncode == 4, cli.stdout + cli.stderr
     assert "is full" in cli_line and "Traceback" not in cli.stderr, cli.stderr
     values = needles(events, None)
     assert leaks({"api": refused["message"], "cli": cli.stderr}, values) == []

@@ -23,7 +23,7 @@ def test_a_publish_the_broker_refuses_fails_loudly(
     make_stack: Callable[..., Stack], amqp_url: str, tmp_path: Path
 ) -> None:
     """A full queue (max-length, reject-publish) nacks the second batch: ``accumsync publish``
-    exits 2 naming the broker and what to do, instead of reporting every event published."""
+    exits 4 naming the broker and what to do, instead of reporting every event published."""
     with private_vhost(amqp_url) as (vhost, url):
         rabbitmqctl("set_policy", "-p", vhost, "one", ".*", ONE_MESSAGE, "--apply-to", "queues")
         stack = make_stack(broker_url=url)  # no worker: nothing drains the queue
@@ -33,7 +33,7 @@ def test_a_publish_the_broker_refuses_fails_loudly(
         with Connection(url) as conn:
             waiting = conn.default_channel.queue_declare(stack.queue, passive=True).message_count
     assert waiting == 1
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "published 3 events" not in proc.stdout
     assert "Traceback" not in proc.stderr
     assert "refused" in proc.stderr and "127.0.0.1:5672" in proc.stderr, proc.stderr

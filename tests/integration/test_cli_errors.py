@@ -1,6 +1,6 @@
 """Every command, facing an unmigrated store, an unreachable store or broker, or an invalid setting,
 says in one or two lines what is wrong and how to fix it (the setting, the host:port, the command
-to run) and exits 2; no traceback unless ``--debug``.
+to run) and exits 4 (docs/cli.md); no traceback unless ``--debug``.
 
 Each command runs as a new user would run it: the installed ``accumsync`` script in a fresh
 process, with a fresh home. The runs are started together (they are a second each) and each case
@@ -44,45 +44,45 @@ OK = Expect(0)
 # command -> fault -> what it must do. A command that does not need the faulty part works.
 CASES: dict[str, dict[str, Expect]] = {
     "status": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
         "broker_down": OK,
     },
     "db check": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
         "broker_down": OK,
     },
-    "db upgrade": {"unmigrated": OK, "store_down": Expect(2, STORE), "broker_down": OK},
+    "db upgrade": {"unmigrated": OK, "store_down": Expect(4, STORE), "broker_down": OK},
     "publish {events}": {
         "unmigrated": OK,  # queued: workers refuse to start until the store is migrated
         "store_down": OK,
-        "broker_down": Expect(2, BROKER),
+        "broker_down": Expect(4, BROKER),
     },
     "dead-letters list": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
         "broker_down": OK,
     },
     "dead-letters replay --all": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
         "broker_down": OK,  # nothing to re-publish
     },
     "dead-letters resolve 1 --landed": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
         "broker_down": Expect(1, ("not a hold",)),  # no such letter: not a fault of the broker
     },
     "flush": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
-        "broker_down": Expect(2, BROKER),
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
+        "broker_down": Expect(4, BROKER),
     },
     "plans push {plans}": {
-        "unmigrated": Expect(2, (UPGRADE,)),
-        "store_down": Expect(2, STORE),
-        "broker_down": Expect(2, BROKER),  # the shared rate limit lives on the broker's Redis
+        "unmigrated": Expect(4, (UPGRADE,)),
+        "store_down": Expect(4, STORE),
+        "broker_down": Expect(4, BROKER),  # the shared rate limit lives on the broker's Redis
     },
     # health's job is to report these: exit 1 (unhealthy) with the same named reasons.
     "health --samples 1 --interval 0": {
@@ -98,13 +98,13 @@ CASES: dict[str, dict[str, Expect]] = {
     },
     # The demo keeps its own store and broker unless told: the faults come as its options.
     "demo --events 100 --members 5 --timeout 60 {demo_fault}": {
-        "store_down": Expect(2, STORE),
-        "broker_down": Expect(2, ("127.0.0.1:1",)),
+        "store_down": Expect(4, STORE),
+        "broker_down": Expect(4, ("127.0.0.1:1",)),
     },
     "schema": {"unmigrated": OK, "store_down": OK, "broker_down": OK},
 }
 for _faults in CASES.values():
-    _faults.setdefault("bad_setting", Expect(2, SETTING))
+    _faults.setdefault("bad_setting", Expect(4, SETTING))
 CASES["schema"]["bad_setting"] = OK  # it reads no setting
 # The demo runs on settings of its own and ignores the user's ACCUMSYNC_* (worker/demo/demo.py).
 CASES["demo --events 100 --members 5 --timeout 60 {demo_fault}"]["bad_setting"] = OK
@@ -180,7 +180,7 @@ def test_each_command_names_the_problem_and_the_fix(
     flat = " ".join(both.split())  # a long line may wrap on the terminal's width
     for words in expect.says:
         assert words in flat, both[-2000:]
-    if expect.code == 2:
+    if expect.code == 4:  # accumsync cannot work here: a line or two that name the fix
         lines = [line for line in ran.stderr.splitlines() if line.strip()]
         problem = [line for line in lines if not line.startswith(("home ", "store migrated"))]
         assert 1 <= len(problem) <= 2, ran.stderr
@@ -194,3 +194,40 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "Traceback" in done.stderr
     assert "vba_batch_max" in done.stderr
+
+
+USAGE = [
+    ("publish /nonexistent.jsonl", "cannot read /nonexistent.jsonl: No such file or directory"),
+    ("plans push /nonexistent.yaml", "cannot read /nonexistent.yaml: No such file or directory"),
+    ("reconcile --pairs /nonexistent.csv", "cannot read /nonexistent.csv"),
+    ("reconcile --all --csv /nonexistent/dir/out.csv", "cannot write /nonexistent/dir/out.csv"),
+    ("dead-letters list --source ingset", "'ingset' is not one of"),
+    ("dead-letters replay", "name letters with --id N"),
+]
+
+
+@pytest.mark.parametrize(("command", "says"), USAGE, ids=[c for c, _ in USAGE])
+def test_a_usage_error_exits_2_and_says_so_briefly(tmp_path: Path, command: str, says: str) -> None:
+    """A file that can't be read or written, an unknown --source: exit 2, a few lines at most,
+    no traceback (a missing file printed a 42-line traceback before)."""
+    argv = [ACCUMSYNC, *command.split()]
+    env = _env("", tmp_path)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert says in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) <= 6, done.stderr  # click's usage box at most
+
+
+def test_version_and_short_help(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    env = _env("", tmp_path)
+    shown = subprocess.run([ACCUMSYNC, "--version"], env=env, capture_output=True, text=True)
+    assert (shown.returncode, shown.stdout.strip()) == (0, f"accumsync {version('accumsync')}")
+    argv = [ACCUMSYNC, "plans", "push", "-h"]
+    helped = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert helped.returncode == 0 and "--json" in helped.stdout
+    panels = subprocess.run([ACCUMSYNC, "-h"], env=env, capture_output=True, text=True).stdout
+    heads = [p for p in ("Run", "Inspect", "Repair", "Develop") if f"─ {p} ─" in panels]
+    assert heads == ["Run", "Inspect", "Repair", "Develop"]

@@ -240,7 +240,7 @@ def test_reconcile_repairs_nothing_on_a_gateway_404(edge: Edge) -> None:
     edge.stack.flush_wait()
     edge.sandbox.admin.set_faults(list_gateway_404s=1)
     repair = edge.reconcile("--repair", "--json")
-    assert repair.returncode == 2 and "404" in repair.stderr, repair.stdout + repair.stderr
+    assert repair.returncode == 4 and "404" in repair.stderr, repair.stdout + repair.stderr
     edge.publish([edge.claim("c2", "0.00", benefit="OOP")])  # the pair is read again
     edge.stack.flush_wait()
     assert edge.field("deductible_Used") == Decimal("100.00")

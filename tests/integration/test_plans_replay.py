@@ -55,8 +55,9 @@ def test_plans_push_sends_changed_plans_only(
     assert set(stored) == {(p["plan_ID"], p["accum_Name"]) for p in PLANS}
     assert str(stored[("PPO2026", "RXDED")]["member_Deductible"]) == "250.50"
     assert plan_batches(sandbox) == 2
-    again = stack.cli("plans", "push", str(path))
-    assert again.stdout.count("unchanged") == 2 and plan_batches(sandbox) == 2
+    again = json.loads(stack.cli("plans", "push", str(path), "--json").stdout)
+    assert [p["outcome"] for p in again["plans"]] == ["unchanged, skipped"] * 2
+    assert (again["failed"], again["pending"], plan_batches(sandbox)) == (0, 0, 2)
     changed = [dict(PLANS[0], ooP_Max_Mem=3500), *PLANS[1:]]
     path.write_text(yaml.safe_dump(changed))
     stack.cli("plans", "push", str(path))
@@ -116,7 +117,14 @@ def test_replay_releases_items_that_gave_up(
     letters = json.loads(listing.stdout)
     assert letters and all(d["reason"].startswith("gave up after 1 attempts") for d in letters)
     sandbox.admin.set_faults(item_error_rate=0.0)
-    released = stack.cli("dead-letters", "replay", "--source", "flush")
-    assert f"released {len(letters)} accumulators" in released.stdout
-    assert stack.cli("flush", "--wait", "--timeout", "60", check=False).returncode == 0
+    released = stack.cli("dead-letters", "replay", "--source", "flush", "--json")
+    assert json.loads(released.stdout) == {
+        "republished": 0,
+        "released": len(letters),
+        "plans": None,
+        "refused": [],
+    }
+    flushed = stack.cli("flush", "--wait", "--timeout", "60", "--json", check=False)
+    assert flushed.returncode == 0
+    assert json.loads(flushed.stdout) | {"pending": 0, "waited": True} == json.loads(flushed.stdout)
     assert same_totals(remote_totals(sandbox.admin.rows()), expected_totals(events)) == []

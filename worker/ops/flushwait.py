@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 
-from rich.console import Console
 from sqlalchemy import func, select
 from sqlmodel import Session
 
@@ -44,14 +44,22 @@ def summary(session: Session, since: datetime) -> dict[str, int]:
     }
 
 
-def wait_for_flush(console: Console, wait: bool, timeout: float, poll: float) -> int:
-    """0: all flushed; 1: some items ended as dead letters; 3: still pending at the timeout (2 is
-    every command's "cannot work": a setting, an unreachable store or broker)."""
+@dataclass
+class Waited:
+    """How a ``flush --wait`` ended: its exit code (0 all flushed, 1 some items ended as dead
+    letters, 3 still pending at the timeout) and the run's figures (None: not waited for)."""
+
+    code: int
+    figures: dict[str, int] | None = None
+
+
+def wait_for_flush(wait: bool, timeout: float, poll: float) -> Waited:
+    """Trigger a flush; with ``wait``, trigger again every few seconds until nothing is left to
+    flush or ``timeout`` seconds have passed, and count what the flushes did meanwhile."""
     started = utcnow()
     app.send_task("accumsync.flush_due")
     if not wait:
-        console.print("flush queued")
-        return 0
+        return Waited(0)
     deadline = last_trigger = time.monotonic()
     deadline += timeout
     left = -1
@@ -67,12 +75,5 @@ def wait_for_flush(console: Console, wait: bool, timeout: float, poll: float) ->
     with session_scope() as s:
         figures = summary(s, started)
     figures["pending"] = left
-    console.print(" ".join(f"{k}={v}" for k, v in figures.items()))
-    if figures["dead_letters"]:
-        console.print("[red]some items ended as dead letters: `accumsync dead-letters list`[/red]")
-        return 1
-    if left:
-        console.print(f"[yellow]{left} accumulators still pending after {timeout}s[/yellow]")
-        return 3
-    console.print("[green]flushed: nothing left to send[/green]")
-    return 0
+    code = 1 if figures["dead_letters"] else 3 if left else 0
+    return Waited(code, figures)

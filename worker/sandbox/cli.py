@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from worker.sandbox import config as c
 from worker.sandbox.app import serve
 
-Share = Annotated[float, typer.Option(min=0.0, max=1.0)]
+#: The help's panel for the flags that set the sandbox's faults (the rest configure the server).
+FAULTS = "Faults"
+
+
+def fault(**options: Any) -> Any:
+    """A fault flag: ``typer.Option`` in the help's Faults panel."""
+    return typer.Option(rich_help_panel=FAULTS, **options)
+
+
+FaultShare = Annotated[float, fault(min=0.0, max=1.0)]
 
 
 def secret(value: str | None, path: Path | None, option: str, default: str) -> str:
@@ -64,67 +73,67 @@ def sandbox(
     id_spelling: Annotated[
         c.IdSpelling, typer.Option(help="207 id key names: exact (subscriber_ID) or camel")
     ] = "exact",
-    error_500: Share = 0.0,
-    error_502: Share = 0.0,
-    error_503: Share = 0.0,
-    rate_429: Annotated[float, typer.Option(min=0.0, max=1.0, help="429 storm share")] = 0.0,
-    retry_after: Annotated[float, typer.Option(help="Retry-After seconds")] = 1.0,
-    retry_after_date: Annotated[bool, typer.Option(help="Retry-After as HTTP date")] = False,
-    latency: Annotated[float, typer.Option(help="seconds added to each answer")] = 0.0,
-    timeout_rate: Share = 0.0,
-    timeout_seconds: Annotated[float, typer.Option(help="how long a hung call hangs")] = 35.0,
-    item_error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="207 item 500s")] = 0.0,
+    error_500: FaultShare = 0.0,
+    error_502: FaultShare = 0.0,
+    error_503: FaultShare = 0.0,
+    rate_429: Annotated[float, fault(min=0.0, max=1.0, help="429 storm share")] = 0.0,
+    retry_after: Annotated[float, fault(help="Retry-After seconds")] = 1.0,
+    retry_after_date: Annotated[bool, fault(help="Retry-After as HTTP date")] = False,
+    latency: Annotated[float, fault(help="seconds added to each answer")] = 0.0,
+    timeout_rate: FaultShare = 0.0,
+    timeout_seconds: Annotated[float, fault(help="how long a hung call hangs")] = 35.0,
+    item_error_rate: Annotated[float, fault(min=0.0, max=1.0, help="207 item 500s")] = 0.0,
     item_written_error_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="207 items written, then answered 500")
+        float, fault(min=0.0, max=1.0, help="207 items written, then answered 500")
     ] = 0.0,
     item_written_errors: Annotated[
-        int, typer.Option(min=0, help="the next N 207 items written, then answered 500")
+        int, fault(min=0, help="the next N 207 items written, then answered 500")
     ] = 0,
     lost_answer_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="batch calls written, then answer lost")
+        float, fault(min=0.0, max=1.0, help="batch calls written, then answer lost")
     ] = 0.0,
     lost_answers: Annotated[
-        int, typer.Option(min=0, help="the next N batch calls written, then answer lost")
+        int, fault(min=0, help="the next N batch calls written, then answer lost")
     ] = 0,
     lost_answer: Annotated[
-        c.LostAnswer, typer.Option(help="how an answer is lost: 504, reset or hang")
+        c.LostAnswer, fault(help="how an answer is lost: 504, reset or hang")
     ] = "504",
     late_rate: Annotated[
         float,
-        typer.Option(min=0.0, max=1.0, help="batch calls a gateway answers at once, written later"),
+        fault(min=0.0, max=1.0, help="batch calls a gateway answers at once, written later"),
     ] = 0.0,
     late_answers: Annotated[
-        int, typer.Option(min=0, help="the next N batch calls answered at once, written later")
+        int, fault(min=0, help="the next N batch calls answered at once, written later")
     ] = 0,
     late_status: Annotated[
-        c.LateStatus, typer.Option(help="the gateway's answer to a late call: 502, 504, either")
+        c.LateStatus, fault(help="the gateway's answer to a late call: 502, 504, either")
     ] = "either",
     late_seconds: Annotated[
-        float, typer.Option(min=0.0, help="seconds after the answer that late writes land")
+        float, fault(min=0.0, help="seconds after the answer that late writes land")
     ] = 0.5,
     late_never: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="late calls whose writes never land")
+        float, fault(min=0.0, max=1.0, help="late calls whose writes never land")
     ] = 0.0,
     list_gateway_404_rate: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="lists a gateway answers 404 (not 'no rows')")
+        float, fault(min=0.0, max=1.0, help="lists a gateway answers 404 (not 'no rows')")
     ] = 0.0,
     list_gateway_404s: Annotated[
-        int, typer.Option(min=0, help="the next N lists answered 404 by a gateway")
+        int, fault(min=0, help="the next N lists answered 404 by a gateway")
     ] = 0,
-    list_delay: Annotated[float, typer.Option(min=0.0, help="seconds before a list reads")] = 0.0,
+    list_delay: Annotated[float, fault(min=0.0, help="seconds before a list reads")] = 0.0,
     slow_lists: Annotated[
-        int | None, typer.Option(min=0, help="how many lists wait --list-delay (default: all)")
+        int | None, fault(min=0, help="how many lists wait --list-delay (default: all)")
     ] = None,
     list_status: Annotated[
-        int | None, typer.Option(min=400, max=599, help="every list answers this error status")
+        int | None, fault(min=400, max=599, help="every list answers this error status")
     ] = None,
-    forbidden: Annotated[bool, typer.Option(help="the gateway answers 403 to every call")] = False,
+    forbidden: Annotated[bool, fault(help="the gateway answers 403 to every call")] = False,
     refuse_batch_with: Annotated[
-        str | None, typer.Option(help="a batch holding this benefit_Code is refused whole (400)")
+        str | None, fault(help="a batch holding this benefit_Code is refused whole (400)")
     ] = None,
-    shuffle: Annotated[bool, typer.Option(help="shuffle a 207's data[]")] = False,
-    token_ttl: Annotated[float, typer.Option(help="id token lifetime, seconds")] = 86400.0,
-    down: Annotated[bool, typer.Option(help="answer 503 to every VBA call")] = False,
+    shuffle: Annotated[bool, fault(help="shuffle a 207's data[]")] = False,
+    token_ttl: Annotated[float, fault(help="id token lifetime, seconds")] = 86400.0,
+    down: Annotated[bool, fault(help="answer 503 to every VBA call")] = False,
 ) -> None:
     """Serve a faithful VBA emulator (auth, validation, 207, paging, rate limit, faults)."""
     faults = c.Faults(
