@@ -89,8 +89,10 @@ TRANSPORTS = {
 }
 
 
-def broker_of(url: str) -> tuple[str, str | None]:
-    """The URL kombu is given and the transport that serves it (None: kombu's, by the scheme).
+def broker_of(url: str) -> tuple[str, str]:
+    """The URL kombu is given and the transport that serves it: ours, or kombu's by the scheme
+    (named, never left to the app's default: a connection to another broker than the app's
+    must not take the app's transport).
 
     The embedded broker's ``sqla+sqlite:///...`` names kombu's transport in its prefix, which
     kombu obeys over any ``transport=``: ours gets the URL without it."""
@@ -98,10 +100,10 @@ def broker_of(url: str) -> tuple[str, str | None]:
     prefix, _, rest = url.partition("+")
     if "+" in scheme and prefix in TRANSPORTS:
         return rest, TRANSPORTS[prefix]
-    return url, TRANSPORTS.get(scheme)
+    return url, TRANSPORTS.get(scheme, scheme)
 
 
-def broker(settings: Settings) -> tuple[str, str | None]:
+def broker(settings: Settings) -> tuple[str, str]:
     """:func:`broker_of` the configured broker."""
     return broker_of(settings.effective_broker_url)
 

@@ -59,11 +59,11 @@ def test_importing_the_producer_creates_nothing_and_configures_nothing(tmp_path:
     [
         ("", "worker.sqlbroker:Transport", "sqlite"),
         ("redis://127.0.0.1:6379/0", "worker.redisbroker:Transport", "redis"),
-        ("amqp://guest:guest@127.0.0.1:5672//", None, "amqp"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "amqp", "amqp"),
     ],
 )
 def test_the_configuration_names_our_transports_and_still_creates_nothing(
-    tmp_path: Path, broker_url: str, transport: str | None, scheme: str
+    tmp_path: Path, broker_url: str, transport: str, scheme: str
 ) -> None:
     found = probe(tmp_path, read_conf=True, ACCUMSYNC_BROKER_URL=broker_url)
     assert found["transport"] == transport
