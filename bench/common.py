@@ -327,7 +327,7 @@ class Report:
         self.notes.append(text_)
 
     def table(self) -> str:
-        """The rows and the targets as Markdown tables (the README pastes them as they are)."""
+        """The rows and the targets as Markdown tables (bench/README.md pastes them as they are)."""
         out = [*markdown(self.rows), ""]
         out += markdown(
             [

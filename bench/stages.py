@@ -3,7 +3,7 @@
 ``python -m bench.stages [--events 40000] [--batch 500]`` ingests a realistic stream into a fresh
 Postgres database from this process (no broker, no Celery), one transaction per batch, and times
 each stage of ``worker.ingest.store.ingest`` per event: validation, the claim lock, the seen-hash
-lookup, each table's write. It is the profile the README's findings quote as "in-process"; the
+lookup, each table's write. It is the profile bench/README.md's findings quote as "in-process"; the
 end-to-end figure is ``bench.ingest``'s. Baseline: the whole ingest's own time per event (the
 stages' share).
 """

@@ -92,7 +92,7 @@ def test_sigkills_on_embedded_store_and_broker(chaos: Chaos) -> None:
     d17 = Decimal("17.00")  # VBA's own amounts on half the keys: a doubled delta would show
     own = vba_rows(own_keys(events), deductible_Used=d17, ded_PPO_Used=d17)
     sandbox.admin.seed(subscriber=own)
-    # One worker process, as the README says for the embedded defaults.
+    # One worker process, as docs/operations.md says for the embedded defaults.
     worker = stack.worker("w", concurrency=1, ACCUMSYNC_FAILPOINT=FAILPOINTS)
     stack.beat()
     sends = sum(want == "ingest" for _, want in KILLS)  # a wave before each kill aimed at ingest

@@ -16,7 +16,7 @@ operator resolves a hold from the truth. Throughout and at the end:
   flushes drain, and every key's VBA row == VBA's own share + our ledger total, to the cent.
 
 VBA's own writes never land between a flush's read and its PUT: there the protocol can only
-keep the window small (README), and a write there is overwritten by design.
+keep the window small (docs/design.md, "The limits"), and a write there is overwritten by design.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class Consumer(CeleryConsumer):
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = _header(message, "task")
-        why = f"no task named {name!r}: accumsync runs accumsync.ingest (see the README)"
+        why = f"no task named {name!r}: accumsync runs accumsync.ingest (see docs/producers.md)"
         if self._keep(message, message.body, "unknown_task", why):
             message.reject_log_error(logger, self._connection_errors)
 

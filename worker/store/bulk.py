@@ -7,8 +7,8 @@ statement of constant shape: compiled once per process, prepared once per connec
 once per batch. psycopg's ``executemany`` runs a statement once per row, and the server's
 per-statement cost made that the ingest's bottleneck; one typed array per column (``unnest``)
 fixed that but moved the cost into psycopg's per-element array quoting, in Python. JSON is
-encoded in C and parsed once by the server. (The profiles are in the README's Performance
-section.)
+encoded in C and parsed once by the server. (The profiles are in bench/README.md,
+"Figures".)
 
 SQLite runs in-process, where a statement per row costs little: it keeps ``executemany``.
 """
