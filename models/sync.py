@@ -60,7 +60,7 @@ def minus(a: Mapping[str, int], b: Mapping[str, int]) -> Cents:
     return {c: a[c] - b[c] for c in COLUMNS}
 
 
-class Verdict(StrEnum):
+class Settlement(StrEnum):
     """What became of a write whose answer we never read."""
 
     LANDED = "landed"
@@ -80,16 +80,16 @@ class Intent:
     """VBA's row the target was computed from (shared); None when nothing was read."""
 
 
-def settle(intent: Intent, remote: Mapping[str, int], *, may_still_land: bool) -> Verdict:
+def settle(intent: Intent, remote: Mapping[str, int], *, may_still_land: bool) -> Settlement:
     """The settle rule: ``remote == target`` landed; ``remote == before`` not landed (once the
     request can no longer arrive); anything else is ambiguous. Never a guess."""
     if same(remote, intent.target):
-        return Verdict.LANDED
+        return Settlement.LANDED
     if may_still_land:
-        return Verdict.TOO_EARLY
+        return Settlement.TOO_EARLY
     if intent.before is not None and same(remote, intent.before):
-        return Verdict.NOT_LANDED
-    return Verdict.AMBIGUOUS
+        return Settlement.NOT_LANDED
+    return Settlement.AMBIGUOUS
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +136,7 @@ HOLDS = frozenset({LetterKind.AMBIGUOUS, LetterKind.BELOW_SHARE})
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class Decision:
     """The decision for one key. ``confirmed`` (our share VBA holds, with its change_seq) is set
     whenever the decision learned it, also under a hold or a refusal: it must be recorded."""
 
@@ -169,23 +169,23 @@ class Plan:
         return Intent(self.target, self.item.ours, self.item.seq, self.before)
 
 
-def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> Plan:
+def plan(item: Item, remote: Mapping[str, int] | None, ownership: Ownership) -> Decision:
     """What to do with ``item`` now; ``remote`` is VBA's row (zeros if absent), None unread."""
     confirmed: tuple[Cents, int] | None = None
     unsettled = False  # a write of ours VBA may hold, though nothing was read to tell
     if item.intent is not None and remote is None:
         if item.intent_fresh:  # exclusive: the old request may still land over a new one
-            return Plan(item, Act.WAIT, keep_intent=True)
+            return Decision(item, Act.WAIT, keep_intent=True)
         unsettled = True  # it can no longer land: an absolute resend overwrites whatever it did
     elif item.intent is not None and remote is not None:
         verdict = settle(item.intent, remote, may_still_land=item.intent_fresh)
-        if verdict is Verdict.TOO_EARLY:
-            return Plan(item, Act.WAIT, keep_intent=True)
-        if verdict is Verdict.AMBIGUOUS:
+        if verdict is Settlement.TOO_EARLY:
+            return Decision(item, Act.WAIT, keep_intent=True)
+        if verdict is Settlement.AMBIGUOUS:
             return ambiguous(item, item.intent, remote, item.pushed)
-        if verdict is Verdict.LANDED:
+        if verdict is Settlement.LANDED:
             confirmed = (item.intent.ours, item.intent.seq)
-    base = Plan(item, Act.CONFIRM, confirmed)
+    base = Decision(item, Act.CONFIRM, confirmed)
     if broken := unbalanced(item.ours):
         why = f"ledger invariant: total != in + out for {', '.join(broken)}"
         refused = replace(base, act=Act.REFUSE, kind=LetterKind.INVARIANT, reason=why)
@@ -216,7 +216,7 @@ class Fate(StrEnum):
 
 
 def after_send(
-    sent: Plan,
+    sent: Decision,
     fate: Fate,
     remote: Mapping[str, int] | None,
     *,
@@ -225,7 +225,7 @@ def after_send(
     reason: str = "",
     counted: bool = True,
     finished: bool = False,
-) -> Plan:
+) -> Decision:
     """What a SEND became. ``remote`` is VBA's row read after the answer (shared, when VBA was
     done with the request: ``finished``); None when not read. A write of unknown outcome whose
     request may still land waits (its intent kept) until the grace has passed, in either
@@ -233,7 +233,7 @@ def after_send(
     False for a whole-call failure: the pair backs off, and the key spends none of its
     attempts."""
     item, intent = sent.item, sent.sent()
-    done = Plan(item, Act.CONFIRM, sent.confirmed)
+    done = Decision(item, Act.CONFIRM, sent.confirmed)
     if fate is Fate.CONFIRMED:
         return replace(done, confirmed=(item.ours, item.seq))
     if fate is Fate.REFUSED:
@@ -241,9 +241,9 @@ def after_send(
     unsettled = fate is Fate.UNKNOWN
     if unsettled and remote is not None:
         verdict = settle(intent, remote, may_still_land=False)
-        if verdict is Verdict.LANDED:
+        if verdict is Settlement.LANDED:
             return replace(done, confirmed=(item.ours, item.seq))
-        if verdict is Verdict.AMBIGUOUS:
+        if verdict is Settlement.AMBIGUOUS:
             return ambiguous(item, intent, remote, sent.pushed)
         unsettled = False  # not landed: nothing of it can land any more
     elif unsettled and not finished:
@@ -263,7 +263,7 @@ def after_send(
 
 def ambiguous(
     item: Item, intent: Intent, remote: Mapping[str, int], pushed: Mapping[str, int]
-) -> Plan:
+) -> Decision:
     """Hold a key whose write of unknown outcome VBA's own write has since hidden."""
     fields = [c for c in COLUMNS if remote[c] != intent.target[c]]
     candidates = {
@@ -282,7 +282,7 @@ def ambiguous(
         "candidate totals are in the payload. Check VBA's claims, then `accumsync dead-letters "
         "resolve ID --landed` or `--not-landed`"
     )
-    return Plan(
+    return Decision(
         item,
         Act.HOLD,
         kind=LetterKind.AMBIGUOUS,
@@ -297,7 +297,7 @@ def split(remote: int, ours: int) -> dict[str, str]:
     return {"our_share": money(ours), "vba_own": money(remote - ours)}
 
 
-def below_share(base: Plan, remote: Mapping[str, int], below: list[str]) -> Plan:
+def below_share(base: Decision, remote: Mapping[str, int], below: list[str]) -> Decision:
     """Hold a key whose VBA row holds less than our confirmed share in some fields."""
     why, detail = below_share_letter(remote, base.pushed, base.item.ours, below)
     return replace(base, act=Act.HOLD, kind=LetterKind.BELOW_SHARE, reason=why, detail=detail)
@@ -330,7 +330,7 @@ def below_share_letter(
     return why, detail
 
 
-def negative_row(base: Plan, remote: Mapping[str, int], negative: list[str]) -> Plan:
+def negative_row(base: Decision, remote: Mapping[str, int], negative: list[str]) -> Decision:
     """Refuse a key whose VBA row holds a negative amount of VBA's own: we never write one,
     and every write carries all 30 fields, so the row must be corrected in VBA first."""
     names = ", ".join(COLUMN_TO_VBA[c] for c in negative)

@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from models.tables import FlushAttempt, IngestBatch
 from worker import db
-from worker.ingest.store import BatchResult, record_batch
+from worker.ingest.store import IngestCounts, record_batch
 from worker.ops.metrics import snapshot
 from worker.ops.retention import prune
 from worker.schedule import beat_schedule
@@ -48,7 +48,8 @@ def store(
 def audit(session: Session, at: datetime, n: int) -> None:
     """``n`` ingested batches and ``n`` batch calls at ``at``, recorded as the worker does."""
     for _ in range(n):
-        record_batch(session, BatchResult(received=3, applied=2, duplicate=1), at, time.monotonic())
+        counts = IngestCounts(received=3, applied=2, duplicate=1)
+        record_batch(session, counts, at, time.monotonic())
         call = FlushAttempt(
             started_at=at, items=2, http_status=207, statuses='{"200": 2}', outcome="ok"
         )

@@ -19,7 +19,7 @@ from models.tables import DeadLetter, ReceivedEvent
 from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
 from worker.db import make_engine, upgrade
-from worker.ingest.store import T_ACCUM, BatchResult, ingest
+from worker.ingest.store import T_ACCUM, IngestCounts, ingest
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def blocked_on_a_lock(engine: Engine) -> bool:
 def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
     """The second batch waits for the first, sees its event id and dead-letters a conflict."""
     first, second = Session(engine), Session(engine)
-    outcome: dict[str, BatchResult] = {}
+    outcome: dict[str, IngestCounts] = {}
 
     def ingest_second() -> None:
         outcome["second"] = ingest(second, [event("claim-b", "20.00")])

@@ -21,7 +21,7 @@ from sqlmodel import Session
 
 from models.tables import BeatTick
 from worker.db import make_engine
-from worker.ingest.store import BatchResult, record_batch
+from worker.ingest.store import IngestCounts, record_batch
 from worker.settings import Settings
 from worker.store import counters
 
@@ -189,7 +189,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     started = datetime.now(UTC) - timedelta(minutes=3)
     engine = make_engine(f"sqlite:///{home / 'accumsync.db'}")
     with Session(engine) as session:
-        record_batch(session, BatchResult(received=2, applied=2), started, time.perf_counter())
+        record_batch(session, IngestCounts(received=2, applied=2), started, time.perf_counter())
         counters.add(session, {"calls.ok.207": 1, "items.200": 2})  # as a flush's audit adds
         session.add(BeatTick(beat="host:1", first_at=started, last_at=started, ticks=1))
         session.commit()

@@ -15,12 +15,12 @@ from models.sync import (
     ZERO,
     Act,
     Cents,
+    Decision,
     Fate,
     Intent,
     Item,
     LetterKind,
-    Plan,
-    Verdict,
+    Settlement,
     after_send,
     backoff,
     cents_of_vba,
@@ -79,13 +79,13 @@ def test_settle_never_guesses(t: Cents, before: Cents, remote: Cents, early: boo
     before, and only once the request can no longer arrive; anything else is ambiguous."""
     verdict = settle(Intent(t, ZERO, 1, before), remote, may_still_land=early)
     if remote == t:
-        assert verdict is Verdict.LANDED
+        assert verdict is Settlement.LANDED
     elif early:
-        assert verdict is Verdict.TOO_EARLY
+        assert verdict is Settlement.TOO_EARLY
     elif remote == before:
-        assert verdict is Verdict.NOT_LANDED
+        assert verdict is Settlement.NOT_LANDED
     else:
-        assert verdict is Verdict.AMBIGUOUS
+        assert verdict is Settlement.AMBIGUOUS
 
 
 def test_lost_answer_then_vba_write_is_held_not_resent() -> None:
@@ -186,7 +186,7 @@ def assert_truth_is_a_candidate(detail: dict[str, Any], vba_own: Cents) -> None:
         assert truth in (both["if_landed"]["vba_own"], both["if_not_landed"]["vba_own"])
 
 
-def applied(item: Item, decided: Plan) -> Item:
+def applied(item: Item, decided: Decision) -> Item:
     """The store's row after a decision is written (pushed and the intent, as the flush does)."""
     pushed = decided.confirmed[0] if decided.confirmed else item.pushed
     intent = item.intent if decided.keep_intent else None

@@ -42,11 +42,11 @@ from models.sync import (
     ZERO,
     Act,
     Cents,
+    Decision,
     Fate,
     Intent,
     Item,
     LetterKind,
-    Plan,
     after_send,
     backoff,
     cents_of_vba,
@@ -115,21 +115,21 @@ class Call:
     """One chunk's batch PUT, split in halves when VBA refuses it as a whole: what went, what
     came back for each record, and whether the pair must back off."""
 
-    plans: list[Plan]
+    plans: list[Decision]
     records: list[SubscriberAccum]
     recorded: bool = False
     read_at: float | None = None
     answers: dict[int, BatchResult | VbaError] = field(default_factory=dict)
     exchanges: list[Exchange] = field(default_factory=list)
     stop: VbaError | None = None
-    outcomes: list[Plan] = field(default_factory=list)
+    outcomes: list[Decision] = field(default_factory=list)
 
     @property
-    def sending(self) -> list[Plan]:
+    def sending(self) -> list[Decision]:
         """The SEND decisions, in the order of ``records``."""
         return [p for p in self.plans if p.act is Act.SEND]
 
-    def unwritten(self) -> list[Plan]:
+    def unwritten(self) -> list[Decision]:
         """What is still to write once the call is over: its outcomes, and the other decisions
         too when the request never got as far as recording them."""
         others = [] if self.recorded else [p for p in self.plans if p.act is not Act.SEND]
@@ -406,7 +406,7 @@ class Flush:
         self.vba.prepay(2 if then_put else 1)
         return read_remote(self.vba, self.subscriber_id, self.group_id)
 
-    def _decide(self, item: Item, remote: Remote | None) -> Plan:
+    def _decide(self, item: Item, remote: Remote | None) -> Decision:
         """:func:`models.sync.plan` for the key, unless VBA's row for it can't be taken as it
         is: then the key is refused (a dead letter) and the rest of the pair goes on."""
         if remote is not None:
@@ -416,7 +416,7 @@ class Flush:
                 why = f"more than 2 decimals in {', '.join(fields)}: cents are all we keep"
             if why is not None:
                 reason = f"VBA's row can't be read as it is ({why}); fix it in VBA, then replay"
-                return Plan(
+                return Decision(
                     item,
                     Act.REFUSE,
                     kind=LetterKind.UNREADABLE,
@@ -433,8 +433,8 @@ class Flush:
         return cents_of_vba(row.amounts()) if row is not None else dict(ZERO)
 
     def _sendable(
-        self, plans: list[Plan], remote: Remote | None
-    ) -> tuple[list[Plan], list[SubscriberAccum]]:
+        self, plans: list[Decision], remote: Remote | None
+    ) -> tuple[list[Decision], list[SubscriberAccum]]:
         """The wire record of each SEND; one that fails VBA's field rules is refused instead."""
         out, records = [], []
         for p in plans:
@@ -448,7 +448,7 @@ class Flush:
             out.append(p)
         return out, records
 
-    def _record(self, p: Plan, row: RemoteAccum | None, known_absent: bool) -> SubscriberAccum:
+    def _record(self, p: Decision, row: RemoteAccum | None, known_absent: bool) -> SubscriberAccum:
         """The full record we write: VBA's own spelling of the key when it has the row, our
         name in its audit trail, VBA's flag kept; no null, nothing we don't set."""
         assert p.target is not None
@@ -528,7 +528,7 @@ class Flush:
             for p, fate, answer in zip(call.sending, fates, answers, strict=True)
         ]
 
-    def _fate(self, call: Call, p: Plan, answer: BatchResult | VbaError | None) -> Fate:
+    def _fate(self, call: Call, p: Decision, answer: BatchResult | VbaError | None) -> Fate:
         if answer is None:  # never sent: an earlier half stopped the call
             return Fate.NOT_SENT
         if isinstance(answer, VbaError):
@@ -543,8 +543,8 @@ class Flush:
         return Fate.CONFIRMED if found.ok else Fate.REFUSED
 
     def _after(
-        self, p: Plan, fate: Fate, answer: BatchResult | VbaError | None, remote: Remote | None
-    ) -> Plan:
+        self, p: Decision, fate: Fate, answer: BatchResult | VbaError | None, remote: Remote | None
+    ) -> Decision:
         whole_call = not isinstance(answer, BatchResult)
         done = after_send(
             p,
@@ -559,7 +559,7 @@ class Flush:
         return replace(done, activity_id=answer.activity_id if answer is not None else None)
 
     @staticmethod
-    def _reason(p: Plan, answer: BatchResult | VbaError | None) -> str:
+    def _reason(p: Decision, answer: BatchResult | VbaError | None) -> str:
         if answer is None:
             return "not sent: the batch call stopped first"
         if isinstance(answer, VbaError):
@@ -584,7 +584,7 @@ class Flush:
         a = T_ACCUM.c
         session.execute(update(T_ACCUM).where(a.id.in_(ids)).values(intent_at=now))
 
-    def _record_plans(self, session: Session, now: datetime, plans: list[Plan]) -> None:
+    def _record_plans(self, session: Session, now: datetime, plans: list[Decision]) -> None:
         self._write(session, now, plans)
 
     def _finish_chunk(self, session: Session, now: datetime, call: Call, last: bool) -> None:
@@ -597,7 +597,7 @@ class Flush:
         elif last:
             self.lease.release(session, now, attempts=0, next_attempt_at=None, last_error=None)
 
-    def _write(self, session: Session, now: datetime, plans: list[Plan]) -> None:
+    def _write(self, session: Session, now: datetime, plans: list[Decision]) -> None:
         """Every decision's row changes (bulk: one statement per shape of change) and its dead
         letter if any; a confirmed key is clean unless the ledger changed it since."""
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -616,7 +616,7 @@ class Flush:
         clean = {"dirty_since": None}
         update_rows(session, T_ACCUM, confirmed, match=["id", "change_seq"], constant=clean)
 
-    def _changes(self, p: Plan, now: datetime) -> dict[str, Any]:
+    def _changes(self, p: Decision, now: datetime) -> dict[str, Any]:
         """The accumulator columns one decision sets."""
         row: dict[str, Any] = {}
         if p.confirmed is not None:
@@ -654,7 +654,7 @@ class Flush:
             row["held"] = True
         return row
 
-    def _dead_letter(self, session: Session, now: datetime, p: Plan) -> None:
+    def _dead_letter(self, session: Session, now: datetime, p: Decision) -> None:
         """Hold the key out of later flushes and record why (never with amounts in the reason)."""
         payload = {"accumulator_id": p.item.id, "key": list(p.item.key), "kind": str(p.kind)}
         payload |= {"target": p.target, **p.detail} if p.target else dict(p.detail)

@@ -11,7 +11,7 @@ from sqlmodel import Session
 
 from worker import failpoints
 from worker.db import in_transaction
-from worker.ingest.store import BatchResult, refuse
+from worker.ingest.store import IngestCounts, refuse
 from worker.ingest.store import ingest as ingest_batch
 from worker.logs import Log
 from worker.store.dead_letters import storable
@@ -19,7 +19,7 @@ from worker.store.dead_letters import storable
 log = Log("ingest")
 
 
-def isolating(batch: list[Any]) -> BatchResult:
+def isolating(batch: list[Any]) -> IngestCounts:
     """Apply ``batch`` in one transaction; if the store refuses an event's data, find it.
 
     Validation should leave the store nothing to refuse, but if a value still gets past it (a
@@ -58,7 +58,7 @@ def first_line(exc: StatementError | UnicodeError) -> str:
     return storable((str(exc.orig).strip().splitlines() or ["no message"])[0][:200])
 
 
-def applied(session: Session, events: list[Any]) -> BatchResult:
+def applied(session: Session, events: list[Any]) -> IngestCounts:
     """The batch applied in ``session`` (committed by the caller)."""
     result = ingest_batch(session, events)
     failpoints.hit("ingest.before_commit")

@@ -53,7 +53,7 @@ ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
 
 
 @dataclass
-class BatchResult:
+class IngestCounts:
     """Outcome counts of one ingested batch, by :class:`models.ledger.Kind` (no member data:
     safe for logs and Flower)."""
 
@@ -65,10 +65,10 @@ class BatchResult:
     invalid: int = 0
     reasons: list[str] = field(default_factory=list)
 
-    def merged(self, other: BatchResult) -> BatchResult:
+    def merged(self, other: IngestCounts) -> IngestCounts:
         """The outcome of two parts of one message, summed."""
         counts = {k: v + getattr(other, k) for k, v in self.summary().items()}
-        return BatchResult(**counts, reasons=self.reasons + other.reasons)
+        return IngestCounts(**counts, reasons=self.reasons + other.reasons)
 
     def summary(self) -> dict[str, int]:
         """Every outcome's count, in the vocabulary's order."""
@@ -106,11 +106,11 @@ def not_an_object(item: Any) -> str:
     return f"event: must be a JSON object, got {type(item).__name__}"
 
 
-def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) -> BatchResult:
+def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) -> IngestCounts:
     """Apply one batch of raw events; invalid ones become dead letters. Caller commits."""
     started, now = time.perf_counter(), now or utcnow()
     good, bad = validate(raw)
-    result = BatchResult(received=len(raw), invalid=len(bad))
+    result = IngestCounts(received=len(raw), invalid=len(bad))
     claim_ids = sorted({e.claim_id for e, _, _ in good})
     current = lock_claims(session, claim_ids)
     firsts = first_of_each_id(good)
@@ -328,16 +328,16 @@ def add_delta(acc: Any, new: Any) -> dict[str, Any]:
     return changes
 
 
-def refuse(session: Session, item: Any, reason: str, now: datetime | None = None) -> BatchResult:
+def refuse(session: Session, item: Any, reason: str, now: datetime | None = None) -> IngestCounts:
     """Dead-letter one raw event the store refused, and count it as an invalid event."""
     started, now = time.perf_counter(), now or utcnow()
     dead_letter(session, "ingest", item, reason, now)
-    result = BatchResult(received=1, invalid=1, reasons=[reason])
+    result = IngestCounts(received=1, invalid=1, reasons=[reason])
     record_batch(session, result, now, started)
     return result
 
 
-def record_batch(session: Session, result: BatchResult, now: datetime, started: float) -> None:
+def record_batch(session: Session, result: IngestCounts, now: datetime, started: float) -> None:
     """The batch's audit row, and its outcomes added to the counters (same transaction)."""
     row = result.summary() | {"at": now}
     row["duration_ms"] = int((time.perf_counter() - started) * 1000)
