@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from worker.sandbox import config as c
-from worker.sandbox.app import serve
 
 #: The help's panel for the flags that set the sandbox's faults (the rest configure the server).
 FAULTS = "Faults"
@@ -184,6 +183,8 @@ def sandbox(
         dialect=dialect,
         id_spelling=id_spelling,
     )
+    from worker.sandbox.app import serve  # the server's imports, only when serving
+
     where = f"http://{host}:{port} (database {database!r}, {dialect} dialect)"
     typer.echo(f"VBA sandbox on {where}", err=True)
     serve(host, port, config)
