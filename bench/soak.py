@@ -851,8 +851,9 @@ def judge(
     end, fresh, pub = figures["end"], figures["freshness"], figures["publisher"]
     report.target("store totals vs oracle, fields differing", len(store_diff), "0", not store_diff)
     report.target("VBA rows vs oracle, fields differing", len(vba_diff), "0", not vba_diff)
-    report.target("drained (all recorded, nothing waiting)", figures["drained"], "True",
-                  figures["drained"])  # fmt: skip
+    report.target(
+        "drained (all recorded, nothing waiting)", figures["drained"], "True", figures["drained"]
+    )
     gone = end["lost"]["stream"] + len(end["lost"]["probes"])
     report.target("events lost (published, never recorded)", gone, "0", gone == 0)
     stuck = end["waiting"] + sum(end["held"].values())
@@ -863,8 +864,12 @@ def judge(
     report.target("faults without recovery", lost, "0", lost == 0)
     for name, rss in figures["rss"].items():
         ratio = rss["ratio"]
-        report.target(f"{name} worker RSS, last / first window", ratio or 0.0, "<= 1.25",
-                      ratio is not None and ratio <= 1.25)  # fmt: skip
+        report.target(
+            f"{name} worker RSS, last / first window",
+            ratio or 0.0,
+            "<= 1.25",
+            ratio is not None and ratio <= 1.25,
+        )
     p95 = fresh["all"]["p95_s"]
     report.target("freshness p95, publish -> VBA (s)", p95 or 0.0, "reported", p95 is not None)
     achieved = pub["sent"] / (pub["t1"] - pub["t0"])

@@ -51,8 +51,10 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
     batch = events if isinstance(events, list) else [events]
     try:
         if len(args) != 1 or kwargs:  # a foreign producer's message of the wrong shape
-            why = (f"accumsync.ingest takes one argument, a list of events; this message had "
-                   f"{len(args)} and keywords {sorted(kwargs)}")  # fmt: skip
+            why = (
+                f"accumsync.ingest takes one argument, a list of events; this message had "
+                f"{len(args)} and keywords {sorted(kwargs)}"
+            )
             undeliverable({"args": args, "kwargs": kwargs}, "bad_arguments", why, self.name)
             return {"received": 0, "bad_arguments": 1}
         result = isolating(batch)

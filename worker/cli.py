@@ -413,9 +413,12 @@ def reconcile(
     with Progress(*columns, console=err, transient=False) as progress:
         bar = progress.add_task("pairs", total=len(scope.pair_ids))
         runner = Reconcile(
-            client(), settings.ownership, rate or settings.reconcile_rate, repair,
+            client(),
+            settings.ownership,
+            rate or settings.reconcile_rate,
+            repair,
             on_pair=lambda: progress.advance(bar),
-        )  # fmt: skip
+        )
         run_id, resumed = runner.start(scope, restart)
         left = runner.left(run_id, scope)
         progress.update(bar, completed=len(scope.pair_ids) - len(left))
@@ -464,8 +467,20 @@ def _print_reconcile(report: Any, csv_file: Path | None) -> None:
 def _write_findings(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
-    names = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code", "finding",
-             "repaired", "of", "field", "found", "expected", "vba_own")  # fmt: skip
+    names = (
+        "subscriber_id",
+        "group_id",
+        "plan_year",
+        "plan_type",
+        "benefit_code",
+        "finding",
+        "repaired",
+        "of",
+        "field",
+        "found",
+        "expected",
+        "vba_own",
+    )
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         writer.writeheader()
@@ -509,8 +524,10 @@ def _print_story(story: dict[str, Any]) -> None:
     confirmed = pair["last_confirmed_at"] or "never"
     out.print(f"VBA last confirmed a write {confirmed} (activityId {pair['last_activity_id']})")
     if pair["last_error"]:
-        out.print(f"[yellow]last error: {pair['last_error']}[/yellow] "
-                  f"(attempts {pair['attempts']}, next {pair['next_attempt_at']})")  # fmt: skip
+        out.print(
+            f"[yellow]last error: {pair['last_error']}[/yellow] "
+            f"(attempts {pair['attempts']}, next {pair['next_attempt_at']})"
+        )
     for key in story["keys"]:
         name = f"{key['plan_year']} / {key['plan_type']} / {key['benefit_code']}"
         totals = Table("VBA field", "ours", "VBA confirmed", "from the claims", title=name)
@@ -523,8 +540,14 @@ def _print_story(story: dict[str, Any]) -> None:
         for c in key["claims"]:
             amounts = ", ".join(f"{k} {v}" for k, v in c["amounts"].items())
             received = ", ".join(map(str, c["versions_received"]))
-            claims.add_row(c["claim_id"], str(c["version"]), received, c["network"], amounts,
-                           c["received_at"] or "")  # fmt: skip
+            claims.add_row(
+                c["claim_id"],
+                str(c["version"]),
+                received,
+                c["network"],
+                amounts,
+                c["received_at"] or "",
+            )
         out.print(claims)
         state = key["state"]
         out.print(f"state: {state['what']}; attempts {state['attempts']}")
@@ -639,8 +662,14 @@ def health(
     from worker.ops.health import Limits, check
     from worker.settings import get_settings
 
-    limits = Limits.of(get_settings(), max_dirty_age=max_dirty_age, max_flush_age=max_flush_age,
-                       max_idle=max_idle, samples=samples, interval=interval)  # fmt: skip
+    limits = Limits.of(
+        get_settings(),
+        max_dirty_age=max_dirty_age,
+        max_flush_age=max_flush_age,
+        max_idle=max_idle,
+        samples=samples,
+        interval=interval,
+    )
     report = check(limits)
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
@@ -706,12 +735,12 @@ def main() -> None:
     """Console-script entry point: a configuration or connection problem prints the line or two
     that name it and its fix, and exits 4; ``--debug`` (ACCUMSYNC_DEBUG=1) shows the traceback.
     A file the system refuses (the store's folder not writable, say) gets one line too."""
-    from worker.problems import explain
+    from worker.problems import problem_of
 
     try:
         app()
     except Exception as exc:
-        problem = explain(exc)
+        problem = problem_of(exc)
         if problem is None and isinstance(exc, OSError) and exc.filename is not None:
             problem = f"accumsync: {exc.filename}: {exc.strerror or exc}"
         if problem is None or _debug["on"]:

@@ -142,9 +142,13 @@ def make_engine(url: str) -> Engine:
     # hide_parameters: an error message must never carry member data into logs or Flower.
     settings = get_settings()
     return create_engine(
-        url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True,
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        hide_parameters=True,
         connect_args=link_options(settings.db_connect_timeout, settings.db_link_timeout),
-    )  # fmt: skip
+    )
 
 
 def _make_folder(url: str) -> None:

@@ -17,7 +17,7 @@ DRIVER_LINE_MAX: Final = 160
 _STORE_MISSING_TABLE: Final = ("no such table", "UndefinedTable", "does not exist")
 
 
-def explain(exc: BaseException) -> str | None:
+def problem_of(exc: BaseException) -> str | None:
     """The problem ``exc`` shows, as a line or two naming what to fix; None when it is not one
     of the configuration or reachability problems an operator fixes outside accumsync."""
     from worker.db import SchemaMismatch

@@ -62,8 +62,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
 def cron(spec: str) -> crontab:
     """A crontab line, ``minute hour day-of-month month day-of-week``, as Celery's schedule."""
     minute, hour, day_of_month, month, day_of_week = spec.split()
-    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
-                   day_of_week=day_of_week)  # fmt: skip
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month,
+        day_of_week=day_of_week,
+    )
 
 
 @beat_init.connect

@@ -259,8 +259,13 @@ class Settings(BaseSettings):
             raise ValueError("five fields, 'minute hour day-of-month month day-of-week'")
         try:
             minute, hour, day_of_month, month, day_of_week = fields
-            crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
-                    day_of_week=day_of_week)  # fmt: skip
+            crontab(
+                minute=minute,
+                hour=hour,
+                day_of_month=day_of_month,
+                month_of_year=month,
+                day_of_week=day_of_week,
+            )
         except ValueError as exc:
             raise ValueError(f"not a crontab line: {exc}") from None
         return " ".join(fields)

@@ -112,8 +112,19 @@ def operator_logs(stack: Stack, valid: list[dict[str, Any]], tmp: Path) -> dict[
     listed.write_text("".join(f"{s},{g}\n" for s, g in pairs))
     env = {"ACCUMSYNC_LOG_FORMAT": "json"}
     # Stack.cli, not ChaosStack.cli: their stdout must not join the scanned CLI output.
-    reconcile = Stack.cli(stack, "reconcile", "--pairs", str(listed), "--rate", "20", "--json",
-                          "--csv", str(tmp / "drift.csv"), env=env, check=False)  # fmt: skip
+    reconcile = Stack.cli(
+        stack,
+        "reconcile",
+        "--pairs",
+        str(listed),
+        "--rate",
+        "20",
+        "--json",
+        "--csv",
+        str(tmp / "drift.csv"),
+        env=env,
+        check=False,
+    )
     assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
     assert json.loads(reconcile.stdout)["keys_checked"] > 0
     subscriber, group = pairs[0]

@@ -17,11 +17,24 @@ from tests.chaos.conftest import RESULTS
 
 #: The columns every scenario writes; the rest are that scenario's own figures.
 COMMON = {
-    "scenario", "fault", "injected", "times", "events_in", "distinct_valid_events",
-    "events_applied", "duplicates", "stale", "invalid", "dead_letters_ingest",
-    "dead_letters_flush", "keys", "remote_equals_expected", "run_seconds", "vba_calls",
+    "scenario",
+    "fault",
+    "injected",
+    "times",
+    "events_in",
+    "distinct_valid_events",
+    "events_applied",
+    "duplicates",
+    "stale",
+    "invalid",
+    "dead_letters_ingest",
+    "dead_letters_flush",
+    "keys",
+    "remote_equals_expected",
+    "run_seconds",
+    "vba_calls",
     "leak_scan",
-}  # fmt: skip
+}
 
 HEADER = [
     "| fault | how injected | times | events in | events applied | remote equals expected "

@@ -27,19 +27,21 @@ MEMBER = "XQ7770001"  # a member id only the bodies carry: the logs must not sho
 
 def envelope(queue: str, body: bytes, content_type: str, headers: dict[str, Any]) -> str:
     """A message as kombu's Redis transport stores it in the queue's list."""
-    return json.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "correlation_id": headers.get("id", "x"),
-        },
-    })  # fmt: skip
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "correlation_id": headers.get("id", "x"),
+            },
+        }
+    )
 
 
 #: Pushes one raw message onto a queue: (queue, body, content type, headers).
@@ -73,10 +75,18 @@ def task_headers(name: str) -> dict[str, Any]:
 
 def event(n: int) -> dict[str, Any]:
     return {
-        "event_id": f"ok-{n}", "claim_id": f"c-{n}", "version": 1, "status": "adjudicated",
-        "subscriber_id": "S0000001", "group_id": "G1", "plan_year": "2026", "plan_type": "MED",
-        "benefit_code": "DED", "network": "in", "amounts": {"copay": "5.00"},
-    }  # fmt: skip
+        "event_id": f"ok-{n}",
+        "claim_id": f"c-{n}",
+        "version": 1,
+        "status": "adjudicated",
+        "subscriber_id": "S0000001",
+        "group_id": "G1",
+        "plan_year": "2026",
+        "plan_type": "MED",
+        "benefit_code": "DED",
+        "network": "in",
+        "amounts": {"copay": "5.00"},
+    }
 
 
 def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
@@ -90,14 +100,23 @@ def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
     worker = stack.worker("w1")  # declares its queues (RabbitMQ routes nothing to none)
     secret_event = json.dumps([[{"subscriber_id": MEMBER}], {}, {}]).encode()
     poison = [
-        (b'[[{"subscriber_id": "' + MEMBER.encode() + b'"', "application/json",
-         task_headers("accumsync.ingest")),
-        (b"\x80\x04" + MEMBER.encode(), "application/x-python-serialize",
-         task_headers("accumsync.ingest")),
+        (
+            b'[[{"subscriber_id": "' + MEMBER.encode() + b'"',
+            "application/json",
+            task_headers("accumsync.ingest"),
+        ),
+        (
+            b"\x80\x04" + MEMBER.encode(),
+            "application/x-python-serialize",
+            task_headers("accumsync.ingest"),
+        ),
         (secret_event, "application/json", task_headers("accumsync.no_such_task")),
-        (json.dumps([[1, 2], {"x": MEMBER}, {}]).encode(), "application/json",
-         task_headers("accumsync.ingest")),
-    ]  # fmt: skip
+        (
+            json.dumps([[1, 2], {"x": MEMBER}, {}]).encode(),
+            "application/json",
+            task_headers("accumsync.ingest"),
+        ),
+    ]
     for body, content_type, headers in poison:
         push(stack.queue, body, content_type, headers)
     stack.publish([event(1), event(2)])  # the worker goes on: the next batch is applied

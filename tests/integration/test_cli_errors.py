@@ -138,14 +138,22 @@ def _run(command: str, fault: str, root: Path) -> Ran:
         shutil.copy(root / "migrated" / "accumsync.db", home / "accumsync.db")
     (home / "events.jsonl").write_text('{"event_id": "e-1"}\n')
     (home / "plans.yaml").write_text("- {plan_ID: P1, accum_Name: RXDED, member_Deductible: 5}\n")
-    demo_fault = {"store_down": f"--database-url {DOWN_STORE}",
-                  "broker_down": f"--broker-url {DOWN_BROKER}"}.get(fault, "")  # fmt: skip
-    argv = command.format(events=home / "events.jsonl", plans=home / "plans.yaml",
-                          demo_fault=demo_fault).split()  # fmt: skip
+    demo_fault = {
+        "store_down": f"--database-url {DOWN_STORE}",
+        "broker_down": f"--broker-url {DOWN_BROKER}",
+    }.get(fault, "")
+    argv = command.format(
+        events=home / "events.jsonl", plans=home / "plans.yaml", demo_fault=demo_fault
+    ).split()
     done = subprocess.run(
-        [ACCUMSYNC, *argv], env=env, cwd=home, capture_output=True, text=True,
-        stdin=subprocess.DEVNULL, timeout=120,
-    )  # fmt: skip
+        [ACCUMSYNC, *argv],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     return Ran(done.returncode, done.stdout, done.stderr)
 
 

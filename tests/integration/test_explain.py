@@ -24,13 +24,27 @@ FIELDS = {
 }
 
 
-def version(claim: str, v: int, benefit: str = "DED", network: str = "in",
-            status: str = "adjudicated", **amounts: str) -> dict[str, Any]:  # fmt: skip
+def version(
+    claim: str,
+    v: int,
+    benefit: str = "DED",
+    network: str = "in",
+    status: str = "adjudicated",
+    **amounts: str,
+) -> dict[str, Any]:
     return {
-        "event_id": f"{claim}-v{v}", "claim_id": claim, "version": v, "status": status,
-        "subscriber_id": SUB, "group_id": GROUP, "plan_year": "2026", "plan_type": "MED",
-        "benefit_code": benefit, "network": network, "amounts": amounts,
-    }  # fmt: skip
+        "event_id": f"{claim}-v{v}",
+        "claim_id": claim,
+        "version": v,
+        "status": status,
+        "subscriber_id": SUB,
+        "group_id": GROUP,
+        "plan_year": "2026",
+        "plan_type": "MED",
+        "benefit_code": benefit,
+        "network": network,
+        "amounts": amounts,
+    }
 
 
 HISTORY = [
@@ -81,8 +95,11 @@ def test_the_claims_listed_add_up_to_each_total_to_the_cent(
             assert Decimal(str(vba[benefit][f["field"]])) == Decimal(f["ours"])
         assert key["state"]["what"] == "VBA holds what we confirmed"
     assert keys["DED"]["totals"][0] == {
-        "field": "copay_Amt", "ours": "29.99", "confirmed": "29.99", "claims": "29.99"
-    }  # fmt: skip
+        "field": "copay_Amt",
+        "ours": "29.99",
+        "confirmed": "29.99",
+        "claims": "29.99",
+    }
     assert story["pair"]["last_activity_id"]
 
     text = stack.cli("explain", "--subscriber", SUB, "--group", GROUP, "--benefit", "oop").stdout

@@ -58,12 +58,21 @@ def tokens(text: str) -> set[str]:
 
 
 def test_flower_shows_every_task_and_no_member_data(
-    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, sandbox: SandboxHandle,
+    make_stack: Callable[..., Stack],
+    redis_url: str,
+    pg_url: str,
+    sandbox: SandboxHandle,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     """Flower lists ingest, flush_due and flush_pair; no id, amount or secret in any answer."""
-    stack = make_stack(database_url=pg_url, broker_url=redis_url, flush_interval="1",
-                       backoff_base="0.1", backoff_max="1", max_attempts="100")  # fmt: skip
+    stack = make_stack(
+        database_url=pg_url,
+        broker_url=redis_url,
+        flush_interval="1",
+        backoff_base="0.1",
+        backoff_max="1",
+        max_attempts="100",
+    )
     stack.use_sandbox(sandbox.env())
     stack.cli("db", "upgrade")
     port = free_port()

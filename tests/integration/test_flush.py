@@ -55,8 +55,15 @@ def test_faults_retries_and_token_expiry(
     flush_stack: Callable[..., Stack], sandboxes: Callable[..., SandboxHandle], tmp_path: Path
 ) -> None:
     """20% 5xx, a 429 storm, item-level 500s, shuffled data[] and expiring tokens: exact anyway."""
-    faults = {"error_500": 0.1, "error_503": 0.1, "item_error_rate": 0.15, "shuffle": True,
-              "rate_429": 0.05, "retry_after": 0.2, "seed": 5}  # fmt: skip
+    faults = {
+        "error_500": 0.1,
+        "error_503": 0.1,
+        "item_error_rate": 0.15,
+        "shuffle": True,
+        "rate_429": 0.05,
+        "retry_after": 0.2,
+        "seed": 5,
+    }
     sandbox = sandboxes(**faults)
     stack = flush_stack(sandbox)
     stack.worker("w1", concurrency=2)

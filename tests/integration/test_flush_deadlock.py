@@ -22,7 +22,7 @@ from tests.integration.test_flush_races import SUB, claim
 from worker import db
 from worker.demo.procs import wait_for
 from worker.demo.sandboxes import SandboxHandle, running_sandbox
-from worker.flush.protocol import Flush, Report
+from worker.flush.protocol import Flush, FlushReport
 from worker.ingest.store import ingest
 from worker.settings import get_settings
 from worker.vba import VbaClient
@@ -78,7 +78,7 @@ def test_a_deadlock_in_the_finish_runs_it_again(
     settings = get_settings()
     monkeypatch.setenv("ACCUMSYNC_FAILPOINT", "flush.after_put:sleep=2")  # PUT done, not recorded
     with psycopg.connect(store, autocommit=False) as other, VbaClient(settings) as vba:
-        report: dict[str, Report | BaseException] = {}
+        report: dict[str, FlushReport | BaseException] = {}
 
         def flush() -> None:
             try:
@@ -98,7 +98,7 @@ def test_a_deadlock_in_the_finish_runs_it_again(
             thread.join(60)
             assert wait_for(lambda: deadlocks(watch) == 1, 10, 0.2)  # it did deadlock
     done = report["done"]
-    assert isinstance(done, Report), repr(done)
+    assert isinstance(done, FlushReport), repr(done)
     assert (done.calls, done.ok) == (1, 1)
     with db.session_scope() as s:
         row = s.execute(text("SELECT dirty_since, pushed_deductible_total FROM accumulator"))

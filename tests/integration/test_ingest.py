@@ -144,18 +144,26 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
                 " benefit_code, change_seq, pushed_seq, attempts, held, allowed_total)"
                 " VALUES (:p, :s, :g, :y, :t, :b, 0, 0, 0, false, :m)"
             ),
-            {"p": pair_id, "s": key["subscriber_id"], "g": key["group_id"],
-             "y": key["plan_year"], "t": key["plan_type"], "b": first["benefit_code"],
-             "m": near_max},
-        )  # fmt: skip
+            {
+                "p": pair_id,
+                "s": key["subscriber_id"],
+                "g": key["group_id"],
+                "y": key["plan_year"],
+                "t": key["plan_type"],
+                "b": first["benefit_code"],
+                "m": near_max,
+            },
+        )
     engine.dispose()
     batch = [first, *rest]
     stack.worker("w1")
     stack.cli("publish", str(write_jsonl(tmp_path / "e.jsonl", batch)), "--batch-size", "500")
     status = drained(stack, len(batch))
     assert (status["applied"], status["invalid"], status["dead_letters"]) == (
-        len(rest), 1, 1,
-    )  # fmt: skip
+        len(rest),
+        1,
+        1,
+    )
     (letter,) = json.loads(stack.cli("dead-letters", "list", "--json").stdout)
     assert letter["reason"] == (
         "event: the store refused it (NumericValueOutOfRange: bigint out of range)"

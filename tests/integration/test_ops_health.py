@@ -39,14 +39,25 @@ def health(stack: Stack) -> tuple[int, dict[str, Any]]:
 
 
 def test_health_red_while_vba_down_green_after(
-    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, sandbox: SandboxHandle,
+    make_stack: Callable[..., Stack],
+    redis_url: str,
+    pg_url: str,
+    sandbox: SandboxHandle,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     """Flushing stalls with the sandbox down: health exits 1 naming why; back up, it exits 0."""
-    stack = make_stack(database_url=pg_url, broker_url=redis_url, flush_interval="1",
-                       flush_lease="5", vba_timeout="2", backoff_base="0.2", backoff_max="1",
-                       max_attempts="500", health_max_dirty_age="4",
-                       health_max_flush_age="4")  # fmt: skip
+    stack = make_stack(
+        database_url=pg_url,
+        broker_url=redis_url,
+        flush_interval="1",
+        flush_lease="5",
+        vba_timeout="2",
+        backoff_base="0.2",
+        backoff_max="1",
+        max_attempts="500",
+        health_max_dirty_age="4",
+        health_max_flush_age="4",
+    )
     stack.use_sandbox(sandbox.env())
     stack.cli("db", "upgrade")
     stack.worker("w1", concurrency=2)

@@ -47,12 +47,21 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_and_json_logs_after_a_faulty_run(
-    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, sandbox: SandboxHandle,
+    make_stack: Callable[..., Stack],
+    redis_url: str,
+    pg_url: str,
+    sandbox: SandboxHandle,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     """Counts match the run: events, 207 items, 429s, token refreshes, queue; logs are JSON."""
-    stack = make_stack(database_url=pg_url, broker_url=redis_url, backoff_base="0.1",
-                       backoff_max="0.5", max_attempts="200", log_format="json")  # fmt: skip
+    stack = make_stack(
+        database_url=pg_url,
+        broker_url=redis_url,
+        backoff_base="0.1",
+        backoff_max="0.5",
+        max_attempts="200",
+        log_format="json",
+    )
     stack.use_sandbox(sandbox.env())
     stack.cli("db", "upgrade")
     worker = stack.worker("w1", concurrency=2)

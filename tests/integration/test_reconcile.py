@@ -41,10 +41,18 @@ def sub(n: int) -> str:
 def claim(n: int, amount: str = "100.00") -> dict[str, Any]:
     """Member ``n``'s one in-network claim on their deductible."""
     return {
-        "event_id": f"e-{n}", "claim_id": f"c-{n}", "version": 1, "status": "adjudicated",
-        "subscriber_id": sub(n), "group_id": GROUP, "plan_year": "2026", "plan_type": "MED",
-        "benefit_code": "DED", "network": "in", "amounts": {"deductible": amount},
-    }  # fmt: skip
+        "event_id": f"e-{n}",
+        "claim_id": f"c-{n}",
+        "version": 1,
+        "status": "adjudicated",
+        "subscriber_id": sub(n),
+        "group_id": GROUP,
+        "plan_year": "2026",
+        "plan_type": "MED",
+        "benefit_code": "DED",
+        "network": "in",
+        "amounts": {"deductible": amount},
+    }
 
 
 def vba_deductible(sandbox: SandboxHandle, n: int) -> Decimal | None:
@@ -151,14 +159,24 @@ def the_ledger_is_checked_against_itself(stack: Stack) -> None:
     """A total that the claims don't add up to is drift of our own (no repair can fix it)."""
     engine = make_engine(stack.database_url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE accumulator SET deductible_total = deductible_total + 1 "
-                          "WHERE subscriber_id = :s"), {"s": sub(5)})  # fmt: skip
+        conn.execute(
+            text(
+                "UPDATE accumulator SET deductible_total = deductible_total + 1 "
+                "WHERE subscriber_id = :s"
+            ),
+            {"s": sub(5)},
+        )
     engine.dispose()
     code, report = reconcile(stack, "--repair")
     assert code == 1 and by_member(report) == {4: "drifted", 5: "ledger"}
     (ledger,) = next(k for k in report["keys"] if k["finding"] == "ledger")["fields"]
-    assert ledger == {"of": "ledger", "field": "deductible_Used", "found": "100.01",
-                      "expected": "100.00", "vba_own": None}  # fmt: skip
+    assert ledger == {
+        "of": "ledger",
+        "field": "deductible_Used",
+        "found": "100.01",
+        "expected": "100.00",
+        "vba_own": None,
+    }
     assert report["repaired"] == 1  # the VBA drift; the ledger's is ours to fix, not VBA's
 
 
@@ -175,9 +193,12 @@ def test_shared_drift_is_found_repaired_and_then_clean(
     assert by_member(report) == {2: "below_share", 3: "missing", 4: "below_share"}
     below = {d["field"]: d for d in report["keys"][0]["fields"]}
     assert below["deductible_Used"] == {
-        "of": "vba", "field": "deductible_Used", "found": "70.00", "expected": ">= 100.00",
+        "of": "vba",
+        "field": "deductible_Used",
+        "found": "70.00",
+        "expected": ">= 100.00",
         "vba_own": "-30.00",
-    }  # fmt: skip
+    }
 
     # Member 4's row at 0 holds none of our share: repaired. Member 3's row, absent on two reads:
     # repaired. Member 2's 70.00 can't tell which share survived: held for a person, who says
@@ -201,8 +222,11 @@ def test_interrupted_it_resumes_without_reading_again_within_its_rate(
     rate = 3.0  # 8 s for the 24 pairs: time to interrupt it on a loaded machine
     first = subprocess.Popen(
         [ACCUMSYNC, "reconcile", "--all", "--rate", str(rate), "--json"],
-        env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert wait_for(lambda: list_reads(sandbox) - before >= 6, 60, 0.05)
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=30)

@@ -54,8 +54,9 @@ def test_taken_while_full_is_delivered_acked_and_put_back(
     with Connection(server.url, transport=Transport) as conn:  # the worker's transport
         producer = conn.Producer()
         for n in range(3):
-            producer.publish({"n": n}, exchange=QUEUE.exchange, routing_key="full-test",
-                             declare=[QUEUE])  # fmt: skip
+            producer.publish(
+                {"n": n}, exchange=QUEUE.exchange, routing_key="full-test", declare=[QUEUE]
+            )
         assert queued(server) == 3
         fill(server)
         channel = conn.channel()

@@ -53,10 +53,14 @@ def test_four_processes_share_one_bucket() -> None:
         workers = [
             subprocess.Popen(
                 [sys.executable, "-c", WORKER, str(CALLS // PROCESSES)],
-                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             for _ in range(PROCESSES)
-        ]  # fmt: skip
+        ]
         for w in workers:
             assert w.stdout is not None and w.stdout.readline().strip() == "ready"
         for w in workers:

@@ -49,11 +49,18 @@ def test_the_schema_names_the_field_and_the_rule() -> None:
 
 def _valid() -> dict[str, Any]:
     return {
-        "event_id": "e-1", "claim_id": "c-1", "version": 0, "status": "adjudicated",
-        "subscriber_id": "S0000001", "group_id": "GRP001", "plan_year": "2026",
-        "plan_type": "MED", "benefit_code": "DED", "network": "in",
+        "event_id": "e-1",
+        "claim_id": "c-1",
+        "version": 0,
+        "status": "adjudicated",
+        "subscriber_id": "S0000001",
+        "group_id": "GRP001",
+        "plan_year": "2026",
+        "plan_type": "MED",
+        "benefit_code": "DED",
+        "network": "in",
         "amounts": {"copay": "25.00", "deductible": 100},
-    }  # fmt: skip
+    }
 
 
 TEXT = st.one_of(

@@ -44,13 +44,16 @@ def subscriber_seed() -> dict[str, dict[str, Any]]:
             continue
         bounds = re.search(r"\[ (\d+) \.\. (\d+) \]", kind)
         at_most = re.search(r"<= (\d+) characters", kind)
-        fields.setdefault(name, {
-            "required": required,
-            "min": int(bounds[1]) if bounds else None,
-            "max": int(bounds[2]) if bounds else (int(at_most[1]) if at_most else None),
-            "not_null": NOT_NULL in lines[i + 4] if required else False,
-            "nullable": "or null" in kind,
-        })  # fmt: skip
+        fields.setdefault(
+            name,
+            {
+                "required": required,
+                "min": int(bounds[1]) if bounds else None,
+                "max": int(bounds[2]) if bounds else (int(at_most[1]) if at_most else None),
+                "not_null": NOT_NULL in lines[i + 4] if required else False,
+                "nullable": "or null" in kind,
+            },
+        )
     return fields
 
 

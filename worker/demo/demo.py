@@ -152,9 +152,13 @@ class Demo:
         connect()  # an unreachable broker is said now, not as a publish that never ends
         self._start_children(env, port)
         events = generate(
-            StreamSpec(events=self.opts.events, members=self.opts.members, invalid=INVALID,
-                       seed=self.opts.seed)
-        )  # fmt: skip
+            StreamSpec(
+                events=self.opts.events,
+                members=self.opts.members,
+                invalid=INVALID,
+                seed=self.opts.seed,
+            )
+        )
         started = self._publish(events)
         self._wait_ingested(len(events), started)
         self._wait_flushed(started)

@@ -78,7 +78,7 @@ class LeaseLost(Exception):
 
 
 @dataclass
-class Report:
+class FlushReport:
     """What one flush of a pair did (counts only: safe for logs and Flower)."""
 
     pair: int
@@ -270,11 +270,11 @@ class Flush:
         self.pair_id, self.vba, self.settings = pair_id, vba, settings
         self.rng = rng or random.Random()
         self.lease = Lease(pair_id, settings.flush_lease)
-        self.report = Report(pair_id)
+        self.report = FlushReport(pair_id)
         self.subscriber_id = self.group_id = ""
         self.pair_attempts = 0
 
-    def run(self) -> Report:
+    def run(self) -> FlushReport:
         """Flush the pair if its lease is free and it is due; a no-op report otherwise."""
         for _ in self.steps():
             pass
@@ -773,6 +773,6 @@ def bump_pushed_seq(session: Session, ids: list[int]) -> None:
     session.execute(update(T_ACCUM).where(a.id.in_(ids)).values(pushed_seq=a.pushed_seq + 1))
 
 
-def flush_pair(pair_id: int, vba: VbaClient | None = None) -> Report:
+def flush_pair(pair_id: int, vba: VbaClient | None = None) -> FlushReport:
     """Flush one pair with this process's client and settings."""
     return Flush(pair_id, vba or client(), get_settings()).run()

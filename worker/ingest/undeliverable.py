@@ -37,8 +37,14 @@ def undeliverable(body: Any, kind: str, reason: str, task: str | None = None) ->
     raw = body if isinstance(body, bytes) else _encoded(body)
     digest = hashlib.sha256(raw).hexdigest()
     text = raw.decode("utf-8", "replace")
-    payload = {"kind": kind, "task": task, "size": len(raw), "sha256": digest,
-               "body": text[:BODY_KEPT], "truncated": len(text) > BODY_KEPT}  # fmt: skip
+    payload = {
+        "kind": kind,
+        "task": task,
+        "size": len(raw),
+        "sha256": digest,
+        "body": text[:BODY_KEPT],
+        "truncated": len(text) > BODY_KEPT,
+    }
     with session_scope() as session:
         dead_letter(session, SOURCE, payload, reason, utcnow(), kind=kind)
     log.error("broker.undeliverable", kind=kind, task=task, size=len(raw), sha256=digest)
@@ -76,9 +82,11 @@ class Consumer(CeleryConsumer):
         return True
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        why = (f"the body can't be decoded ({type(exc).__name__}): content type "
-               f"{message.content_type!r}, encoding {message.content_encoding!r}; accumsync "
-               "takes JSON task messages (application/json, utf-8)")  # fmt: skip
+        why = (
+            f"the body can't be decoded ({type(exc).__name__}): content type "
+            f"{message.content_type!r}, encoding {message.content_encoding!r}; accumsync "
+            "takes JSON task messages (application/json, utf-8)"
+        )
         if self._keep(message, message.body, "undecodable", why):
             message.ack()
 
@@ -95,8 +103,10 @@ class Consumer(CeleryConsumer):
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         if isinstance(exc, ContentDisallowed):
-            why = (f"content type {message.content_type!r} is not accepted: accumsync takes "
-                   "JSON task messages (application/json)")  # fmt: skip
+            why = (
+                f"content type {message.content_type!r} is not accepted: accumsync takes "
+                "JSON task messages (application/json)"
+            )
         else:
             why = f"an invalid task message ({type(exc).__name__}): headers or body malformed"
         if self._keep(message, message.body, "invalid_task", why):

@@ -44,12 +44,16 @@ def explain(
     """The member's keys (one benefit's, when given), each with its totals and their story."""
     sub, grp = canon(subscriber), canon(group)
     p = T_PAIR.c
-    pair = session.execute(
-        select(T_PAIR).where(p.subscriber_id == sub, p.group_id == grp)
-    ).mappings().one_or_none()  # fmt: skip
+    pair = (
+        session.execute(select(T_PAIR).where(p.subscriber_id == sub, p.group_id == grp))
+        .mappings()
+        .one_or_none()
+    )
     if pair is None:
-        raise NotFound("no accumulators here for that subscriber and group (keys compare "
-                       "case-insensitively, trailing spaces ignored)")  # fmt: skip
+        raise NotFound(
+            "no accumulators here for that subscriber and group (keys compare "
+            "case-insensitively, trailing spaces ignored)"
+        )
     a, c = T_ACCUM.c, T_CLAIM.c
     accums = select(T_ACCUM).where(a.pair_id == pair["id"])
     claims = select(T_CLAIM).where(c.subscriber_id == sub, c.group_id == grp)
@@ -92,11 +96,15 @@ def _key(
     ours = {col: row[col] for col in COLUMNS}
     pushed = {col: row[p] for col, p in zip(COLUMNS, PUSHED, strict=True)}
     fields = [
-        {"field": COLUMN_TO_VBA[col], "ours": money(ours[col]), "confirmed": money(pushed[col]),
-         "claims": money(from_claims[col])}
+        {
+            "field": COLUMN_TO_VBA[col],
+            "ours": money(ours[col]),
+            "confirmed": money(pushed[col]),
+            "claims": money(from_claims[col]),
+        }
         for col in COLUMNS
         if ours[col] or pushed[col] or from_claims[col]
-    ]  # fmt: skip
+    ]
     return {
         "plan_year": row["plan_year"],
         "plan_type": row["plan_type"],
@@ -158,7 +166,7 @@ def _pair(session: Session, pair: Any) -> dict[str, Any]:
         .where(t.pair_id == pair["id"], ok)
         .order_by(t.started_at.desc())
         .limit(1)
-    ).one_or_none()  # fmt: skip
+    ).one_or_none()
     return {
         "last_confirmed_at": _when(last.started_at) if last else None,
         "last_activity_id": last.activity_id if last else None,
@@ -184,11 +192,18 @@ def _letters(session: Session, accumulator_ids: list[int]) -> dict[int, list[dic
     query = select(T_DEAD).where(d.accumulator_id.in_(accumulator_ids)).order_by(d.id)
     out: dict[int, list[dict[str, Any]]] = {}
     for r in session.execute(query).mappings():
-        out.setdefault(r["accumulator_id"], []).append({
-            "id": r["id"], "kind": r["kind"], "reason": r["reason"], "count": r["count"],
-            "last_seen": _when(r["last_seen"]), "activity_id": r["activity_id"],
-            "open": r["replayed_at"] is None, "resolution": r["resolution"],
-        })  # fmt: skip
+        out.setdefault(r["accumulator_id"], []).append(
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "reason": r["reason"],
+                "count": r["count"],
+                "last_seen": _when(r["last_seen"]),
+                "activity_id": r["activity_id"],
+                "open": r["replayed_at"] is None,
+                "resolution": r["resolution"],
+            }
+        )
     return out
 
 

@@ -75,7 +75,7 @@ class Check:
 
 
 @dataclass
-class Report:
+class HealthReport:
     """All checks; healthy when every one is ok."""
 
     checks: list[Check] = field(default_factory=list)
@@ -220,9 +220,9 @@ def queue_length(settings: Settings | None = None) -> int:
     return sum(queue_lengths(settings).values())
 
 
-def store_checks(session: Session, limits: Limits, now: datetime) -> Report:
+def store_checks(session: Session, limits: Limits, now: datetime) -> HealthReport:
     """The two progress checks read from the store."""
-    report = Report()
+    report = HealthReport()
     count, oldest = waiting_for_flush(session)
     dirty_age = _age(oldest, now) or 0.0
     report.checks.append(
@@ -280,18 +280,23 @@ def consuming_check(limits: Limits, samples: list[int], progress_age: float | No
     stalled = waiting_msgs > 0 and idle > limits.max_idle
     since = "never" if progress_age is None else f"{progress_age:.0f}s ago"
     reason = f"{waiting_msgs} messages wait; last task progress {since}"
-    return Check("consuming", not stalled, progress_age, limits.max_idle,
-                 reason + (" (workers are not consuming)" if stalled else ""))  # fmt: skip
+    return Check(
+        "consuming",
+        not stalled,
+        progress_age,
+        limits.max_idle,
+        reason + (" (workers are not consuming)" if stalled else ""),
+    )
 
 
-def check(limits: Limits, settings: Settings | None = None) -> Report:
+def check(limits: Limits, settings: Settings | None = None) -> HealthReport:
     """Run every check; an unreachable store or broker is itself a failed check."""
     settings = settings or get_settings()
     try:
         with session_scope() as session:
             report = store_checks(session, limits, utcnow())
     except Exception as exc:
-        report = Report([Check("store", False, None, None, _name(exc))])
+        report = HealthReport([Check("store", False, None, None, _name(exc))])
     try:
         samples = sample_queue(limits, settings)
         report.checks.append(backlog_check(limits, settings, samples))
@@ -306,7 +311,7 @@ def check(limits: Limits, settings: Settings | None = None) -> Report:
 def _name(exc: Exception) -> str:
     """What is wrong and what to fix (the password masked), on one line; else the type only: a
     driver's message can carry a URL with a password in it."""
-    from worker.problems import explain
+    from worker.problems import problem_of
 
-    problem = explain(exc)
+    problem = problem_of(exc)
     return problem.replace("\n", "; ") if problem else type(exc).__name__

@@ -97,9 +97,10 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
     )
     if values["last_success_age_s"] is not None:
         yield GaugeMetricFamily(
-            "accumsync_last_flush_age_seconds", "Seconds since a batch call last succeeded",
+            "accumsync_last_flush_age_seconds",
+            "Seconds since a batch call last succeeded",
             value=values["last_success_age_s"],
-        )  # fmt: skip
+        )
     if values["last_progress_age_s"] is not None:
         yield GaugeMetricFamily(
             "accumsync_last_progress_age_seconds",
@@ -118,9 +119,10 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
             value=values["last_beat_tick_age_s"],
         )
     calls = CounterMetricFamily(
-        "accumsync_vba_batch_calls", "Batch PUTs to VBA by outcome and HTTP status",
+        "accumsync_vba_batch_calls",
+        "Batch PUTs to VBA by outcome and HTTP status",
         labels=["outcome", "status"],
-    )  # fmt: skip
+    )
     for (outcome, http), n in sorted(values["calls"].items()):
         calls.add_metric([outcome, http], n)
     yield calls

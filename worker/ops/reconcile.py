@@ -227,9 +227,11 @@ class Reconcile:
         out: Remote = {}
         for key, row in remote.rows.items():
             fields = row.sub_cent()
-            out[key] = f"more than 2 decimals in {', '.join(fields)}" if fields else (
-                cents_of_vba(row.amounts())
-            )  # fmt: skip
+            out[key] = (
+                f"more than 2 decimals in {', '.join(fields)}"
+                if fields
+                else (cents_of_vba(row.amounts()))
+            )
         return out | remote.unreadable
 
     def _judge(self, s: KeyState, remote: Remote, ledgers: dict[Key, Any]) -> Verdict:
@@ -237,8 +239,9 @@ class Reconcile:
         if isinstance(row, str):
             return Verdict(Finding.UNREADABLE)
         ledger = ledgers.get(s.key) or dict.fromkeys(COLUMNS, 0)
-        return judge(self.ownership, s.ours, s.pushed, row, ledger,
-                     in_flight=s.in_flight, held=s.held)  # fmt: skip
+        return judge(
+            self.ownership, s.ours, s.pushed, row, ledger, in_flight=s.in_flight, held=s.held
+        )
 
 
 ABSENT_ONCE = "absent on one read, present on the next: not repaired on one read of absence"
@@ -299,14 +302,22 @@ def record(
     for state, verdict in verdicts:
         if verdict.finding is Finding.EQUAL:
             continue
-        repaired = run.repair and verdict.finding in REPAIRABLE and repair(
-            session, state, remote.get(state.key), run.ownership
-        )  # fmt: skip
+        repaired = (
+            run.repair
+            and verdict.finding in REPAIRABLE
+            and repair(session, state, remote.get(state.key), run.ownership)
+        )
         diffs = [asdict(d) | {"of": "vba"} for d in verdict.fields]
         diffs += [asdict(d) | {"of": "ledger"} for d in verdict.ledger]
-        rows.append({"run_id": run_id, "accumulator_id": state.accumulator_id,
-                     "finding": verdict.finding.value, "fields": json.dumps(diffs),
-                     "repaired": bool(repaired)})  # fmt: skip
+        rows.append(
+            {
+                "run_id": run_id,
+                "accumulator_id": state.accumulator_id,
+                "finding": verdict.finding.value,
+                "fields": json.dumps(diffs),
+                "repaired": bool(repaired),
+            }
+        )
     if rows:
         session.execute(T_FINDING.insert(), rows)
     r = T_RUN.c
@@ -360,8 +371,14 @@ def summary(run_id: int, scope: Scope, resumed: bool) -> Summary:
     with session_scope() as session:
         run = session.execute(select(T_RUN).where(T_RUN.c.id == run_id)).mappings().one()
         rows = session.execute(select(f.finding, f.fields, f.repaired).where(f.run_id == run_id))
-        out = Summary(run_id, scope.label, len(scope.pair_ids), run["pairs_done"],
-                      run["keys_checked"], resumed=resumed)  # fmt: skip
+        out = Summary(
+            run_id,
+            scope.label,
+            len(scope.pair_ids),
+            run["pairs_done"],
+            run["keys_checked"],
+            resumed=resumed,
+        )
         for finding, fields, repaired in rows:
             out.findings[finding] = out.findings.get(finding, 0) + 1
             out.repaired += bool(repaired)
@@ -382,8 +399,11 @@ def findings(run_id: int) -> list[dict[str, Any]]:
     )
     with session_scope() as session:
         rows = session.execute(query).mappings().all()
-    return [{k: r[k] for k in KEY_COLS} | {"finding": r["finding"], "repaired": r["repaired"],
-             "fields": json.loads(r["fields"])} for r in rows]  # fmt: skip
+    return [
+        {k: r[k] for k in KEY_COLS}
+        | {"finding": r["finding"], "repaired": r["repaired"], "fields": json.loads(r["fields"])}
+        for r in rows
+    ]
 
 
 def run_scheduled(continuing: bool = False) -> dict[str, int]:
@@ -405,8 +425,14 @@ def run_scheduled(continuing: bool = False) -> dict[str, int]:
     finished = runner.run(run_id, left, until=time.monotonic() + SLICE)
     done = summary(run_id, scope, resumed)
     remaining = 0 if finished else len(runner.left(run_id, scope))
-    log.info("reconcile.slice", run=run_id, pairs_done=done.pairs_done, left=remaining,
-             keys_checked=done.keys_checked, drifted=done.drifted)  # fmt: skip
+    log.info(
+        "reconcile.slice",
+        run=run_id,
+        pairs_done=done.pairs_done,
+        left=remaining,
+        keys_checked=done.keys_checked,
+        drifted=done.drifted,
+    )
     return {"run": run_id, "left": remaining, "drifted": done.drifted, "skipped": 0}
 
 

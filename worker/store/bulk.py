@@ -112,9 +112,16 @@ def upsert(
     fill, same = fill or {}, dict(same or {})
     postgres = is_postgres(session)
     shape = Shape(
-        table, postgres, names, tuple(fill.items()), tuple(same), tuple(conflict), set_,
-        tuple(order_by), returning,
-    )  # fmt: skip
+        table,
+        postgres,
+        names,
+        tuple(fill.items()),
+        tuple(same),
+        tuple(conflict),
+        set_,
+        tuple(order_by),
+        returning,
+    )
     stmt = statement(shape)
     if postgres:
         params = {"rows": as_json(rows)} | {f"same_{k}": v for k, v in same.items()}

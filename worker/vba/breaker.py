@@ -106,9 +106,13 @@ class LocalBreaker:
     """The breaker's state in this process (the embedded defaults: one worker process)."""
 
     def __init__(
-        self, threshold: int, base: float, cap: float, probe_ttl: float,
+        self,
+        threshold: int,
+        base: float,
+        cap: float,
+        probe_ttl: float,
         clock: Callable[[], float] = time.monotonic,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.threshold, self.base, self.cap, self.probe_ttl = threshold, base, cap, probe_ttl
         self.clock = clock
         self.until: float | None = None
