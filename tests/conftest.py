@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -22,16 +23,41 @@ from tests.stack import Stack
 settings.register_profile("accumsync", deadline=None)
 settings.load_profile("accumsync")
 
-#: Tests that run one at a time on one xdist worker (``make test`` runs two): every chaos scenario
-#: (they kill, stop, restart and fill shared services, close every RabbitMQ connection, and time
-#: recoveries) and every test on RabbitMQ (its app is stopped by one of them; their ids say amqp).
-EXCLUSIVE = pytest.mark.xdist_group("exclusive")
+#: Modules whose tests share a module fixture worth running once: every command's run
+#: (test_cli_errors), one stack with its sandbox (test_flush_edges).
+ONE_LANE = ("tests/integration/test_cli_errors.py", "tests/integration/test_flush_edges.py")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "chaos" in item.path.parts or "amqp" in item.nodeid:
-            item.add_marker(EXCLUSIVE)
+def lane_of(nodeid: str) -> str:
+    """The xdist work unit a test belongs to (``make test`` runs three lanes):
+
+    - ``exclusive``: every chaos scenario (they kill, stop, restart and fill services, close every
+      RabbitMQ connection, and time recoveries) and every test on RabbitMQ (its app is stopped by
+      one of them; their ids say amqp), one at a time on one lane;
+    - one lane per module of :data:`ONE_LANE` (each shares an expensive module fixture);
+    - any other test on its own, wherever a lane is free.
+
+    pytest-xdist's own ``xdist_group`` marks do nothing under pytest 9 (xdist 3.8 renames
+    ``item._nodeid``, which pytest 9 no longer reads: groups were silently spread over the lanes),
+    so the lanes are given to xdist's scheduler directly, below.
+    """
+    if nodeid.startswith("tests/chaos/") or "amqp" in nodeid:
+        return "exclusive"
+    module = nodeid.split("::", 1)[0]
+    return module if module in ONE_LANE else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the lanes of :func:`lane_of`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Lanes(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane_of(nodeid)
+
+    return Lanes(config, log)
 
 
 @pytest.fixture(scope="session")

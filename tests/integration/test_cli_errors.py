@@ -9,19 +9,17 @@ then checks its own.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import pytest
-
-#: One lane runs the whole module: its fixture runs all 52 commands (a minute or two), and would
-#: run again on every xdist worker that got one of its tests.
-pytestmark = pytest.mark.xdist_group("cli_errors")
 
 ACCUMSYNC = str(Path(sys.executable).with_name("accumsync"))
 DOWN_STORE = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/test"
@@ -163,7 +161,22 @@ PAIRS = [(command, fault) for command, faults in CASES.items() for fault in faul
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Ran]:
-    root = tmp_path_factory.mktemp("cli-errors")
+    """Every (command, fault) run once per test session: the module has a lane of its own
+    (tests/conftest.py), and should its tests be spread over lanes (another --dist), the first
+    lane to get here runs them, under a lock, and the others read what it saved."""
+    shared = tmp_path_factory.getbasetemp().parent  # one folder for every lane of this run
+    saved = shared / "cli-errors.json"
+    with (shared / "cli-errors.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.exists():
+            runs = _run_all(tmp_path_factory.mktemp("cli-errors"))
+            rows = [[command, fault, *astuple(ran)] for (command, fault), ran in runs.items()]
+            saved.write_text(json.dumps(rows))
+    rows = json.loads(saved.read_text())
+    return {(command, fault): Ran(*ran) for command, fault, *ran in rows}
+
+
+def _run_all(root: Path) -> dict[tuple[str, str], Ran]:
     (root / "migrated").mkdir()
     env = _env("", root / "migrated")
     subprocess.run([ACCUMSYNC, "db", "upgrade"], env=env, check=True, capture_output=True)

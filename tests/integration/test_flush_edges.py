@@ -33,7 +33,7 @@ from worker.db import make_engine
 from worker.demo.procs import wait_for
 from worker.demo.sandboxes import SandboxHandle, running_sandbox
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("flush_edges")]
+pytestmark = pytest.mark.integration  # one lane for the module: tests/conftest.py ONE_LANE
 
 DED = ("deductible_Used", "ded_PPO_Used")
 GROUP = "GRPE"
