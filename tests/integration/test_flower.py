@@ -24,6 +24,9 @@ from worker.sandbox import config as sandbox_config
 pytestmark = pytest.mark.integration
 
 TASKS = {"accumsync.ingest", "accumsync.flush_due", "accumsync.flush_pair"}
+# Flower shows every worker's events on its broker's database, and the suite's other stacks share
+# database 0 (their queues are their own, Celery's event fanout is not): this one has its own.
+FLOWER_REDIS_DB = 9
 AUTH = ("ops", "flower-test-password")
 
 
@@ -67,7 +70,7 @@ def test_flower_shows_every_task_and_no_member_data(
     """Flower lists ingest, flush_due and flush_pair; no id, amount or secret in any answer."""
     stack = make_stack(
         database_url=pg_url,
-        broker_url=redis_url,
+        broker_url=redis_url.rsplit("/", 1)[0] + f"/{FLOWER_REDIS_DB}",
         flush_interval="1",
         backoff_base="0.1",
         backoff_max="1",
