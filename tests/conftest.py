@@ -26,14 +26,17 @@ settings.load_profile("accumsync")
 #: Modules whose tests share a module fixture worth running once: every command's run
 #: (test_cli_errors), one stack with its sandbox (test_flush_edges).
 ONE_LANE = ("tests/integration/test_cli_errors.py", "tests/integration/test_flush_edges.py")
+#: Chaos modules that touch no shared service and time no recovery: the faults are their own
+#: workers' (failpoints) and their own servers' (TLS), so they need no lane to themselves.
+SHARING = ("tests/chaos/test_redis_kill.py", "tests/chaos/test_security.py")
 
 
 def lane_of(nodeid: str) -> str:
     """The xdist work unit a test belongs to (``make test`` runs three lanes):
 
-    - ``exclusive``: every chaos scenario (they kill, stop, restart and fill services, close every
-      RabbitMQ connection, and time recoveries) and every test on RabbitMQ (its app is stopped by
-      one of them; their ids say amqp), one at a time on one lane;
+    - ``exclusive``: every chaos scenario but those of :data:`SHARING` (they kill, stop, restart
+      and fill services, close every RabbitMQ connection, and time recoveries) and every test on
+      RabbitMQ (its app is stopped by one of them; their ids say amqp), one at a time on one lane;
     - one lane per module of :data:`ONE_LANE` (each shares an expensive module fixture);
     - any other test on its own, wherever a lane is free.
 
@@ -41,9 +44,9 @@ def lane_of(nodeid: str) -> str:
     ``item._nodeid``, which pytest 9 no longer reads: groups were silently spread over the lanes),
     so the lanes are given to xdist's scheduler directly, below.
     """
-    if nodeid.startswith("tests/chaos/") or "amqp" in nodeid:
-        return "exclusive"
     module = nodeid.split("::", 1)[0]
+    if (module.startswith("tests/chaos/") and module not in SHARING) or "amqp" in nodeid:
+        return "exclusive"
     return module if module in ONE_LANE else nodeid
 
 

@@ -45,7 +45,10 @@ app = Celery("accumsync")
 
 
 def transport_options(
-    broker_url: str, visibility_timeout: float = 300.0, health_check_interval: float = 10.0
+    broker_url: str,
+    visibility_timeout: float = 300.0,
+    health_check_interval: float = 10.0,
+    consumer_ttl: float = 10.0,
 ) -> dict[str, Any]:
     """Per-transport options (the embedded broker's are read by worker/sqlbroker.py)."""
     if broker_url.startswith(("redis", "rediss")):
@@ -64,10 +67,17 @@ def transport_options(
         # idempotent, so an early redelivery of a slow task costs time, not correctness.
         # kombu sweeps for such messages every interval * throttle seconds (100 s by default):
         # sweep often enough that the timeout, not the sweep, decides when they come back.
+        # A dead worker's messages, taken or recorded, come back after its heartbeat's TTL
+        # (worker/redisbroker.py's reliable fetch); the visibility timeout is for a live one's.
+        # The restore pass's lock lasts 10 s, not kombu's 300 s: a worker killed inside a pass
+        # held every restore up for five minutes (each restore is a transaction of its own, so
+        # two passes at once restore nothing twice).
         return {
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": max(1.0, min(10.0, visibility_timeout / 10)),
             "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": 10.0,
+            "consumer_ttl": consumer_ttl,
         } | link
     if broker_url.startswith(("amqp", "pyamqp")):
         # Publisher confirms: each publish waits for RabbitMQ's basic.ack, so a publish the
@@ -119,6 +129,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             settings.effective_broker_url,
             settings.broker_visibility_timeout,
             settings.broker_health_check_interval,
+            settings.broker_consumer_ttl,
         ),
         # On a lost broker connection, running tasks are cancelled rather than finished
         # unacknowledgeable: their messages come back (acks_late) and every task is idempotent.

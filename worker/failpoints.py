@@ -4,12 +4,16 @@ When the variable names a point the code passes, the process kills itself with S
 no cleanup, no bookkeeping, exactly like a machine losing power at that instant. A point may
 carry a probability, ``flush.after_put@0.1``, so a chaos run crashes at random passes only.
 ``ingest.before_commit:sleep=4`` stalls there for 4 seconds instead (a slow transaction, a GC
-pause), so a test can line up two workers' transactions. Unset (always, in production) it
-costs one dictionary lookup.
+pause), so a test can line up two workers' transactions; ``broker.after_take:group`` kills the
+process's whole group (a worker's main process and its pool: the whole worker). Unset (always,
+in production) it costs one dictionary lookup.
 
 Points: ``ingest.before_commit`` (batch applied, transaction not committed),
 ``ingest.after_commit`` (committed, message not acknowledged), ``flush.after_intent``
-(intents durable, PUT not sent), ``flush.after_put`` (PUT answered, nothing recorded).
+(intents durable, PUT not sent), ``flush.after_put`` (PUT answered, nothing recorded),
+``broker.after_take`` (a worker's main process has taken a message from Redis and not yet
+recorded it as unacknowledged), ``broker.restore`` (inside the restore of an unacknowledged
+message, its record read, the message not yet back on its queue).
 """
 
 from __future__ import annotations
@@ -24,16 +28,15 @@ from worker.logs import Log
 log = Log("failpoint")
 
 
-def armed(name: str, spec: str | None) -> tuple[float, float | None]:
-    """What ``spec`` (``a,b:sleep=2@0.2``) asks of point ``name``: its probability (1, a share,
-    or 0) and the seconds to sleep there (None: die)."""
+def armed(name: str, spec: str | None) -> tuple[float, str]:
+    """What ``spec`` (``a,b:sleep=2@0.2,c:group``) asks of point ``name``: its probability (1, a
+    share, or 0) and its action (``""``: die; ``group``: kill the process group; ``sleep=S``)."""
     for part in (spec or "").split(","):
         point, _, share = part.strip().partition("@")
         point, _, action = point.partition(":")
         if point == name:
-            sleep = float(action.removeprefix("sleep=")) if action.startswith("sleep=") else None
-            return (float(share) if share else 1.0), sleep
-    return 0.0, None
+            return (float(share) if share else 1.0), action
+    return 0.0, ""
 
 
 def hit(name: str) -> None:
@@ -41,12 +44,15 @@ def hit(name: str) -> None:
     wanted = os.environ.get("ACCUMSYNC_FAILPOINT")
     if not wanted:
         return
-    share, sleep = armed(name, wanted)
+    share, action = armed(name, wanted)
     if not share or random.random() >= share:
         return
-    if sleep is not None:
-        log.warning("failpoint.sleep", point=name, seconds=sleep, pid=os.getpid())
-        time.sleep(sleep)
+    if action.startswith("sleep="):
+        seconds = float(action.removeprefix("sleep="))
+        log.warning("failpoint.sleep", point=name, seconds=seconds, pid=os.getpid())
+        time.sleep(seconds)
         return
-    log.warning("failpoint.kill", point=name, pid=os.getpid())
+    log.warning("failpoint.kill", point=name, pid=os.getpid(), whole_group=action == "group")
+    if action == "group":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,90 +1,207 @@
-"""Redis as broker when it is full (``maxmemory``, ``noeviction``): consume on, so memory frees.
+"""Redis as broker: no message lost when a worker is killed, and consuming on when Redis is full.
 
-Full, Redis refuses every command that may grow memory, and every command queued in a MULTI,
-deletes included. kombu's acknowledgement emulation then fails in three places, each fatal or
-lossy for a worker (measured by tests/chaos/test_redis_full.py):
+**Reliable fetch.** kombu's Redis transport takes a message with BRPOP and only then records it
+as unacknowledged (ZADD and HSET). A worker's main process killed between the two (SIGKILL, the
+OOM killer, a node evicted) loses the message, and with it up to 500 claims, with nothing in the
+ledger to show they were ever sent (``bench.soak --faults worker_kill`` lost 914 events so).
+Here a message is taken by an atomic move into a list its consumer owns, and is never anywhere
+but in Redis until a worker has it recorded:
 
-- a message taken from its queue (BRPOP frees its memory) is recorded as unacknowledged with
-  ZADD and HSET in a MULTI; refused, the worker stops ("Unrecoverable error") and the message,
-  no longer in the queue nor recorded, is lost;
-- a worker starting takes the restore lock with SET NX; refused, it exits at start-up;
-- an ack removes the record with ZREM and HDEL in a MULTI; refused, it stays for redelivery.
+- **take**: a script moves the first message of the consumer's queue keys (each queue's
+  priority steps) into that consumer's *taken* list (``RPOPLPUSH``). With nothing to take, the
+  consumer blocks on one of its keys with ``BLMOVE`` (``BRPOPLPUSH`` before Redis 6.2) for
+  :attr:`Channel.take_wait`, a different key each time;
+- **record**: one MULTI records the message as kombu does (``unacked``, ``unacked_index``), adds
+  its delivery tag to the consumer's *owned* set and pops it from the taken list;
+- **acknowledge**: removes the record and the tag;
+- **heartbeat**: each consumer keeps a key with a TTL (``consumer_ttl``, 10 s by default) and
+  registers its queue keys; every heartbeat, one consumer at a time (a lock) sweeps the consumers
+  whose key has expired: their taken lists go back to their queues (one script, atomic), their
+  owned messages are restored. A killed worker's messages are back within about the TTL, where
+  kombu's wait out ``visibility_timeout`` (300 s here), which still applies to a live worker's;
+- **restore** (visibility timeout, a worker stopping, a dead consumer's owned tags): the record
+  is read and, in one MULTI, deleted and pushed back; a restore that cannot name the message's
+  queue raises and keeps the record, where kombu deletes it and logs the body.
 
-:class:`FullSafeQoS` runs a message it could not record (its tasks are idempotent and short: the
-window where a killed worker loses it is the task's run, not the whole time Redis is full; a
-worker stopping puts such a message back on its queue, if Redis takes it by then),
-acknowledges with the same deletes outside a MULTI (which a full Redis accepts, and which free
-memory), and skips a restore pass it cannot lock: the next one, every few seconds, restores.
-Draining the queue is what frees the memory, so the workers must keep doing it.
+This is the model of Sidekiq Pro's ``super_fetch`` (a private in-progress list per process, a
+heartbeat, any live process recovering the lists of dead ones), not RQ's intermediate queue
+(one list per queue, recovered only once a worker's death is noticed by its registry's
+cleanup) nor Resque's reliable-fetch discussion (a per-worker list re-read at that worker's own
+restart, so a worker that never restarts strands its messages). It needs nothing from the
+producers, which still push to the plain list any Celery client writes to, and a dead
+consumer's messages come back in seconds whoever is left. A message can be delivered twice (a
+consumer declared dead while only slow, a kill after the record and before the ack): the
+ledger counts an event id once.
 
-:class:`Transport` is kombu's Redis transport with this QoS, named in the app's configuration
-(``broker_transport``, worker/celery.py) for ``redis://`` and ``rediss://`` brokers. It overrides
-kombu's private QoS methods: pyproject bounds kombu to the minor version it was written against.
+**Full Redis** (``maxmemory``, ``noeviction``): Redis refuses every command that may grow memory,
+and every command queued in a MULTI, deletes included (measured by
+tests/chaos/test_redis_full.py). The take and give-back scripts carry ``allow-oom`` (they move
+memory, they do not grow it), so the workers keep draining, which is what frees the memory. A
+message whose record is refused stays in the taken list, runs as usual (its task is idempotent
+and short), and is acknowledged or put back from there; acknowledgements fall back to plain
+deletes outside a MULTI; a restore pass that cannot lock is skipped (the next one restores).
+
+:class:`Transport` is named in the app's configuration (``broker_transport``, worker/celery.py)
+for ``redis://`` and ``rediss://`` brokers. It overrides private methods of kombu's Redis
+transport: pyproject bounds kombu to the minor version it was written against.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+from time import monotonic, time
 from typing import Any
+from uuid import uuid4
 
 from kombu.transport import redis, virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from redis.exceptions import OutOfMemoryError
 
+from worker import failpoints
 from worker.logs import Log
 
 log = Log("broker")
 
+#: Field: a consumer's id; value: the JSON list of the queue keys it takes from.
+CONSUMERS = "_accumsync.consumers"
+SWEEP_LOCK = "_accumsync.sweep"
+#: Where an item that is not a kombu message (not JSON) goes, kept for a person to read.
+UNREADABLE = "_accumsync.unreadable"
 
-class FullSafeQoS(redis.QoS):
-    """kombu's Redis QoS, carrying on when Redis is out of memory (see the module's docstring)."""
+TAKE = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local item = redis.call('RPOPLPUSH', KEYS[i], KEYS[n + i])
+  if item then return {i, item} end
+end
+return false
+"""
+#: KEYS: taken list, its queue, taken list, its queue...: each list's items back to the head of
+#: its queue (the next to be taken), oldest first.
+GIVE_BACK = """
+local moved = 0
+for i = 1, #KEYS, 2 do
+  local item = redis.call('LPOP', KEYS[i])
+  while item do
+    redis.call('RPUSH', KEYS[i + 1], item)
+    moved = moved + 1
+    item = redis.call('LPOP', KEYS[i])
+  end
+end
+return moved
+"""
+#: One message from a taken list back to its queue, if it is still there.
+PUT_BACK = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call(ARGV[2], KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def taken_key(consumer: str, queue_key: str) -> str:
+    return f"_accumsync.taken.{consumer}.{queue_key}"
+
+
+def owned_key(consumer: str) -> str:
+    return f"_accumsync.owned.{consumer}"
+
+
+def alive_key(consumer: str) -> str:
+    return f"_accumsync.alive.{consumer}"
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A message in a consumer's taken list: the list, the queue key it came from, its bytes."""
+
+    list: str
+    queue_key: str
+    item: bytes
+
+
+class ReliableQoS(redis.QoS):
+    """kombu's Redis QoS recording from, and acknowledging into, the consumer's own keys."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Messages taken but not recorded in Redis: (body, exchange, routing key) by tag.
-        self._unrecorded: dict[str, tuple[Any, str, str]] = {}
+        #: Messages Redis (full) refused to record: still in the taken list, by tag.
+        self.unrecorded: dict[str, Taken] = {}
 
     def append(self, message: Any, delivery_tag: str) -> None:
+        failpoints.hit("broker.after_take")
+        channel: Channel = self.channel  # type: ignore[assignment]
+        taken = channel.hand_over()
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         try:
-            super().append(message, delivery_tag)
+            with channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
+                pipe.hset(self.unacked_key, delivery_tag, record)
+                if taken is not None:
+                    pipe.sadd(channel.owned, delivery_tag)
+                    pipe.lpop(taken.list)
+                pipe.execute()
         except OutOfMemoryError:
-            log.warning("broker.full.unrecorded", tag=delivery_tag)
-            info = message.delivery_info
-            self._unrecorded[delivery_tag] = (message._raw, info["exchange"], info["routing_key"])
-            virtual.QoS.append(self, message, delivery_tag)  # kept in memory, run as usual
+            log.warning("broker.full.unrecorded", tag=delivery_tag, kept=taken is not None)
+            if taken is not None:
+                self.unrecorded[delivery_tag] = taken  # safe in the taken list; runs as usual
+        virtual.QoS.append(self, message, delivery_tag)
 
-    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
-        """An unrecorded message goes back on its queue from memory (kombu would look for it in
-        the unacked hash, find nothing, and so drop it): a worker stopping holds none."""
-        unrecorded = self._unrecorded.pop(tag, None)
-        if unrecorded is None:
-            super().restore_by_tag(tag, client, leftmost)
-            return
-        payload, exchange, routing_key = unrecorded
-        channel: Any = self.channel
-        try:
-            with channel.conn_or_acquire(client) as conn:
-                for queue in channel._lookup(exchange, routing_key):
-                    key = channel._q_for_pri(queue, channel._get_message_priority(payload, False))
-                    (conn.lpush if leftmost else conn.rpush)(key, dumps(payload))
-        except OutOfMemoryError:  # never kombu's "Could not restore message: <the body>"
-            log.error("broker.full.message_lost", tag=tag)
+    def ack(self, delivery_tag: str) -> None:
+        taken = self.unrecorded.pop(delivery_tag, None)
+        channel: Channel = self.channel  # type: ignore[assignment]
+        with channel.conn_or_acquire() as client:
+            try:
+                self._forget(client.pipeline(), delivery_tag, taken).execute()
+            except OutOfMemoryError:  # a full Redis takes the same deletes outside a MULTI
+                self._forget(client.pipeline(transaction=False), delivery_tag, taken).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, pipe: Any, tag: str, taken: Taken | None) -> Any:
+        pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
+        pipe.srem(self.channel.owned, tag)  # type: ignore[attr-defined]
+        if taken is not None:
+            pipe.lrem(taken.list, 1, taken.item)
+        return pipe
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
-            super().reject(delivery_tag, requeue=True)  # through restore_by_tag, above
+            self.restore_by_tag(delivery_tag, leftmost=True)
+            virtual.QoS.ack(self, delivery_tag)
         else:
             self.ack(delivery_tag)
 
-    def ack(self, delivery_tag: str) -> None:
-        self._unrecorded.pop(delivery_tag, None)
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        """Back on its queue: from the taken list if it was never recorded, else from its record
+        (kombu's transaction: read, then delete and push in one MULTI). A record whose queue
+        cannot be named stays where it is, logged by its tag."""
+        channel: Channel = self.channel  # type: ignore[assignment]
+        taken = self.unrecorded.pop(tag, None)
         try:
-            super().ack(delivery_tag)
+            if taken is not None:
+                with channel.conn_or_acquire(client) as conn:
+                    push = "LPUSH" if leftmost else "RPUSH"
+                    keys = (taken.list, taken.queue_key)
+                    conn.eval(channel.script(PUT_BACK), 2, *keys, taken.item, push)
+                return
+            super().restore_by_tag(tag, client, leftmost)
+        except channel.connection_errors:
+            raise
         except OutOfMemoryError:
-            channel: Any = self.channel  # kombu's Redis channel (typed as the virtual one)
-            with channel.conn_or_acquire() as client:
-                client.zrem(self.unacked_index_key, delivery_tag)
-                client.hdel(self.unacked_key, delivery_tag)
-            virtual.QoS.ack(self, delivery_tag)
+            log.debug("broker.full.restore_skipped", tag=tag)
+        except Exception as exc:  # the record stays; the next pass tries again
+            log.error("broker.restore_failed", tag=tag, error=type(exc).__name__)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -94,12 +211,225 @@ class FullSafeQoS(redis.QoS):
 
 
 class Channel(redis.Channel):
-    """kombu's Redis channel with :class:`FullSafeQoS`."""
+    """kombu's Redis channel taking each message by an atomic move (see the module)."""
 
-    QoS = FullSafeQoS
+    QoS = ReliableQoS
+    #: Seconds a consumer's heartbeat lasts: its messages go back this long after it dies.
+    consumer_ttl = 10.0
+    #: Seconds a consumer with nothing to take blocks on one of its queue keys at a time.
+    take_wait = 0.1
+
+    from_transport_options = (*redis.Channel.from_transport_options, "consumer_ttl")
+    # kombu's Redis channel's own, untyped in its stubs
+    connection_errors: tuple[type[BaseException], ...]
+    _queue_cycle: Any
+    _q_for_pri: Any
+    _flush_brpop_reauth: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.consumer = f"{os.getpid()}.{uuid4().hex[:12]}"
+        self.owned = owned_key(self.consumer)
+        #: Queue keys registered under this consumer (a take needs its key registered first).
+        self.sources: set[str] = set()
+        self._pending: Taken | None = None
+        self._taking: tuple[str, ...] = ()
+        self._blocking = False
+        self._block_turn = 0
+        self._next_beat = 0.0
+        self._modern: bool | None = None
+        super().__init__(*args, **kwargs)
+
+    # -- taking ----------------------------------------------------------------------------
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = tuple(
+            dict.fromkeys(self._q_for_pri(q, p) for p in self.priority_steps for q in queues)
+        )
+        if not self.sources.issuperset(keys):
+            self.sources.update(keys)
+            self.keep_alive(force=True)
+        if self._blocking:
+            key = keys[self._block_turn % len(keys)]
+            self._block_turn += 1
+            self._taking = (key,)
+            if self.modern():
+                command = ["BLMOVE", key, taken_key(self.consumer, key), "RIGHT", "LEFT"]
+                command.append(str(self.take_wait))
+            else:
+                command = ["BRPOPLPUSH", key, taken_key(self.consumer, key), "1"]
+        else:
+            self._taking = keys
+            lists = [taken_key(self.consumer, k) for k in keys]
+            command = ["EVAL", self.script(TAKE), str(2 * len(keys)), *keys, *lists]
+            command.append(str(len(keys)))
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if self._blocking:
+                key, item = self._taking[0], reply
+            elif reply:
+                key, item = self._taking[int(reply[0]) - 1], reply[1]
+            else:
+                key, item = "", None
+            self._blocking = item is None and not self._blocking
+            if item is None:
+                raise virtual.Empty()
+            queue = key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            self._deliver_taken(Taken(taken_key(self.consumer, key), key, item), queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _deliver_taken(self, taken: Taken, queue: str) -> None:
+        try:
+            payload = loads(bytes_to_str(taken.item))
+        except ValueError:
+            with self.conn_or_acquire() as client:
+                keys = (taken.list, UNREADABLE)
+                client.eval(self.script(PUT_BACK), 2, *keys, taken.item, "LPUSH")
+            log.error("broker.unreadable", queue=queue, bytes=len(taken.item), kept_in=UNREADABLE)
+            return
+        self._pending = taken
+        try:
+            self.connection._deliver(payload, queue)
+        finally:
+            if self._pending is not None:  # delivered without a record (no_ack, refused)
+                self._pending = None
+                with self.conn_or_acquire() as client:
+                    client.lpop(taken.list)
+
+    def hand_over(self) -> Taken | None:
+        """The take being delivered, for its record (once)."""
+        taken, self._pending = self._pending, None
+        return taken
+
+    # -- heartbeat and sweep ---------------------------------------------------------------
+
+    def keep_alive(self, force: bool = False) -> None:
+        """Refresh this consumer's heartbeat and registration; sweep dead consumers."""
+        now = monotonic()
+        if not self.sources or (now < self._next_beat and not force):
+            return
+        self._next_beat = now + self.consumer_ttl / 4
+        qos: ReliableQoS = self.qos  # type: ignore[assignment]
+        try:
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                pipe.set(alive_key(self.consumer), "1", px=int(self.consumer_ttl * 1000))
+                pipe.hset(CONSUMERS, self.consumer, json.dumps(sorted(self.sources)))
+                pipe.execute()
+                if not self._in_poll and not qos.unrecorded:
+                    self.give_back(client, self.consumer, self.sources)  # nothing should be left
+                self.sweep(client)
+        except OutOfMemoryError:
+            log.debug("broker.full.heartbeat_skipped")
+
+    def sweep(self, client: Any) -> None:
+        """Give back the messages of every consumer whose heartbeat has expired (one sweeper at
+        a time)."""
+        ttl = int(self.consumer_ttl * 1000)
+        if not client.set(SWEEP_LOCK, self.consumer, nx=True, px=ttl):
+            return
+        try:
+            for consumer, sources in client.hgetall(CONSUMERS).items():
+                name = bytes_to_str(consumer)
+                if name != self.consumer and not client.exists(alive_key(name)):
+                    self.bury(client, name, json.loads(sources))
+        finally:
+            client.eval(RELEASE, 1, SWEEP_LOCK, self.consumer)
+
+    def bury(self, client: Any, consumer: str, sources: list[str]) -> None:
+        """A dead consumer's messages back on their queues: those it had taken, then those it
+        had recorded and not acknowledged."""
+        taken = self.give_back(client, consumer, sources)
+        tags = [bytes_to_str(t) for t in client.smembers(owned_key(consumer))]
+        recorded = sum(bool(client.hexists(self.unacked_key, tag)) for tag in tags)
+        qos: ReliableQoS = self.qos  # type: ignore[assignment]
+        for tag in tags:
+            qos.restore_by_tag(tag, client)
+        client.delete(owned_key(consumer))
+        client.hdel(CONSUMERS, consumer)
+        log.warning("broker.consumer_swept", consumer=consumer, taken=taken, recorded=recorded)
+
+    def give_back(self, client: Any, consumer: str, sources: Any) -> int:
+        keys = [k for source in sorted(sources) for k in (taken_key(consumer, source), source)]
+        return int(client.eval(self.script(GIVE_BACK), len(keys), *keys)) if keys else 0
+
+    def modern(self) -> bool:
+        """Redis >= 7: scripts may carry flags; >= 6.2 has BLMOVE (asked once)."""
+        if self._modern is None:
+            with self.conn_or_acquire() as client:
+                version = str(client.info("server").get("redis_version", "0"))
+            self._modern = tuple(int(p) for p in version.split(".")[:2]) >= (7, 0)
+        return self._modern
+
+    def script(self, body: str) -> str:
+        """``body`` with the ``allow-oom`` flag where the server knows script flags."""
+        return ("#!lua flags=allow-oom" + body) if self.modern() else body
+
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
+        """kombu's, raising where it would log the body and let the record be deleted with no
+        message pushed (an error, or no queue bound any more)."""
+        failpoints.hit("broker.restore")
+        with suppress(KeyError):
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+        queues = self._lookup(exchange, routing_key)
+        if not queues:
+            raise LookupError("no queue bound for the message's exchange and routing key")
+        priority = self._get_message_priority(payload, reverse=False)
+        for queue in queues:
+            (pipe.lpush if leftmost else pipe.rpush)(
+                self._q_for_pri(queue, priority), dumps(payload)
+            )
+
+    def close(self) -> None:
+        """A consumer stopping gives back what it still holds and leaves the registry (a take
+        whose answer is still on the wire is delivered first, as kombu does)."""
+        if self._in_poll:
+            with suppress(virtual.Empty):
+                self._brpop_read()
+        if self.sources and not self.closed:
+            with suppress(Exception), self.conn_or_acquire() as client:
+                self.give_back(client, self.consumer, self.sources)
+                client.delete(alive_key(self.consumer), self.owned)
+                client.hdel(CONSUMERS, self.consumer)
+        super().close()
+
+
+class Poller(redis.MultiChannelPoller):
+    """kombu's poller, beating each consuming channel's heart as it polls."""
+
+    _channels: set[Channel]
+
+    def on_poll_start(self) -> None:
+        for channel in self._channels:
+            if channel.active_queues:
+                with suppress(*channel.connection_errors):
+                    channel.keep_alive()
+        super().on_poll_start()
 
 
 class Transport(redis.Transport):
     """kombu's Redis transport with :class:`Channel`: ``worker.redisbroker:Transport``."""
 
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()

@@ -151,8 +151,15 @@ class Settings(BaseSettings):
     broker_visibility_timeout: float = Field(
         default=300.0,
         ge=2,
-        description="Redis and embedded brokers: seconds before a dead worker's unacked message "
-        "is delivered again",
+        description="Redis and embedded brokers: seconds before an unacknowledged message is "
+        "delivered again (on Redis, a dead worker's come back sooner: "
+        "ACCUMSYNC_BROKER_CONSUMER_TTL)",
+    )
+    broker_consumer_ttl: float = Field(
+        default=10.0,
+        ge=1,
+        description="Redis broker: seconds a worker's heartbeat lasts; the messages a dead "
+        "worker had taken (recorded or not) are back on their queues this long after it died",
     )
     broker_health_check_interval: float = Field(
         default=10.0, gt=0, description="Redis broker: seconds between checks of a silent link"
