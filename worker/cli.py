@@ -192,6 +192,23 @@ def publish(
             min=1, max=50_000, help="events per message [default: ACCUMSYNC_INGEST_BATCH_SIZE]"
         ),
     ] = None,
+    confirm: Annotated[
+        bool,
+        typer.Option(
+            "--confirm",
+            help="wait until the ledger has recorded every event, publishing the missing ones "
+            "again (an event counts once); exit 1 if some are not recorded in the end",
+        ),
+    ] = False,
+    within: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="--confirm: seconds without a new receipt before the missing events are "
+            "published again (three publishes at most)",
+        ),
+    ] = 60.0,
+    as_json: JsonFlag = False,
 ) -> None:
     """Publish ClaimEvent v1 lines to the ingest queue, in batches; exit 4 if the broker is
     unreachable or full (the line says how many were queued)."""
@@ -202,15 +219,83 @@ def publish(
     if file != "-":
         _readable(Path(file))
     connect()  # an unreachable broker is said before a progress bar starts
+    if confirm:
+        _require_store()
     batch_size = batch_size or get_settings().ingest_batch_size
     total = None if file == "-" else _count_lines(Path(file))
     stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
+    if confirm:
+        with _full_broker_exits(), stream:
+            _publish_confirmed(list(read_lines(stream)), batch_size, within, as_json)
+        return
     columns = (TextColumn("publishing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     progress = Progress(*columns, console=err, transient=False)
     with _full_broker_exits(), stream, progress:
         task = progress.add_task("publish", total=total)
         sent = send(read_lines(stream), batch_size, on_batch=lambda n: progress.advance(task, n))
+    if as_json:
+        out.print_json(json.dumps({"published": sent, "batch_size": batch_size}))
+        return
     out.print(f"published {sent} events in batches of {batch_size}")
+
+
+def _publish_confirmed(events: list[Any], batch_size: int, within: float, as_json: bool) -> None:
+    from worker.ingest.receipts import publish_confirmed
+
+    def said(round_: int, sent: int) -> None:
+        verb = "published" if round_ == 1 else f"round {round_}: published again"
+        err.print(f"{verb} {sent} events in batches of {batch_size}; waiting for their receipts")
+
+    done = publish_confirmed(events, within=within, batch_size=batch_size, on_round=said)
+    if as_json:
+        out.print_json(json.dumps(done.as_json()))
+    else:
+        rounds = len(done.sent)
+        out.print(f"published {sum(done.sent)} events in {rounds} round(s), {done.waited:.1f} s")
+        _print_receipts(done.receipts)
+    if not done.receipts.complete:
+        raise typer.Exit(Code.FOUND)
+
+
+@app.command(rich_help_panel=INSPECT)
+def receipts(
+    file: Annotated[str, typer.Argument(help="a JSONL file of ClaimEvent v1, or - for stdin")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Which events of a ClaimEvent stream the ledger has not recorded: missing (publish them
+    again: an event counts once) or refused (dead letters); exit 1 if any."""
+    from worker.ingest.receipts import receipts as read_receipts
+
+    if file != "-":
+        _readable(Path(file))
+    _require_store()
+    stream = sys.stdin if file == "-" else Path(file).open(encoding="utf-8")  # noqa: SIM115
+    with stream:
+        found = read_receipts(read_lines(stream))
+    if as_json:
+        out.print_json(json.dumps(found.as_json()))
+    else:
+        _print_receipts(found)
+    if not found.complete:
+        raise typer.Exit(Code.FOUND)
+
+
+def _print_receipts(found: Any) -> None:
+    """The counts, then each id not recorded, one per line under its heading."""
+    total = len(found.recorded) + len(found.refused) + len(found.missing)
+    out.print(
+        f"{total} events: {len(found.recorded)} recorded, {len(found.refused)} refused, "
+        f"{len(found.missing)} missing"
+        + (f"; {len(found.unidentified)} lines without an event_id" if found.unidentified else "")
+    )
+    sections = (
+        ("missing (not recorded: publish them again, an event counts once)", found.missing),
+        ("refused (dead letters: accumsync dead-letters list --source ingest)", found.refused),
+        ("lines without an event_id (no receipt possible)", found.unidentified),
+    )
+    for heading, items in sections:
+        if items:
+            sys.stdout.write(f"{heading}:\n" + "".join(f"  {i}\n" for i in items))
 
 
 @app.command(rich_help_panel=INSPECT)
