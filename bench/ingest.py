@@ -3,7 +3,9 @@
 ``python -m bench.ingest`` runs three phases, one after the other, each on a fresh store:
 
 1. batched: N events (default 200,000) published through Redis in messages of 500 to
-   ``celery -A worker worker -c 2``, into Postgres (accumsync as shipped);
+   ``celery -A worker worker -c 2``, into Postgres (accumsync as shipped); then the same N
+   through kombu's own Redis transport (``ACCUMSYNC_BROKER_FETCH=kombu``), the cost of the
+   reliable fetch (worker/redisbroker.py) being the ratio of the two;
 2. naive: the baseline, one Celery task per event doing an ORM read-modify-write
    (``bench/naive.py``), same broker, store and pool, on a smaller N (a rate does not need the
    full N, and the full N would take an hour);
@@ -65,9 +67,10 @@ def run_phase(
     concurrency: int = 2,
     task: str = "accumsync.ingest",
     batch: int = 500,
+    **settings: str,
 ) -> Phase:
     """Start a worker, publish ``events`` from a producer process, wait for the last commit."""
-    env = run.env(database_url, broker_url)
+    env = run.env(database_url, broker_url, **settings)
     child = run.worker(env, concurrency, include=["bench.naive"], name=name)
     postgres = database_url.startswith("postgresql")
     meter = CpuMeter(
@@ -94,7 +97,8 @@ def run_phase(
     cpu["publisher"] = float(printed["cpu"])
     run.stop(child)
     ok = same_totals(Stack(run.tmp, database_url=database_url).totals(), expected_totals(events))
-    setup = f"{broker_name(env)} -> {concurrency} process(es) -> {store_name(database_url)}"
+    fetch = " (kombu's transport)" if settings.get("broker_fetch") == "kombu" else ""
+    setup = f"{broker_name(env)}{fetch} -> {concurrency} process(es) -> {store_name(database_url)}"
     return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
 
 
@@ -134,6 +138,10 @@ def main() -> None:
     with Run("ingest") as run:
         big = stream(args.events, args.members, seed=1)
         phases.append(run_phase(run, "batched", big, database_url=run.database()))
+        kombu = run_phase(
+            run, "batched-kombu", big, database_url=run.database(), broker_fetch="kombu"
+        )
+        phases.append(kombu)
         del big
         small = stream(args.naive_events, args.members, seed=2)
         naive = run_phase(
@@ -169,6 +177,8 @@ def main() -> None:
         )
     batched = phases[0]
     report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
+    cost = round(batched.rate / kombu.rate, 3)
+    report.target("reliable fetch / kombu's transport", cost, ">= 0.95", cost >= 0.95)
     ratio = round(batched.rate / naive.rate, 1)
     report.target("batched / naive", ratio, ">= 30x", ratio >= 30)
     report.note(

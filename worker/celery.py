@@ -114,8 +114,12 @@ def broker_of(url: str) -> tuple[str, str]:
 
 
 def broker(settings: Settings) -> tuple[str, str]:
-    """:func:`broker_of` the configured broker."""
-    return broker_of(settings.effective_broker_url)
+    """:func:`broker_of` the configured broker (kombu's own Redis transport if
+    ``ACCUMSYNC_BROKER_FETCH=kombu``)."""
+    url, transport = broker_of(settings.effective_broker_url)
+    if settings.broker_fetch == "kombu" and transport == TRANSPORTS["redis"]:
+        return url, "redis"
+    return url, transport
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -155,6 +155,13 @@ class Settings(BaseSettings):
         "delivered again (on Redis, a dead worker's come back sooner: "
         "ACCUMSYNC_BROKER_CONSUMER_TTL)",
     )
+    broker_fetch: Literal["reliable", "kombu"] = Field(
+        default="reliable",
+        description="Redis broker: `reliable` takes each message by an atomic move into a list "
+        "its worker owns (no message lost when a worker is killed); `kombu` is kombu's own "
+        "transport, which loses the message a worker's main process is killed while taking, "
+        "and stops on a full Redis: for comparison (`bench.ingest`) or as a way back",
+    )
     broker_consumer_ttl: float = Field(
         default=10.0,
         ge=1,

@@ -70,3 +70,9 @@ def test_the_configuration_names_our_transports_and_still_creates_nothing(
     assert found["url_scheme"] == scheme
     assert found["kombu_untouched"] is True
     assert created(tmp_path) == []  # the embedded files are made by the first connection
+
+
+def test_kombu_fetch_names_kombus_own_redis_transport(tmp_path: Path) -> None:
+    """``ACCUMSYNC_BROKER_FETCH=kombu``: the way back (and bench.ingest's baseline)."""
+    env = {"ACCUMSYNC_BROKER_URL": "redis://127.0.0.1:6379/0", "ACCUMSYNC_BROKER_FETCH": "kombu"}
+    assert probe(tmp_path, read_conf=True, **env)["transport"] == "redis"
