@@ -23,7 +23,7 @@ from worker.db import make_engine
 from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle
 from worker.demo.streams import StreamSpec, expected_totals, generate
-from worker.store.tables import T_PAIR
+from worker.store.tables import T_ACCUM, T_PAIR
 
 pytestmark = pytest.mark.integration
 
@@ -335,3 +335,39 @@ def test_two_beats_by_mistake_double_nothing(
         attempts = conn.execute(text("SELECT count(*) FROM flush_attempt")).scalar_one()
     engine.dispose()
     assert attempts == len({k[:2] for k in keys})  # one batch call per pair
+
+
+def waiting_since(stack: Stack, benefit: str = "DED") -> Any:
+    """The test member's accumulator's ``dirty_since`` (None: clean)."""
+    engine = make_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            a = T_ACCUM.c
+            query = select(a.dirty_since).where(a.subscriber_id == SUB, a.benefit_code == benefit)
+            return conn.execute(query).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_key_changed_during_its_own_flush_is_dated_by_that_change(
+    flush_stack: Callable[..., Stack], sandboxes: Callable[..., SandboxHandle]
+) -> None:
+    """c1 waits; a flush takes the pair (it stalls 4 s before its PUT) and c2 arrives meanwhile.
+    The flush confirms c1; the key still waits for c2, dated no earlier than the flush took it,
+    not by c1 (before: c1's time, so oldest-first it sorted ahead of keys that waited longer)."""
+    sandbox = sandboxes()
+    stack = flush_stack(sandbox, ownership="shared", flush_lease="15")
+    stack.worker("w1", concurrency=2, ACCUMSYNC_FAILPOINT="flush.after_intent:sleep=4")
+    stack.publish([claim("c1", "100.00")])
+    first = waiting_since(stack)
+    time.sleep(2)  # c1's age and the flush's take are 2 s apart at least
+    stack.cli("flush")
+    assert wait_for(lambda: pair(stack)["lease_owner"] is not None, 30, 0.1)
+    stack.publish([claim("c2", "30.00")])
+    assert wait_for(lambda: pair(stack)["lease_owner"] is None, 30, 0.1)
+    assert deductible(sandbox) == Decimal("100.00")  # c1 only: c2 came after the read
+    later = waiting_since(stack)
+    assert later is not None and (later - first).total_seconds() >= 2, (first, later)
+    stack.flush_wait()
+    assert deductible(sandbox) == Decimal("130.00")
+    assert waiting_since(stack) is None

@@ -273,6 +273,9 @@ class Flush:
         self.report = FlushReport(pair_id)
         self.subscriber_id = self.group_id = ""
         self.pair_attempts = 0
+        #: When the flush read its keys (the database's clock): a change it did not send came
+        #: after it.
+        self.taken_at: datetime | None = None
 
     def run(self) -> FlushReport:
         """Flush the pair if its lease is free and it is due; a no-op report otherwise."""
@@ -319,6 +322,7 @@ class Flush:
                 return None
             self.subscriber_id, self.group_id = row["subscriber_id"], row["group_id"]
             self.pair_attempts, now = int(row["attempts"]), as_utc(row["now"])
+            self.taken_at = now
             self._date_orphans(s, row["last_flush_at"], now)
             items = [self._item(r, now) for r in self._due(s)]
             if not items:
@@ -615,6 +619,17 @@ class Flush:
             bump_pushed_seq(session, [c["id"] for c in confirmed])
         clean = {"dirty_since": None}
         update_rows(session, T_ACCUM, confirmed, match=["id", "change_seq"], constant=clean)
+        self._redate_changed(session, [c["id"] for c in confirmed])
+
+    def _redate_changed(self, session: Session, ids: list[int]) -> None:
+        """A confirmed key the ledger changed during this flush waits for that change alone,
+        which came after the flush read the key: it is dated so, not by the change just sent
+        (which would make a busy key look older than it is, ahead of keys that waited longer)."""
+        if not ids or self.taken_at is None:
+            return
+        a = T_ACCUM.c
+        stale = [a.id.in_(ids), a.dirty_since.is_not(None), a.dirty_since < self.taken_at]
+        session.execute(update(T_ACCUM).where(*stale).values(dirty_since=self.taken_at))
 
     def _changes(self, p: Decision, now: datetime) -> dict[str, Any]:
         """The accumulator columns one decision sets."""
