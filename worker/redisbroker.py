@@ -306,10 +306,36 @@ class Channel(redis.Channel):
         try:
             self.connection._deliver(payload, queue)
         finally:
-            if self._pending is not None:  # delivered without a record (no_ack, refused)
-                self._pending = None
-                with self.conn_or_acquire() as client:
-                    client.lpop(taken.list)
+            self._drop_pending()
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        """``basic_get``'s take: the same atomic move, without blocking."""
+        keys = tuple(self._q_for_pri(queue, p) for p in self.priority_steps)
+        if not self.sources.issuperset(keys):
+            self.sources.update(keys)
+            self.keep_alive(force=True)
+        lists = [taken_key(self.consumer, k) for k in keys]
+        with self.conn_or_acquire() as client:
+            reply = client.eval(self.script(TAKE), 2 * len(keys), *keys, *lists, len(keys))
+        if not reply:
+            raise virtual.Empty()
+        key = keys[int(reply[0]) - 1]
+        self._pending = Taken(taken_key(self.consumer, key), key, reply[1])
+        return loads(bytes_to_str(reply[1]))
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """kombu's, with a message taken and not recorded (``no_ack``) off the taken list."""
+        try:
+            return super().basic_get(queue, no_ack, **kwargs)
+        finally:
+            self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        """A take delivered without a record (no_ack, refused) leaves the taken list."""
+        if self._pending is not None:
+            taken, self._pending = self._pending, None
+            with self.conn_or_acquire() as client:
+                client.lpop(taken.list)
 
     def hand_over(self) -> Taken | None:
         """The take being delivered, for its record (once)."""

@@ -2,6 +2,10 @@
 lose a message: between taking it from its queue and recording it as unacknowledged, and inside
 the restore that puts an expired message back on its queue (worker/redisbroker.py).
 
+Each scenario runs on a Redis server of its own: on a shared one, other tests' workers restore
+expired messages and sweep dead consumers of any queue (as they should), and would do the
+restores this test means its own workers to be killed in.
+
 Each killed worker is started with a failpoint (worker/failpoints.py) that kills its process
 group, main process and pool, at that instant; a clean worker then finishes the stream, and VBA
 must equal the oracle to the cent, each event counted once however often it was delivered.
@@ -70,7 +74,8 @@ def finish_clean(chaos: Chaos, stack: ChaosStack, events: list[Any], fault: str,
 def test_killed_between_take_and_record_ten_times_loses_nothing(chaos: Chaos) -> None:
     """Ten workers, each killed the instant it has taken its first message: none is lost."""
     chaos.vba()
-    stack = chaos.stack(broker_consumer_ttl=CONSUMER_TTL)
+    redis = chaos.private_redis()
+    stack = chaos.stack(broker_url=redis.url, broker_consumer_ttl=CONSUMER_TTL)
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=81)))
     stack.send(events, batch=50)  # 20 messages wait before any worker starts
     for i in range(KILLS):
@@ -92,7 +97,9 @@ def test_killed_inside_the_restore_ten_times_loses_nothing(chaos: Chaos) -> None
     Every other dead worker's heartbeat outlives the test: its messages come back through the
     visibility timeout's restore pass (kombu's, under its lock), not through the sweep."""
     chaos.vba()
-    stack = chaos.stack(broker_consumer_ttl=CONSUMER_TTL, broker_visibility_timeout="3")
+    redis = chaos.private_redis()
+    settings = {"broker_consumer_ttl": CONSUMER_TTL, "broker_visibility_timeout": "3"}
+    stack = chaos.stack(broker_url=redis.url, **settings)
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=82)))
     stack.send(events, batch=25)  # 40 messages
     for i in range(KILLS):
