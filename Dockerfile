@@ -19,4 +19,4 @@ USER accumsync
 
 # Embedded defaults keep their files here when no broker or database URL is set.
 ENV ACCUMSYNC_HOME=/tmp/accumsync
-CMD ["celery", "-A", "worker", "worker", "-l", "INFO"]
+CMD ["celery", "-A", "worker", "worker", "-l", "INFO", "--without-gossip", "--without-mingle"]

@@ -14,12 +14,14 @@ must equal the oracle to the cent, each event counted once however often it was 
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
 from typing import Any
 
 import pytest
 
 from tests.chaos.conftest import Chaos, ChaosStack, distinctive
-from worker.demo.procs import Child, wait_for, worker_argv
+from worker.demo.procs import CELERY, Child, wait_for, worker_argv
 from worker.demo.streams import StreamSpec, generate
 
 pytestmark = pytest.mark.chaos
@@ -56,8 +58,13 @@ def swept(stack: ChaosStack) -> dict[str, int]:
 
 
 def finish_clean(chaos: Chaos, stack: ChaosStack, events: list[Any], fault: str, how: str) -> None:
-    """A clean worker and beat finish the stream; VBA must equal the oracle to the cent."""
+    """A clean worker and beat finish the stream; VBA must equal the oracle to the cent. The
+    worker still answers ``celery inspect`` (its control messages ride the same transport)."""
     stack.worker("clean", concurrency=2)
+    node = f"clean-{stack.queue}@{socket.gethostname()}"
+    argv = [*CELERY, "inspect", "ping", "-d", node, "-t", "5"]
+    ping = subprocess.run(argv, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
     stack.beat()
     chaos.drain(stack, len({e["event_id"] for e in events}), timeout=120)
     chaos.finish(

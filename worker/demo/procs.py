@@ -87,12 +87,19 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
 
+#: A worker neither syncs with the others at start (mingle: a second's wait for replies, for
+#: revoked task ids we never use) nor follows their events (gossip); its heartbeat, which Flower
+#: reads, stays. compose runs its workers so too.
+QUIET_WORKER = ["--without-gossip", "--without-mingle"]
+
+
 def worker_argv(
     name: str, concurrency: int = 1, queues: Sequence[str] = (), pool: str = "prefork"
 ) -> list[str]:
     """argv of ``celery -A worker worker`` with a unique node name; without ``queues`` it
     consumes both of its environment's queues (ingest and flush)."""
     argv = [*CELERY, "worker", "-n", f"{name}@%h", "-c", str(concurrency), "-l", "INFO"]
+    argv += QUIET_WORKER
     return argv + ["-P", pool] + (["-Q", ",".join(queues)] if queues else [])
 
 
