@@ -32,11 +32,12 @@ SHARING = ("tests/chaos/test_redis_kill.py", "tests/chaos/test_security.py")
 
 
 def lane_of(nodeid: str) -> str:
-    """The xdist work unit a test belongs to (``make test`` runs three lanes):
+    """The xdist work unit a test belongs to (``make test`` runs four lanes):
 
-    - ``exclusive``: every chaos scenario but those of :data:`SHARING` (they kill, stop, restart
-      and fill services, close every RabbitMQ connection, and time recoveries) and every test on
-      RabbitMQ (its app is stopped by one of them; their ids say amqp), one at a time on one lane;
+    - ``rabbitmq``: every test on RabbitMQ (their ids say amqp) and the chaos scenario that closes
+      every RabbitMQ connection and stops its app, one at a time on one lane;
+    - ``chaos``: every other chaos scenario but those of :data:`SHARING` (they kill, stop, restart
+      and fill servers, and time recoveries), one at a time on one lane;
     - one lane per module of :data:`ONE_LANE` (each shares an expensive module fixture);
     - any other test on its own, wherever a lane is free.
 
@@ -45,8 +46,10 @@ def lane_of(nodeid: str) -> str:
     so the lanes are given to xdist's scheduler directly, below.
     """
     module = nodeid.split("::", 1)[0]
-    if (module.startswith("tests/chaos/") and module not in SHARING) or "amqp" in nodeid:
-        return "exclusive"
+    if "amqp" in nodeid or module == "tests/chaos/test_rabbitmq.py":
+        return "rabbitmq"
+    if module.startswith("tests/chaos/") and module not in SHARING:
+        return "chaos"
     return module if module in ONE_LANE else nodeid
 
 
