@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from models.buckets import BUCKETS, VBA_FIELDS
 from worker.db import make_engine
-from worker.demo.procs import Child, beat_argv, wait_for, worker_argv
+from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_argv
 from worker.demo.streams import Key
 from worker.ops.queries import outcomes
 from worker.store.tables import T_ACCUM
@@ -112,6 +112,13 @@ class Stack:
         child = Child(name, argv, self.env | env, log).start()
         self.children.append(child)
         return child.ready(" ready.", timeout=90)
+
+    def dispatcher(self, name: str = "dispatch", **env: str) -> Child:
+        """Start ``accumsync dispatch`` and wait until it runs (leading or waiting)."""
+        log = self.tmp / "logs" / f"{name}.log"
+        child = Child(name, dispatch_argv(), self.env | env, log).start()
+        self.children.append(child)
+        return child.ready("dispatching flushes", timeout=60)
 
     def beat(self, name: str = "beat") -> Child:
         """Start ``celery -A worker beat`` (one per stack, unless a test means two)."""

@@ -442,6 +442,18 @@ def flush(
     raise typer.Exit(waited.code)
 
 
+@app.command(rich_help_panel=RUN)
+def dispatch() -> None:
+    """Start flushes as changes arrive, within a fraction of a second, at VBA's budget: one
+    dispatcher leads, another only waits to take over (run it beside beat; SIGTERM stops it)."""
+    from worker.celery import app as celery_app
+    from worker.flush.dispatch import serve
+
+    _require_store()
+    err.print("dispatching flushes (Ctrl-C or SIGTERM stops)")
+    serve(celery_app)
+
+
 #: What ``flush --wait`` says last, by its exit code.
 FLUSH_ENDS = {
     Code.OK: "[green]flushed: nothing left to send[/green]",

@@ -148,6 +148,25 @@ class Settings(BaseSettings):
         "request may have left: only then is 'not there' read as not landed (shared) or a new "
         "total sent over it (exclusive); at least 4 x ACCUMSYNC_VBA_TIMEOUT",
     )
+    dispatch_slots: int = Field(
+        default=16,
+        ge=1,
+        description="`accumsync dispatch`: flushes it keeps queued or running at once (enough "
+        "that VBA's budget, not the slots, limits the rate; at most the flush workers' processes "
+        "are useful)",
+    )
+    dispatch_spacing: float = Field(
+        default=1.0,
+        ge=0,
+        description="`accumsync dispatch`: seconds between the end of a pair's flush and the "
+        "next it starts (changes arriving meanwhile go in one batch call)",
+    )
+    dispatch_round: float = Field(
+        default=0.2,
+        gt=0,
+        le=5,
+        description="`accumsync dispatch`: seconds between two rounds of admission",
+    )
     broker_visibility_timeout: float = Field(
         default=300.0,
         ge=2,

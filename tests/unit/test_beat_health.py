@@ -3,7 +3,6 @@ database's clock; a beat restarted is one beat, two beats ticking together are a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,20 +15,6 @@ from worker.schedule import T_BEAT, record_tick
 from worker.settings import Settings, get_settings
 
 LIMITS = Limits(900.0, 900.0, beat_silence=5.0)
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A migrated SQLite store that ``worker.db`` and the settings point at."""
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    db.upgrade(url)
-    monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", url)
-    monkeypatch.setenv("ACCUMSYNC_HOME", str(tmp_path))
-    get_settings.cache_clear()
-    db.reset_engine()
-    yield url
-    db.reset_engine()
-    get_settings.cache_clear()
 
 
 def judged() -> Check:

@@ -21,14 +21,15 @@ from tests.integration.test_flower import flower_argv
 from tests.integration.test_ops_health import HEALTH
 from tests.integration.test_ops_metrics import metrics_argv
 from worker.cli import app as cli_app
-from worker.demo.procs import beat_argv, worker_argv
+from worker.demo.procs import beat_argv, dispatch_argv, worker_argv
 from worker.sandbox.cli import sandbox as sandbox_command
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 WORKERS = ("worker-ingest", "worker-flush")
 MONITORING = ("prometheus", "grafana")
-SERVICES = {"redis", "postgres", "migrate", "sandbox", *WORKERS, "beat", "flower", "metrics"}
+SERVICES = {"redis", "postgres", "migrate", "sandbox", *WORKERS, "beat", "dispatcher", "flower"}
+SERVICES |= {"metrics"}
 SERVICES |= set(MONITORING)
 APP_SERVICES = SERVICES - {"redis", "postgres", *MONITORING}
 TESTS = ROOT / "tests"
@@ -47,6 +48,7 @@ EXERCISED: dict[tuple[str, ...], list[str]] = {
     ("accumsync", "metrics"): ["accumsync", *_tail(metrics_argv(1), "metrics")],
     ("accumsync", "health"): ["accumsync", *HEALTH],
     ("accumsync", "db", "upgrade"): ["accumsync", "db", "upgrade"],  # every Stack runs it
+    ("accumsync", "dispatch"): ["accumsync", *_tail(dispatch_argv(), "dispatch")],
 }
 
 
@@ -83,7 +85,7 @@ def test_exactly_one_beat(compose: dict[str, Any]) -> None:
 def test_order_and_healthchecks(compose: dict[str, Any]) -> None:
     """Workers wait for healthy stores and a finished migration; long-lived services have checks."""
     services = compose["services"]
-    for name in (*WORKERS, "beat", "flower", "metrics"):
+    for name in (*WORKERS, "beat", "dispatcher", "flower", "metrics"):
         deps = services[name]["depends_on"]
         assert deps["redis"]["condition"] == "service_healthy", name
         assert deps["postgres"]["condition"] == "service_healthy", name
@@ -91,7 +93,7 @@ def test_order_and_healthchecks(compose: dict[str, Any]) -> None:
     assert services["worker-flush"]["depends_on"]["sandbox"]["condition"] == "service_healthy"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["migrate"]["restart"] == "no"
-    for name in SERVICES - {"migrate", "beat"}:
+    for name in SERVICES - {"migrate", "beat", "dispatcher"}:  # health reports those two
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
 
 

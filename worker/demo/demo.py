@@ -1,10 +1,10 @@
 """``accumsync demo``: the whole pipeline on one machine, checked to the cent, then torn down.
 
-It migrates a fresh store, starts the VBA sandbox, a worker and beat as child processes, publishes
-a realistic claim stream (duplicates, replacements, reversals, a few invalid events), waits for
-beat's flushes, and compares every sandbox row with totals computed from the stream by an
-independent oracle (``worker.demo.streams.expected_totals``). Every child is stopped on the way out,
-also on Ctrl-C.
+It migrates a fresh store, starts the VBA sandbox, a worker, beat and the dispatcher as child
+processes, publishes a realistic claim stream (duplicates, replacements, reversals, a few invalid
+events), waits for the flushes, and compares every sandbox row with totals computed from the
+stream by an independent oracle (``worker.demo.streams.expected_totals``). Every child is stopped
+on the way out, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from models.buckets import VBA_FIELDS
-from worker.demo.procs import Child, ChildFailed, beat_argv, wait_for, worker_argv
+from worker.demo.procs import (
+    Child,
+    ChildFailed,
+    beat_argv,
+    dispatch_argv,
+    wait_for,
+    worker_argv,
+)
 from worker.demo.sandboxes import free_port, sandbox_settings_kwargs
 from worker.demo.streams import Key, StreamSpec, expected_totals, generate
 
@@ -181,8 +188,11 @@ class Demo:
         self._child("worker", argv, env, logs).ready(" ready.", timeout=90)
         beat = beat_argv(self.home / "beat-schedule")
         self._child("beat", beat, env, logs).ready("beat: Starting", timeout=60)
+        self._child("dispatcher", dispatch_argv(), env, logs).ready("dispatching", timeout=60)
         pids = ", ".join(f"{c.name} {c.pid}" for c in self.children)
-        self.out.print(f"started sandbox, worker and beat (pids: {pids}); logs in {logs}")
+        self.out.print(
+            f"started sandbox, worker, beat and dispatcher (pids: {pids}); logs in {logs}"
+        )
 
     def _child(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> Child:
         child = Child(name, argv, env, logs / f"{name}.log")

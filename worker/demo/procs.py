@@ -103,6 +103,11 @@ def worker_argv(
     return argv + ["-P", pool] + (["-Q", ",".join(queues)] if queues else [])
 
 
+def dispatch_argv() -> list[str]:
+    """argv of ``accumsync dispatch`` (the console script beside this Python)."""
+    return [str(Path(sys.executable).parent / "accumsync"), "dispatch"]
+
+
 def beat_argv(schedule_file: Path) -> list[str]:
     """argv of ``celery -A worker beat`` keeping its schedule state in ``schedule_file``."""
     return [*CELERY, "beat", "-l", "INFO", "-s", str(schedule_file)]

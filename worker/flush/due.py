@@ -22,20 +22,32 @@ log = Log("flush")
 
 def fan_out(app: Celery) -> int:
     """Queue one flush_pair per due pair (oldest dirty first), none while VBA is paused; the
-    number of pairs queued."""
+    number of pairs queued. While a dispatcher leads (worker/flush/dispatch.py) only the pairs
+    overdue (``overdue_after``): the sweep is its safety net."""
     paused = vba_paused()
     if paused > 0:  # VBA is known down: the first beat after the pause queues the pairs
         log.info("flush.paused", retry_in_s=round(paused, 1))
         return 0
+    interval = get_settings().flush_interval
 
-    def pick(session: Session) -> list[int]:
-        ids = due_pairs(session)
-        mark_queued(session, ids, queued_for(get_settings().flush_interval))
-        return ids
+    def pick(session: Session) -> tuple[list[int], bool]:
+        from worker.flush.dispatch import leader, overdue_after
 
-    pair_ids = in_transaction(pick)
+        led = leader(session) is not None
+        ids = due_pairs(session, overdue=overdue_after(interval) if led else None)
+        mark_queued(session, ids, queued_for(interval))
+        return ids, led
+
+    pair_ids, led = in_transaction(pick)
     if in_transaction(plans_due):
         app.send_task("accumsync.push_plans")
+    send_flushes(app, pair_ids)
+    log.info("flush.due", pairs=len(pair_ids), dispatcher=led)
+    return len(pair_ids)
+
+
+def send_flushes(app: Celery, pair_ids: list[int]) -> None:
+    """One ``accumsync.flush_pair`` per pair (an opaque id: no member data in the message)."""
     with app.producer_or_acquire() as producer:
         for pair_id in pair_ids:
             app.send_task(
@@ -44,8 +56,6 @@ def fan_out(app: Celery) -> int:
                 argsrepr=f"(pair {pair_id})",
                 producer=producer,
             )
-    log.info("flush.due", pairs=len(pair_ids))
-    return len(pair_ids)
 
 
 def queued_for(interval: float) -> float:
@@ -63,9 +73,15 @@ def vba_paused() -> float:
         return 0.0
 
 
-def due_pairs(session: Session, limit: int = 10_000) -> list[int]:
+def due_pairs(
+    session: Session,
+    limit: int = 10_000,
+    rested: float = 0.0,
+    overdue: float | None = None,
+) -> list[int]:
     """Pairs with dirty keys or unknown outcomes whose retry time has come, oldest first
-    (every time compared by the database's clock)."""
+    (every time compared by the database's clock); ``rested``: none flushed in the last so many
+    seconds; ``overdue``: only those whose oldest change has waited so many seconds."""
     a, p, now = T_ACCUM.c, T_PAIR.c, db_now()
     query = (
         select(p.id)
@@ -79,6 +95,10 @@ def due_pairs(session: Session, limit: int = 10_000) -> list[int]:
         .order_by(func.min(a.dirty_since))
         .limit(limit)
     )
+    if rested > 0:
+        query = query.where(or_(p.last_flush_at.is_(None), p.last_flush_at <= db_after(-rested)))
+    if overdue is not None:
+        query = query.having(func.min(a.dirty_since) <= db_after(-overdue))
     return [int(r[0]) for r in session.execute(query)]
 
 

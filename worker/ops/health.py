@@ -172,6 +172,19 @@ def beats(session: Session, silence: float) -> Beats:
     return Beats(age_seconds(latest[2], now, places=1), running)
 
 
+def dispatcher_check(session: Session) -> Check:
+    """The leading dispatcher, named. None is no fault, only slower: beat's sweep flushes every
+    interval."""
+    from worker.flush.dispatch import leader
+
+    lead = leader(session)
+    if lead is None:
+        return Check(
+            "dispatcher", True, None, None, "none leads: each flush waits for beat's next tick"
+        )
+    return Check("dispatcher", True, None, None, f"leading: {lead['host']}:{lead['pid']}")
+
+
 def beat_check(session: Session, limits: Limits) -> Check:
     """Exactly one beat ticks: none lately means no flush is scheduled; two double every
     scheduled task (no money: each flush is fenced by its pair's lease)."""
@@ -250,6 +263,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> HealthRepor
     report.checks.append(holds_check(session))
     report.checks.append(access_check(session, limits, now))
     report.checks.append(beat_check(session, limits))
+    report.checks.append(dispatcher_check(session))
     report.info = {"waiting": count, "open_dead_letters": sum(open_dead_letters(session).values())}
     report.info["last_progress_age_s"] = _age(last_progress(session), now)
     return report

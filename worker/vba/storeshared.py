@@ -102,7 +102,10 @@ class StoreTokenStore:
         if session.execute(taken.values(value=value, until=until)).rowcount:  # type: ignore[attr-defined]
             return True
         stmt = insert(session, T_SHARED).values(name=self.lock_key, value=value, until=until)
-        return bool(session.execute(stmt.on_conflict_do_nothing(index_elements=["name"])).rowcount)  # type: ignore[attr-defined]
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT .. ON CONFLICT DO NOTHING
+        # (taken for "inserted", two processes each held the lock on a Postgres store).
+        added = stmt.on_conflict_do_nothing(index_elements=["name"]).returning(c.name)
+        return session.execute(added).first() is not None
 
     def _release(self, session: Session, owner: str) -> None:
         c = T_SHARED.c
