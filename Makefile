@@ -37,8 +37,8 @@ lint: install
 # The whole suite: unit, integration (real Redis, Postgres, RabbitMQ, workers, sandbox) and chaos,
 # in four lanes (pytest-xdist): the chaos scenarios run one at a time, as do the RabbitMQ tests
 # (tests/conftest.py), beside the rest. Most tests wait on their worker processes, so more lanes
-# than cores finish sooner (measured on this 2-core machine: three lanes 861 s against 1,265 s for
-# two, both runs beside other work; four: see the last CI run's figure in the issue notes).
+# than cores finish sooner (on this 2-core machine: three lanes 861 s against 1,265 s for two,
+# both beside other work; four lanes, 602 tests, nothing beside: 767 s for 2,937 s of tests).
 SERVICES ?= services
 test: install $(SERVICES) lint
 	$(BIN)/pytest -q -n 4 --dist loadgroup --durations=15
