@@ -182,6 +182,20 @@ class ReliableQoS(redis.QoS):
         else:
             self.ack(delivery_tag)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        """What a closing channel still holds, back on its queues; with its connection already
+        closed under it (a broker restart), left for the sweep: every such message is in this
+        consumer's taken list or owned set, and a live worker gives them back once this
+        consumer's heartbeat lapses (kombu's would raise here, and stop the worker)."""
+        channel: Channel = self.channel  # type: ignore[assignment]
+        if getattr(channel.connection, "client", None) is None:
+            held = self._delivered
+            log.warning("broker.restore_left_to_sweep", messages=len(held) if held else 0)
+            if held:
+                held.clear()
+            return
+        super().restore_unacked(client)
+
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         """Back on its queue: from the taken list if it was never recorded, else from its record
         (kombu's transaction: read, then delete and push in one MULTI). A record whose queue
@@ -428,9 +442,9 @@ class Channel(redis.Channel):
         """A consumer stopping gives back what it still holds and leaves the registry (a take
         whose answer is still on the wire is delivered first, as kombu does)."""
         if self._in_poll:
-            with suppress(virtual.Empty):
-                self._brpop_read()
-        if self.sources and not self.closed:
+            with suppress(virtual.Empty, *self.connection_errors):
+                self._brpop_read()  # a take lost with the connection is in the taken list
+        if self.sources and not self.closed and getattr(self.connection, "client", None):
             with suppress(Exception), self.conn_or_acquire() as client:
                 self.give_back(client, self.consumer, self.sources)
                 client.delete(alive_key(self.consumer), self.owned)
