@@ -97,7 +97,9 @@ def run_phase(
     cpu["publisher"] = float(printed["cpu"])
     run.stop(child)
     ok = same_totals(Stack(run.tmp, database_url=database_url).totals(), expected_totals(events))
-    fetch = " (kombu's transport)" if settings.get("broker_fetch") == "kombu" else ""
+    fetch = {"kombu": " (kombu's fetch)", "reliable": " (reliable fetch)"}.get(
+        settings.get("broker_fetch", ""), ""
+    )
     setup = f"{broker_name(env)}{fetch} -> {concurrency} process(es) -> {store_name(database_url)}"
     return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
 
@@ -137,7 +139,8 @@ def main() -> None:
     phases: list[Phase] = []
     with Run("ingest") as run:
         big = stream(args.events, args.members, seed=1)
-        phases.append(run_phase(run, "batched", big, database_url=run.database()))
+        reliable = {"broker_fetch": "reliable"}
+        phases.append(run_phase(run, "batched", big, database_url=run.database(), **reliable))
         kombu = run_phase(
             run, "batched-kombu", big, database_url=run.database(), broker_fetch="kombu"
         )

@@ -84,7 +84,9 @@ def test_killed_between_take_and_record_ten_times_loses_nothing(chaos: Chaos) ->
     """Ten workers, each killed the instant it has taken its first message: none is lost."""
     chaos.vba()
     redis = chaos.private_redis()
-    stack = chaos.stack(broker_url=redis.url, broker_consumer_ttl=CONSUMER_TTL)
+    stack = chaos.stack(
+        broker_url=redis.url, broker_fetch="reliable", broker_consumer_ttl=CONSUMER_TTL
+    )
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=81)))
     stack.send(events, batch=50)  # 20 messages wait before any worker starts
     for i in range(KILLS):
@@ -109,7 +111,8 @@ def test_killed_inside_the_restore_ten_times_loses_nothing(chaos: Chaos) -> None
     events are counted as duplicates, once."""
     chaos.vba()
     redis = chaos.private_redis()
-    settings = {"broker_consumer_ttl": CONSUMER_TTL, "broker_visibility_timeout": "3"}
+    settings = {"broker_fetch": "reliable", "broker_consumer_ttl": CONSUMER_TTL}
+    settings["broker_visibility_timeout"] = "3"
     stack = chaos.stack(broker_url=redis.url, **settings)
     events = distinctive(generate(StreamSpec(events=1_000, members=50, seed=82)))
     stack.send(events, batch=25)  # 40 messages
