@@ -136,6 +136,8 @@ class ReliableQoS(redis.QoS):
         super().__init__(*args, **kwargs)
         #: Messages Redis (full) refused to record: still in the taken list, by tag.
         self.unrecorded: dict[str, Taken] = {}
+        #: Acks lost with the connection, by tag (with the taken list entry, if unrecorded).
+        self.lost_acks: dict[str, Taken | None] = {}
 
     def append(self, message: Any, delivery_tag: str) -> None:
         failpoints.hit("broker.after_take")
@@ -159,14 +161,31 @@ class ReliableQoS(redis.QoS):
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
+        """Remove the record and the tag. An ack Redis did not take (a partition times it out;
+        Celery logs "Couldn't ack" and goes on) still frees the prefetch slot, and is tried
+        again at the next heartbeat: kombu keeps the slot until Redis answers, and a worker
+        whose every slot was so held (one, at ``-c 1``) never took a message again."""
         taken = self.unrecorded.pop(delivery_tag, None)
         channel: Channel = self.channel  # type: ignore[assignment]
-        with channel.conn_or_acquire() as client:
-            try:
-                self._forget(client.pipeline(), delivery_tag, taken).execute()
-            except OutOfMemoryError:  # a full Redis takes the same deletes outside a MULTI
-                self._forget(client.pipeline(transaction=False), delivery_tag, taken).execute()
-        virtual.QoS.ack(self, delivery_tag)
+        try:
+            with channel.conn_or_acquire() as client:
+                try:
+                    self._forget(client.pipeline(), delivery_tag, taken).execute()
+                except OutOfMemoryError:  # a full Redis takes the same deletes outside a MULTI
+                    self._forget(client.pipeline(transaction=False), delivery_tag, taken).execute()
+        except channel.connection_errors:
+            self.lost_acks[delivery_tag] = taken
+            raise
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
+
+    def settle_lost_acks(self, client: Any) -> None:
+        """The acks Redis did not take, again (each heartbeat); one left over past the
+        visibility timeout is only redelivered, and the ledger counts its events once."""
+        for tag, taken in list(self.lost_acks.items()):
+            self._forget(client.pipeline(transaction=False), tag, taken).execute()
+            del self.lost_acks[tag]
+            log.info("broker.ack_settled", tag=tag)
 
     def _forget(self, pipe: Any, tag: str, taken: Taken | None) -> Any:
         pipe.zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag)
@@ -176,11 +195,15 @@ class ReliableQoS(redis.QoS):
         return pipe
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
-            self.restore_by_tag(delivery_tag, leftmost=True)
-            virtual.QoS.ack(self, delivery_tag)
-        else:
+        """A requeue Redis did not take frees the slot too: the record comes back with the
+        visibility timeout, a message never recorded with the next heartbeat's give-back."""
+        if not requeue:
             self.ack(delivery_tag)
+            return
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
 
     def restore_unacked(self, client: Any = None) -> None:
         """What a closing channel still holds, back on its queues; with its connection already
@@ -371,6 +394,7 @@ class Channel(redis.Channel):
                 pipe.set(alive_key(self.consumer), "1", px=int(self.consumer_ttl * 1000))
                 pipe.hset(CONSUMERS, self.consumer, json.dumps(sorted(self.sources)))
                 pipe.execute()
+                qos.settle_lost_acks(client)  # before the give-back, which would redeliver
                 if not self._in_poll and not qos.unrecorded:
                     self.give_back(client, self.consumer, self.sources)  # nothing should be left
                 self.sweep(client)

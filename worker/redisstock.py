@@ -75,20 +75,29 @@ class FullSafeQoS(redis.QoS):
             log.error("broker.full.message_lost", tag=tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:
-            super().reject(delivery_tag, requeue=True)  # through restore_by_tag, above
-        else:
+        if not requeue:
             self.ack(delivery_tag)
+            return
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)  # above
+        finally:
+            virtual.QoS.ack(self, delivery_tag)  # the slot back, as for an ack
 
     def ack(self, delivery_tag: str) -> None:
+        """Remove the record. An ack Redis did not take (a partition times it out; Celery logs
+        "Couldn't ack" and goes on) still frees the prefetch slot: kombu keeps it until Redis
+        answers, and a worker whose every slot was so held (one, at ``-c 1``) never took a
+        message again. The record left behind is redelivered after the visibility timeout, and
+        the ledger counts its events once."""
         self._unrecorded.pop(delivery_tag, None)
         try:
-            super().ack(delivery_tag)
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[attr-defined]
         except OutOfMemoryError:
             channel: Any = self.channel  # kombu's Redis channel (typed as the virtual one)
             with channel.conn_or_acquire() as client:
                 client.zrem(self.unacked_index_key, delivery_tag)
                 client.hdel(self.unacked_key, delivery_tag)
+        finally:
             virtual.QoS.ack(self, delivery_tag)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
+from tests.chaos.conftest import PrivateRedis
 from tests.stack import Stack
 from worker.demo.sandboxes import SandboxHandle, running_sandbox
 
 FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own: its memory limit and its network are the test's."""
+    server = PrivateRedis(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

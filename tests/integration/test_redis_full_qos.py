@@ -4,24 +4,11 @@ taken while full is delivered, acknowledged, and put back by a stopping consumer
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from kombu import Connection, Exchange, Queue
 
 from tests.chaos.conftest import PrivateRedis
 from worker.redisbroker import Transport
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A redis-server of the test's own, whose memory limit the test may set."""
-    private = PrivateRedis(tmp_path).start()
-    try:
-        yield private
-    finally:
-        private.kill()
 
 
 def redis_cli(server: PrivateRedis, *args: str) -> str:
@@ -47,28 +34,28 @@ def queued(server: PrivateRedis) -> int:
 
 
 def test_taken_while_full_is_delivered_acked_and_put_back(
-    server: PrivateRedis,
+    private_redis: PrivateRedis,
 ) -> None:
     """Full: a message taken is delivered (kombu raised and lost it), acknowledged without
     error; one still held when its consumer stops goes back on the queue once Redis has room."""
-    with Connection(server.url, transport=Transport) as conn:  # the worker's transport
+    with Connection(private_redis.url, transport=Transport) as conn:  # the worker's transport
         producer = conn.Producer()
         for n in range(3):
             producer.publish(
                 {"n": n}, exchange=QUEUE.exchange, routing_key="full-test", declare=[QUEUE]
             )
-        assert queued(server) == 3
-        fill(server)
+        assert queued(private_redis) == 3
+        fill(private_redis)
         channel = conn.channel()
         first = QUEUE(channel).get(no_ack=False)
         assert first is not None and first.payload == {"n": 0}
         first.ack()
         held = QUEUE(channel).get(no_ack=False)
         assert held is not None and held.payload == {"n": 1}
-        assert queued(server) == 1
-        redis_cli(server, "config", "set", "maxmemory", "0")  # room again
+        assert queued(private_redis) == 1
+        redis_cli(private_redis, "config", "set", "maxmemory", "0")  # room again
         channel.qos.restore_unacked()  # what a stopping worker does
-        assert queued(server) == 2
+        assert queued(private_redis) == 2
         payloads = []
         while (message := QUEUE(channel).get(no_ack=True)) is not None:
             payloads.append(message.payload)
