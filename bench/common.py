@@ -25,7 +25,7 @@ from sqlalchemy import Engine, make_url, text
 
 from tests.services import create_database, drop_database, ensure_postgres, ensure_redis
 from worker.db import make_engine, upgrade
-from worker.demo.procs import CELERY, Child
+from worker.demo.procs import CELERY, Child, dispatch_argv
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,11 +92,12 @@ class Run:
         include: Sequence[str] = (),
         name: str = "w",
         queues: Sequence[str] = (),
+        pool: str = "prefork",
     ) -> Child:
         """``celery -A worker worker`` started and ready: on ``queues``, or without ``-Q`` on
         both of this run's queues (ingest, flush)."""
         node = f"{name}-{self.tag}@%h"
-        argv = [*CELERY, "worker", "-n", node, "-c", str(concurrency)]
+        argv = [*CELERY, "worker", "-n", node, "-c", str(concurrency), "-P", pool]
         argv += ["-l", "INFO", "--without-gossip", "--without-mingle"]
         argv += [a for mod in include for a in ("-I", mod)]
         argv += ["-Q", ",".join(queues)] if queues else []
@@ -110,6 +111,12 @@ class Run:
         child = Child("beat", argv, env, self.tmp / "logs" / "beat.log").start()
         self.children.append(child)
         return child.ready("beat: Starting", timeout=60)
+
+    def dispatcher(self, env: dict[str, str]) -> Child:
+        """The ``accumsync dispatch`` of this run, leading."""
+        child = Child("dispatch", dispatch_argv(), env, self.tmp / "logs" / "dispatch.log").start()
+        self.children.append(child)
+        return child.ready("dispatching flushes", timeout=60)
 
     def stop(self, child: Child) -> None:
         child.stop(grace=15)
