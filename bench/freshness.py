@@ -160,7 +160,8 @@ def sweep(args: argparse.Namespace) -> None:
                 f"{point.label}, {ms} ms: 429s", got["sandbox_429s"], "0", got["sandbox_429s"] == 0
             )
     report.note(
-        f"worker: -P {args.pool} -c {args.concurrency}; dispatcher slots {args.slots}; beat's "
+        f"flush worker: -P {args.pool} -c {args.concurrency} (ingest's -c 2 apart, as in "
+        f"compose.yaml); dispatcher slots {args.slots}; beat's "
         f"interval {args.interval:g} s; {args.seconds} s of publishing per point"
     )
     report.save()
@@ -176,7 +177,11 @@ def sweep_point(args: argparse.Namespace, point: Point, latency: float) -> dict[
         vba = {k: v for k, v in sandbox.env().items() if k.startswith("ACCUMSYNC_VBA_")}
         settings = {"ownership": "shared", "flush_interval": str(args.interval)}
         env = run.env(url, dispatch_slots=str(args.slots), **settings) | vba
-        worker = run.worker(env, args.concurrency, name="fresh", pool=args.pool)
+        queue = env["ACCUMSYNC_QUEUE"]  # as compose.yaml runs them: ingest and flush apart
+        run.worker(env, 2, name="ingest", queues=[queue])
+        worker = run.worker(
+            env, args.concurrency, name="flush", queues=[f"{queue}.flush"], pool=args.pool
+        )
         run.beat(env)
         run.dispatcher(env)
         from worker.ingest.producer import publish

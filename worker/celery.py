@@ -114,8 +114,8 @@ def broker_of(url: str) -> tuple[str, str]:
 
 
 def broker(settings: Settings) -> tuple[str, str]:
-    """:func:`broker_of` the configured broker (on Redis, kombu's own fetch unless
-    ``ACCUMSYNC_BROKER_FETCH=reliable``)."""
+    """:func:`broker_of` the configured broker (on Redis, kombu's own fetch if
+    ``ACCUMSYNC_BROKER_FETCH=kombu``: worker/redisstock.py)."""
     url, transport = broker_of(settings.effective_broker_url)
     if settings.broker_fetch == "kombu" and transport == TRANSPORTS["redis"]:
         return url, "worker.redisstock:Transport"

@@ -1,5 +1,5 @@
-"""kombu's own Redis fetch (``ACCUMSYNC_BROKER_FETCH=kombu``, the default for now), kept safe
-when Redis is full: the transport worker/redisbroker.py's reliable fetch replaces when opted in.
+"""kombu's own Redis fetch (``ACCUMSYNC_BROKER_FETCH=kombu``: the way back, and bench.ingest's
+baseline), kept safe when Redis is full; worker/redisbroker.py's reliable fetch is the default.
 
 Redis as broker when it is full (``maxmemory``, ``noeviction``): consume on, so memory frees.
 

@@ -175,12 +175,11 @@ class Settings(BaseSettings):
         "ACCUMSYNC_BROKER_CONSUMER_TTL)",
     )
     broker_fetch: Literal["reliable", "kombu"] = Field(
-        default="kombu",
-        description="Redis broker: `kombu` (the default for now) is kombu's own fetch, which loses "
-        "the message a worker's main process is killed while taking; `reliable` takes each "
-        "message by an atomic move into a list its worker owns and loses none when a worker is "
-        "killed (RELIABILITY.md), but its consumers stalled twice in CI's network-partition "
-        "scenario, so it is opt-in until that is fixed",
+        default="reliable",
+        description="Redis broker: `reliable` takes each message by an atomic move into a list "
+        "its worker owns (no message lost when a worker is killed); `kombu` is kombu's own "
+        "fetch (kept safe on a full Redis), which loses the message a worker's main process is "
+        "killed while taking: for comparison (`bench.ingest`) or as a way back",
     )
     broker_consumer_ttl: float = Field(
         default=10.0,

@@ -58,7 +58,7 @@ def test_importing_the_producer_creates_nothing_and_configures_nothing(tmp_path:
     ("broker_url", "transport", "scheme"),
     [
         ("", "worker.sqlbroker:Transport", "sqlite"),
-        ("redis://127.0.0.1:6379/0", "worker.redisstock:Transport", "redis"),
+        ("redis://127.0.0.1:6379/0", "worker.redisbroker:Transport", "redis"),
         ("amqp://guest:guest@127.0.0.1:5672//", "amqp", "amqp"),
     ],
 )
@@ -72,7 +72,7 @@ def test_the_configuration_names_our_transports_and_still_creates_nothing(
     assert created(tmp_path) == []  # the embedded files are made by the first connection
 
 
-def test_reliable_fetch_names_its_transport(tmp_path: Path) -> None:
-    """``ACCUMSYNC_BROKER_FETCH=reliable``: the fetch that survives a kill, opted in."""
-    env = {"ACCUMSYNC_BROKER_URL": "redis://127.0.0.1:6379/0", "ACCUMSYNC_BROKER_FETCH": "reliable"}
-    assert probe(tmp_path, read_conf=True, **env)["transport"] == "worker.redisbroker:Transport"
+def test_kombu_fetch_names_kombus_own_redis_transport(tmp_path: Path) -> None:
+    """``ACCUMSYNC_BROKER_FETCH=kombu``: the way back (and bench.ingest's baseline)."""
+    env = {"ACCUMSYNC_BROKER_URL": "redis://127.0.0.1:6379/0", "ACCUMSYNC_BROKER_FETCH": "kombu"}
+    assert probe(tmp_path, read_conf=True, **env)["transport"] == "worker.redisstock:Transport"
