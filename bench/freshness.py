@@ -18,9 +18,9 @@ A key whose write may still land waits until the grace has passed (``--settle-gr
 product's 120 s by default) before anything more is sent for it; the report gives both runs'
 p50/p95/max freshness, their ratio, and how many batch calls (keys waiting a grace) met it.
 
-``--sweep`` measures real-time flushing (docs/design.md, "The dispatcher"): shared ownership,
-beat's interval at 60 s, ``accumsync dispatch`` admitting pairs, a sandbox enforcing 25 calls/s
-and answering after ``--latency`` s (each of ``--latencies``, default 0 and 0.3). Every event is
+``--sweep`` measures real-time flushing (the dispatcher: docs/design.md, "The flush"): shared
+ownership, beat's interval at 60 s, ``accumsync dispatch`` admitting pairs, a sandbox enforcing
+25 calls/s and answering after each of ``--latencies`` s (default 0 and 0.3). Every event is
 a probe: a new 1.00 claim on one pair's probe key, paced so that a point's pairs become dirty at
 its rate. The points: 5 and 10 pairs/s (below the budget: a shared flush is two calls, a read
 and a batch), 12.5 pairs/s (at it), and 25 pairs/s (2x above it) on 100 pairs, 80% of the
