@@ -100,3 +100,26 @@ def test_with_the_dispatcher_dead_beat_flushes_everything(
     stack.flush_wait(timeout=60)
     assert exact(sandbox, events)
     assert dispatcher_check(stack)["reason"] == "none leads: each flush waits for beat's next tick"
+
+
+def test_the_flush_worker_on_threads_is_exact_against_a_slow_faulty_vba(
+    flush_stack: Callable[..., Stack], sandboxes: Callable[..., SandboxHandle]
+) -> None:
+    """compose.yaml's flush worker, ``-P threads -c 16`` (bench.freshness --sweep chose it: at
+    300 ms per VBA answer, prefork's 4 processes used half the budget), fed by the dispatcher
+    beside an ingest worker, against a VBA that answers in 300 ms and fails calls and items:
+    every total exact, and no batch call for a pair began while another was in flight."""
+    sandbox = sandboxes(
+        latency=0.3, error_500=0.05, error_503=0.05, item_error_rate=0.1, shuffle=True, seed=63
+    )
+    stack = flush_stack(sandbox, ownership="shared", flush_interval="60")
+    stack.worker("ingest", concurrency=1, queue=stack.queue)
+    stack.worker("flush", concurrency=16, queue=f"{stack.queue}.flush", pool="threads")
+    stack.beat()  # retries wait in the store for their time (swept as overdue, or admitted)
+    stack.dispatcher()
+    events = generate(StreamSpec(events=1_500, members=60, seed=63))
+    stack.publish(events)
+    assert wait_for(lambda: exact(sandbox, events), 180, 0.5), stack.logs()[-4000:]
+    counters = sandbox.admin.counters()
+    assert counters["by_status"].get("500") and counters["by_status"].get("503")
+    assert counters["overlapping_batches"] == 0

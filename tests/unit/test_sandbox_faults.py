@@ -357,6 +357,26 @@ def test_new_faults_are_flags_too() -> None:
     assert refused.status_code == 400 and "lost_answer" in refused.json()["error"]
 
 
+def test_batches_overlapping_on_one_pair_are_counted(
+    client: VbaClient, sandbox: SandboxHandle
+) -> None:
+    """Two batch calls for one pair at once count one overlap (a flush's fence says never);
+    calls for two pairs at once, or one after the other, count none."""
+    sandbox.admin.set_faults(latency=0.5)
+    other = f"/subscribers/987654321/groups/{GROUP}/accumulators-batch"
+    body = {"headers": vba_headers(client), "content": dumps([record("A")])}
+
+    def put(path: str) -> int:
+        return httpx.put(sandbox.url + path, timeout=10, **body).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(put, [BATCH, other])) == [207, 207]
+        assert put(BATCH) == 207
+        assert sandbox.admin.counters()["overlapping_batches"] == 0
+        assert list(pool.map(put, [BATCH, BATCH])) == [207, 207]
+    assert sandbox.admin.counters()["overlapping_batches"] == 1
+
+
 def vba_headers(client: VbaClient) -> dict[str, str]:
     """Correct VBA headers with the client's current token, for hand-made calls."""
     return sandbox_headers(client.auth.token(), USER_AGENT)

@@ -136,6 +136,10 @@ class Sandbox:
         self.journal = Journal()
         self.intrusions = Intrusions(self.fold)
         self.landing: set[asyncio.Task[None]] = set()  # late calls VBA is still working on
+        #: Batch calls in flight by path (one pair's, or one plan's), and how many calls began
+        #: while another for the same path was in flight: a flush's fence says never.
+        self.in_flight: Counter[str] = Counter()
+        self.overlapping = 0
 
     def reset(self) -> None:
         """Back to start-up: no rows, tokens, counts, writes or intrusions; the start-up faults."""
@@ -146,6 +150,7 @@ class Sandbox:
         self.faults = self.config.faults.model_copy()
         self.bucket = Bucket(self.config.rate, self.config.burst)
         self.counters.clear()
+        self.overlapping = 0
         self.journal.clear()
         self.intrusions.clear()
 
@@ -311,6 +316,17 @@ class Sandbox:
         media_type = "text/plain" if batch else "application/json"  # seed 000: a 207 is text
 
         async def endpoint(request: Request) -> Response:
+            if not batch:
+                return await answer(request)
+            path = request.url.path
+            self.overlapping += self.in_flight[path] > 0
+            self.in_flight[path] += 1
+            try:
+                return await answer(request)
+            finally:
+                self.in_flight[path] -= 1
+
+        async def answer(request: Request) -> Response:
             response = self.gate(request, bearer) or self.negotiate(request, media_type)
             response = response or await self.inject()
             if response is None and batch and self.fires("late_answers", self.faults.late_rate):
@@ -367,4 +383,9 @@ class Sandbox:
         for (label, status), n in sorted(self.counters.items()):
             by_route.setdefault(label, {})[str(status)] = n
             by_status[str(status)] += n
-        return {"total": sum(by_status.values()), "by_route": by_route, "by_status": by_status}
+        return {
+            "total": sum(by_status.values()),
+            "by_route": by_route,
+            "by_status": by_status,
+            "overlapping_batches": self.overlapping,
+        }
