@@ -5,7 +5,8 @@
 1. batched: N events (default 200,000) published through Redis in messages of 500 to
    ``celery -A worker worker -c 2``, into Postgres (accumsync as shipped); then the same N
    through kombu's own Redis transport (``ACCUMSYNC_BROKER_FETCH=kombu``), the cost of the
-   reliable fetch (worker/redisbroker.py) being the ratio of the two;
+   reliable fetch (worker/redisbroker.py) being the ratio of the two; then the same N with
+   ``accumsync dispatch`` beside the worker, real-time flushing's cost to ingest;
 2. naive: the baseline, one Celery task per event doing an ORM read-modify-write
    (``bench/naive.py``), same broker, store and pool, on a smaller N (a rate does not need the
    full N, and the full N would take an hour);
@@ -67,14 +68,23 @@ def run_phase(
     concurrency: int = 2,
     task: str = "accumsync.ingest",
     batch: int = 500,
+    dispatcher: bool = False,
     **settings: str,
 ) -> Phase:
-    """Start a worker, publish ``events`` from a producer process, wait for the last commit."""
+    """Start a worker, publish ``events`` from a producer process, wait for the last commit.
+
+    ``dispatcher``: ``accumsync dispatch`` runs beside it, admitting the pairs ingest dirties
+    (their flushes queue up unconsumed: the worker takes the ingest queue only, and no VBA is
+    here), which is what real-time flushing adds to ingest's machine."""
     env = run.env(database_url, broker_url, **settings)
-    child = run.worker(env, concurrency, include=["bench.naive"], name=name)
+    queues = [env["ACCUMSYNC_QUEUE"]] if dispatcher else []
+    child = run.worker(env, concurrency, include=["bench.naive"], name=name, queues=queues)
+    admitting = run.dispatcher(env) if dispatcher else None
+    others = {"dispatcher": admitting.pid} if admitting else {}
     postgres = database_url.startswith("postgresql")
     meter = CpuMeter(
         child.pid,
+        others=others,
         services=("postgres", "redis") if postgres else (),
         database_url=database_url if postgres else None,
     )
@@ -96,11 +106,14 @@ def run_phase(
     printed = dict(field.split("=") for field in out.split())
     cpu["publisher"] = float(printed["cpu"])
     run.stop(child)
+    if admitting:
+        run.stop(admitting)
     ok = same_totals(Stack(run.tmp, database_url=database_url).totals(), expected_totals(events))
     fetch = {"kombu": " (kombu's fetch)", "reliable": " (reliable fetch)"}.get(
         settings.get("broker_fetch", ""), ""
     )
     setup = f"{broker_name(env)}{fetch} -> {concurrency} process(es) -> {store_name(database_url)}"
+    setup += ", the dispatcher admitting" if dispatcher else ""
     return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
 
 
@@ -145,6 +158,10 @@ def main() -> None:
             run, "batched-kombu", big, database_url=run.database(), broker_fetch="kombu"
         )
         phases.append(kombu)
+        dispatched = run_phase(
+            run, "batched-dispatch", big, database_url=run.database(), dispatcher=True
+        )
+        phases.append(dispatched)
         del big
         small = stream(args.naive_events, args.members, seed=2)
         naive = run_phase(
@@ -182,6 +199,8 @@ def main() -> None:
     report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
     cost = round(batched.rate / kombu.rate, 3)
     report.target("reliable fetch / kombu's transport", cost, ">= 0.95", cost >= 0.95)
+    dispatch = round(dispatched.rate / batched.rate, 3)
+    report.target("with the dispatcher / without", dispatch, ">= 0.95", dispatch >= 0.95)
     ratio = round(batched.rate / naive.rate, 1)
     report.target("batched / naive", ratio, ">= 30x", ratio >= 30)
     report.note(
