@@ -46,8 +46,10 @@ accumulators waiting for a flush, events recorded. Freshness: every 2 s a probe 
 1.00 claim on a probe member no stream event names) is published; its freshness is the time from
 its publish until the sandbox's journal shows the write that brought the probe key's
 ``allowed_Amt`` to its count (the sandbox's own clock, same machine): p50/p95/max over all probes,
-over those published outside any fault's window (its start until one flush interval after its
-recovery) and inside.
+over those whose life (publish until VBA held it) overlaps no fault's window (its start until its
+recovery), and over those it overlaps. ``accumsync dispatch`` runs beside beat, as in
+compose.yaml, so a change starts its flush at once; the flush worker keeps prefork ``-c 4``
+(compose runs threads) so that the pool-process kill has a process to kill.
 
 At the end the publisher stops and the stack drains (every distinct event recorded, nothing waiting
 for a flush, the ingest queue empty, every probe landed; or nothing moving for 2 minutes: something
@@ -227,6 +229,7 @@ class Soak:
     ingest: Child
     flush: Child
     beat: Child
+    dispatcher: Child
     engine: Engine
     database: str
     admin_dsn: str  # libpq URL of the store's server, for pg_terminate_backend
@@ -267,12 +270,15 @@ def start_stack(run: Run, sandbox: SandboxHandle, private: bool) -> Soak:
     ingest = run.worker(env, 2, name="ingest", queues=[env["ACCUMSYNC_QUEUE"]])
     flush = run.worker(env, 4, name="flush", queues=[env["ACCUMSYNC_FLUSH_QUEUE"]])
     beat = run.beat(env)
+    dispatcher = run.dispatcher(env)
     database = make_url(url).database
     assert database, url
     assert database.startswith("acc_"), database  # the run's own, nobody else's
     admin = pg.dsn if pg else PG_ADMIN
     engine = make_engine(url)
-    return Soak(run, env, broker, sandbox, ingest, flush, beat, engine, database, admin, pg)
+    return Soak(
+        run, env, broker, sandbox, ingest, flush, beat, dispatcher, engine, database, admin, pg
+    )
 
 
 # --- faults -------------------------------------------------------------------------------------
@@ -706,13 +712,16 @@ def rss_flat(samples: list[dict[str, Any]], t0: float, t1: float, name: str) -> 
 
 
 def freshness(probes: Probes, faults: list[Fault], patience: float) -> dict[str, Any]:
-    """Percentiles over every probe, those published outside any fault's window and inside
-    (from the fault's start until one flush interval after its recovery)."""
-    interval = float(SETTINGS["flush_interval"])
-    windows = [(f.started, (f.recovered or f.ended + patience) + interval) for f in faults]
+    """Percentiles over every probe, those whose life (publish until VBA held it) overlaps no
+    fault's window (its start until its recovery) and those it overlaps."""
+    windows = [(f.started, f.recovered or f.ended + patience) for f in faults]
     delays = probes.delays()
-    inside = [d for at, d in delays if any(a <= at <= b for a, b in windows)]
-    outside = [d for at, d in delays if not any(a <= at <= b for a, b in windows)]
+
+    def overlaps(at: float, delay: float) -> bool:
+        return any(at <= b and a <= at + delay for a, b in windows)
+
+    inside = [d for at, d in delays if overlaps(at, d)]
+    outside = [d for at, d in delays if not overlaps(at, d)]
     return {
         "probes_sent": len(probes.sent),
         "probes_landed": len(delays),
