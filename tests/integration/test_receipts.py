@@ -39,8 +39,11 @@ def test_publish_confirm_publishes_again_what_the_broker_lost(
     before = stack.cli("receipts", str(path), "--json", check=False)
     assert before.returncode == 1
     assert json.loads(before.stdout)["counts"] == {
-        "recorded": 0, "refused": 0, "missing": len(ids), "unidentified": 0
-    }  # fmt: skip
+        "recorded": 0,
+        "refused": 0,
+        "missing": len(ids),
+        "unidentified": 0,
+    }
 
     argv = [ACCUMSYNC, "publish", str(path), "--confirm", "--within", "8", "--batch-size", "50"]
     confirm = Child("confirm", argv, stack.env, tmp_path / "confirm.log").start()
