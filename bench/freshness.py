@@ -132,8 +132,9 @@ BUDGET, CALLS_PER_FLUSH = 25.0, 2
 def sweep(args: argparse.Namespace) -> None:
     """Every point of :data:`POINTS` at each latency; one row each, targets as in issue 22."""
     report = Report("freshness-sweep", vars(args))
+    points = [POINTS[int(i)] for i in args.points.split(",")] if args.points else POINTS
     for latency in args.latencies:
-        for point in POINTS:
+        for point in points:
             got = sweep_point(args, point, latency)
             report.row(point=point.label, latency_ms=round(latency * 1000), **got)
             below = point.pairs_per_s * CALLS_PER_FLUSH < BUDGET
@@ -160,7 +161,8 @@ def sweep(args: argparse.Namespace) -> None:
                 f"{point.label}, {ms} ms: 429s", got["sandbox_429s"], "0", got["sandbox_429s"] == 0
             )
     report.note(
-        f"flush worker: -P {args.pool} -c {args.concurrency} (ingest's -c 2 apart, as in "
+        ("beat alone, no dispatcher; " if args.no_dispatcher else "")
+        + f"flush worker: -P {args.pool} -c {args.concurrency} (ingest's -c 2 apart, as in "
         f"compose.yaml); dispatcher slots {args.slots}; beat's "
         f"interval {args.interval:g} s; {args.seconds} s of publishing per point"
     )
@@ -183,7 +185,8 @@ def sweep_point(args: argparse.Namespace, point: Point, latency: float) -> dict[
             env, args.concurrency, name="flush", queues=[f"{queue}.flush"], pool=args.pool
         )
         run.beat(env)
-        run.dispatcher(env)
+        if not args.no_dispatcher:
+            run.dispatcher(env)
         from worker.ingest.producer import publish
 
         producer_app(env)
@@ -253,6 +256,10 @@ def main() -> None:
     parser.add_argument("--pool", default="prefork", help="--sweep: the worker's pool (-P)")
     parser.add_argument("--concurrency", type=int, default=4, help="--sweep: the worker's -c")
     parser.add_argument("--slots", type=int, default=16, help="--sweep: ACCUMSYNC_DISPATCH_SLOTS")
+    parser.add_argument("--points", default="", help="--sweep: indexes of the points to run")
+    parser.add_argument(
+        "--no-dispatcher", action="store_true", help="--sweep: beat alone (before issue 22)"
+    )
     parser.add_argument("--rate", type=int, default=2_000, help="events/s")
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--interval", type=float, default=5.0, help="flush interval, s")
