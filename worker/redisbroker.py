@@ -63,6 +63,7 @@ from redis.exceptions import OutOfMemoryError
 
 from worker import failpoints
 from worker.logs import Log
+from worker.redisfull import SkipRestoreWhenFull
 
 log = Log("broker")
 
@@ -129,7 +130,7 @@ class Taken:
     item: bytes
 
 
-class ReliableQoS(redis.QoS):
+class ReliableQoS(SkipRestoreWhenFull, redis.QoS):
     """kombu's Redis QoS recording from, and acknowledging into, the consumer's own keys."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -239,12 +240,6 @@ class ReliableQoS(redis.QoS):
             log.debug("broker.full.restore_skipped", tag=tag)
         except Exception as exc:  # the record stays; the next pass tries again
             log.error("broker.restore_failed", tag=tag, error=type(exc).__name__)
-
-    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().restore_visible(*args, **kwargs)
-        except OutOfMemoryError:  # every second while full: debug; the next pass restores
-            log.debug("broker.full.restore_skipped")
 
 
 class Channel(redis.Channel):

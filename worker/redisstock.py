@@ -35,11 +35,12 @@ from redis.exceptions import OutOfMemoryError
 
 from worker import failpoints
 from worker.logs import Log
+from worker.redisfull import SkipRestoreWhenFull
 
 log = Log("broker")
 
 
-class FullSafeQoS(redis.QoS):
+class FullSafeQoS(SkipRestoreWhenFull, redis.QoS):
     """kombu's Redis QoS, carrying on when Redis is out of memory (see the module's docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -99,12 +100,6 @@ class FullSafeQoS(redis.QoS):
                 client.hdel(self.unacked_key, delivery_tag)
         finally:
             virtual.QoS.ack(self, delivery_tag)
-
-    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().restore_visible(*args, **kwargs)
-        except OutOfMemoryError:  # every second while full: debug; the next pass restores
-            log.debug("broker.full.restore_skipped")
 
 
 class Channel(redis.Channel):
