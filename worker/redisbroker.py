@@ -36,7 +36,10 @@ ledger counts an event id once.
 **Full Redis** (``maxmemory``, ``noeviction``): Redis refuses every command that may grow memory,
 and every command queued in a MULTI, deletes included (measured by
 tests/chaos/test_redis_full.py). The take and give-back scripts carry ``allow-oom`` (they move
-memory, they do not grow it), so the workers keep draining, which is what frees the memory. A
+memory, they do not grow it), so the workers keep draining, which is what frees the memory; so
+does the heartbeat's (it rewrites two values in place), so a consumer is not declared dead for
+Redis being full. ``BLMOVE`` is refused: an idle consumer waits on a stream no one writes to
+(``XREAD``, read-only) between takes instead, where the refusal used to stop the worker. A
 message whose record is refused stays in the taken list, runs as usual (its task is idempotent
 and short), and is acknowledged or put back from there; acknowledgements fall back to plain
 deletes outside a MULTI; a restore pass that cannot lock is skipped (the next one restores).
@@ -103,6 +106,15 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+#: KEYS: the consumer's heartbeat key, the registry; ARGV: TTL (ms), the consumer, its queue keys.
+#: A script, so that it carries ``allow-oom``: it rewrites two values in place.
+HEARTBEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+#: A stream no one writes to: a full Redis's idle consumer waits on it (XREAD, read-only).
+IDLE = "_accumsync.idle"
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -266,6 +278,8 @@ class Channel(redis.Channel):
         self._pending: Taken | None = None
         self._taking: tuple[str, ...] = ()
         self._blocking = False
+        #: A full Redis refused the last blocking move: wait without moving, then take.
+        self._full_wait = False
         self._block_turn = 0
         self._next_beat = 0.0
         self._modern: bool | None = None
@@ -287,7 +301,10 @@ class Channel(redis.Channel):
             key = keys[self._block_turn % len(keys)]
             self._block_turn += 1
             self._taking = (key,)
-            if self.modern():
+            if self._full_wait:
+                self._full_wait = False
+                command = ["XREAD", "BLOCK", str(int(self.take_wait * 1000)), "STREAMS", IDLE, "$"]
+            elif self.modern():
                 command = ["BLMOVE", key, taken_key(self.consumer, key), "RIGHT", "LEFT"]
                 command.append(str(self.take_wait))
             else:
@@ -308,6 +325,12 @@ class Channel(redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            except OutOfMemoryError:
+                if not self._blocking:  # the take script carries allow-oom
+                    raise
+                # A full Redis refuses BLMOVE (and BRPOPLPUSH), which Celery would not survive:
+                # next time a wait that moves nothing (XREAD on IDLE), then the take script.
+                self._full_wait, reply = True, None
             if self._blocking:
                 key, item = self._taking[0], reply
             elif reply:
@@ -385,16 +408,15 @@ class Channel(redis.Channel):
         qos: ReliableQoS = self.qos  # type: ignore[assignment]
         try:
             with self.conn_or_acquire() as client:
-                pipe = client.pipeline(transaction=False)
-                pipe.set(alive_key(self.consumer), "1", px=int(self.consumer_ttl * 1000))
-                pipe.hset(CONSUMERS, self.consumer, json.dumps(sorted(self.sources)))
-                pipe.execute()
+                keys = (alive_key(self.consumer), CONSUMERS)
+                ttl, sources = int(self.consumer_ttl * 1000), json.dumps(sorted(self.sources))
+                client.eval(self.script(HEARTBEAT), 2, *keys, ttl, self.consumer, sources)
                 qos.settle_lost_acks(client)  # before the give-back, which would redeliver
                 if not self._in_poll and not qos.unrecorded:
                     self.give_back(client, self.consumer, self.sources)  # nothing should be left
                 self.sweep(client)
-        except OutOfMemoryError:
-            log.debug("broker.full.heartbeat_skipped")
+        except OutOfMemoryError:  # the heartbeat went through (allow-oom); the sweep waits
+            log.debug("broker.full.sweep_skipped")
 
     def sweep(self, client: Any) -> None:
         """Give back the messages of every consumer whose heartbeat has expired (one sweeper at
