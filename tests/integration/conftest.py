@@ -10,6 +10,7 @@ import pytest
 
 from tests.chaos.conftest import PrivateRedis
 from tests.stack import Stack
+from worker import redisbroker, redisstock
 from worker.demo.sandboxes import SandboxHandle, running_sandbox
 
 FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
@@ -23,6 +24,12 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(params=[redisbroker.Transport, redisstock.Transport], ids=["reliable", "kombu"])
+def redis_fetch(request: pytest.FixtureRequest) -> type:
+    """Each Redis fetch a broker test holds to: the reliable one (the default) and kombu's."""
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -16,13 +16,12 @@ import contextlib
 import time
 from typing import Any
 
-import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 
 from tests.chaos.conftest import PrivateRedis
-from worker import redisbroker, redisstock
+from worker import redisbroker
 from worker.celery import transport_options
 
 QUEUE = Queue("full-idle", Exchange("full-idle", type="direct"), routing_key="full-idle")
@@ -45,11 +44,8 @@ def drain_for(conn: Connection, seconds: float, done: Any = lambda: False) -> No
             conn.drain_events(timeout=0.2)
 
 
-@pytest.mark.parametrize(
-    "transport", [redisbroker.Transport, redisstock.Transport], ids=["reliable", "kombu"]
-)
 def test_an_idle_consumer_waits_out_a_full_redis(
-    private_redis: PrivateRedis, transport: type
+    private_redis: PrivateRedis, redis_fetch: type
 ) -> None:
     """Idle, Redis full for longer than the heartbeat's TTL: polling raises nothing, the
     consumer stays registered alive, and takes the next message once the limit is lifted."""
@@ -57,7 +53,7 @@ def test_an_idle_consumer_waits_out_a_full_redis(
     admin = redis.Redis.from_url(private_redis.url)
     publish(private_redis, 0)  # declares the queue's binding
     options = transport_options(private_redis.url, consumer_ttl=1.0)
-    with Connection(private_redis.url, transport=transport, transport_options=options) as conn:
+    with Connection(private_redis.url, transport=redis_fetch, transport_options=options) as conn:
         channel = conn.channel()
         consumer = conn.Consumer(
             QUEUE, channel=channel, callbacks=[lambda _, m: received.append(m)]
@@ -73,7 +69,7 @@ def test_an_idle_consumer_waits_out_a_full_redis(
                 alive = admin.keys("_accumsync.alive.*")
             finally:
                 admin.config_set("maxmemory", 0)
-            if transport is redisbroker.Transport:
+            if redis_fetch is redisbroker.Transport:
                 assert alive == [redisbroker.alive_key(channel.consumer).encode()], alive
             publish(private_redis, 1)
             drain_for(conn, 10, lambda: received)

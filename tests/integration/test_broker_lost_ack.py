@@ -20,7 +20,7 @@ from kombu.message import Message
 
 from tests.chaos.conftest import PrivateRedis
 from tests.chaos.netfault import Relay
-from worker import redisbroker, redisstock
+from worker import redisbroker
 from worker.celery import transport_options
 
 QUEUE = Queue("lost-ack", Exchange("lost-ack", type="direct"), routing_key="lost-ack")
@@ -44,11 +44,8 @@ def drain_until(conn: Connection, done: Any, seconds: float) -> None:
             conn.drain_events(timeout=0.5)
 
 
-@pytest.mark.parametrize(
-    "transport", [redisbroker.Transport, redisstock.Transport], ids=["reliable", "kombu"]
-)
 def test_an_ack_lost_to_a_partition_does_not_stop_the_consumer(
-    private_redis: PrivateRedis, transport: type
+    private_redis: PrivateRedis, redis_fetch: type
 ) -> None:
     """Prefetch 1, the ack times out in a partition: after the heal the next message is taken,
     and the first one's record is cleared (reliable) or kept for redelivery (kombu's)."""
@@ -58,7 +55,7 @@ def test_an_ack_lost_to_a_partition_does_not_stop_the_consumer(
     try:
         publish(private_redis, 1)
         options = transport_options(url, health_check_interval=1.0)  # the ack times out in 6 s
-        with Connection(url, transport=transport, transport_options=options) as conn:
+        with Connection(url, transport=redis_fetch, transport_options=options) as conn:
             channel = conn.channel()
             consumer = conn.Consumer(
                 QUEUE, channel=channel, callbacks=[lambda _, m: received.append(m)]
@@ -78,7 +75,7 @@ def test_an_ack_lost_to_a_partition_does_not_stop_the_consumer(
                 received[1].ack()
                 first = received[0].delivery_tag
                 records = redis.Redis.from_url(private_redis.url)
-                if transport is redisbroker.Transport:  # settled by the next heartbeat
+                if redis_fetch is redisbroker.Transport:  # settled by the next heartbeat
                     drain_until(conn, lambda: not records.hexists("unacked", first), 10)
                     assert not records.hkeys("unacked") and not records.smembers(channel.owned)
                 else:  # the record stays, for a redelivery after the visibility timeout
