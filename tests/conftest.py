@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,33 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return lane_of(nodeid)
 
     return Lanes(config, log)
+
+
+#: Seconds of tests (setup, call, teardown) each xdist worker ran, by lane: the long pole of
+#: ``make test`` is the busiest worker, printed at the end of the run.
+WORKER_LANES: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    if worker is not None:  # on xdist's controller, a worker's report
+        WORKER_LANES[worker.id][lane_kind(report.nodeid)] += report.duration
+
+
+def lane_kind(nodeid: str) -> str:
+    """A lane, or "other" for a test that is a lane of its own."""
+    lane = lane_of(nodeid)
+    return "other" if lane == nodeid else lane
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not WORKER_LANES:
+        return
+    terminalreporter.section("seconds of tests per xdist worker, busiest lanes first")
+    for worker, lanes in sorted(WORKER_LANES.items()):
+        parts = sorted(lanes.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{lane} {seconds:.0f}" for lane, seconds in parts[:4])
+        terminalreporter.write_line(f"{worker}: {sum(lanes.values()):.0f} s ({shown})")
 
 
 @pytest.fixture(scope="session")
