@@ -176,3 +176,42 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
         )
         == []
     )
+
+
+def test_the_list_form_and_the_text_form_land_alike(
+    make_stack: Callable[..., Stack], redis_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """A foreign producer's list, the producer API's JSON text (with Python's Decimal and date
+    values in it), and a text that is not JSON: the events of both forms land exactly, and the
+    broken text is one dead letter saying why."""
+    from celery import Celery
+
+    from worker.ingest.message import text_of
+
+    events = generate(StreamSpec(events=400, members=20, duplicate_rate=0, seed=31))
+    as_list, as_text = events[:200], [python_values(e) for e in events[200:]]
+    stack = make_stack(database_url=pg_url, broker_url=redis_url)
+    stack.cli("db", "upgrade")
+    stack.worker("w1")
+    app = Celery(broker=redis_url)
+    try:
+        for args in ([as_list], [text_of(as_text)], ['[{"event_id": "cut-short", ']):
+            app.send_task("accumsync.ingest", args=args, queue=stack.queue)
+    finally:
+        app.close()
+    status = drained(stack, 401)
+    assert (status["applied"] + status["stale"], status["invalid"]) == (400, 1), status
+    letters = json.loads(stack.cli("dead-letters", "list", "--json").stdout)
+    assert [d["reason"][:27] for d in letters] == ["event: invalid JSON (Expect"], letters
+    assert same_totals(stack.totals(), expected_totals(events)) == []
+
+
+def python_values(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` as a Python producer may hold it: amounts as Decimal, the date as a date."""
+    from datetime import date
+    from decimal import Decimal
+
+    out = dict(event, amounts={k: Decimal(str(v)) for k, v in event["amounts"].items()})
+    if event.get("service_date"):
+        out["service_date"] = date.fromisoformat(event["service_date"])
+    return out
