@@ -14,13 +14,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kombu.utils.json import dumps, loads
 
-from tests.unit.test_events import BASE as EVENT
 from worker.ingest.message import events_of, text_of
 from worker.ingest.store import validate
 
-BASE: dict[str, Any] = dict(
-    EVENT, service_date="2026-03-02", adjudicated_at="2026-03-03T10:00:00+00:00"
-)
+BASE: dict[str, Any] = {
+    "event_id": "e-1",
+    "claim_id": "c-1",
+    "version": 3,
+    "status": "adjudicated",
+    "subscriber_id": "S0000001",
+    "group_id": "GRP001",
+    "plan_year": "2026",
+    "plan_type": "MED",
+    "benefit_code": "DED",
+    "network": "in",
+    "service_date": "2026-03-02",
+    "adjudicated_at": "2026-03-03T10:00:00+00:00",
+    "amounts": {"copay": "25.00", "deductible": 100},
+}
 
 amounts = st.one_of(
     st.decimals(min_value=-5, max_value=10**13, places=2, allow_nan=False),
