@@ -69,7 +69,6 @@ def run_phase(
     task: str = "accumsync.ingest",
     batch: int = 500,
     dispatcher: bool = False,
-    form: str = "text",
     **settings: str,
 ) -> Phase:
     """Start a worker, publish ``events`` from a producer process, wait for the last commit.
@@ -92,9 +91,8 @@ def run_phase(
     meter.start()
     path = run.tmp / f"{name}.json"
     path.write_text(json.dumps(events))
-    argv = [sys.executable, "-m", "bench.publish", str(path), "--task", task]
     producer = subprocess.Popen(
-        [*argv, "--batch", str(batch), "--form", form],
+        [sys.executable, "-m", "bench.publish", str(path), "--task", task, "--batch", str(batch)],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -116,7 +114,6 @@ def run_phase(
     )
     setup = f"{broker_name(env)}{fetch} -> {concurrency} process(es) -> {store_name(database_url)}"
     setup += ", the dispatcher admitting" if dispatcher else ""
-    setup += ", messages as lists of objects" if form == "list" else ""
     return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
 
 
@@ -149,18 +146,7 @@ def main() -> None:
     parser.add_argument("--embedded-events", type=int, default=20_000, help="embedded phase")
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--skip-embedded", action="store_true")
-    parser.add_argument(
-        "--forms",
-        type=int,
-        default=0,
-        metavar="N",
-        help="only the batched phase, N times each message form (one JSON text per batch, as "
-        "the producer sends; a list of objects, as before it), interleaved",
-    )
     args = parser.parse_args()
-    if args.forms:
-        compare_forms(args)
-        return
 
     report = Report("ingest", vars(args))
     phases: list[Phase] = []
@@ -222,33 +208,6 @@ def main() -> None:
         f"{args.events / naive.rate / 60:.0f} min for {args.events:,})"
     )
     report.note("2 cores shared by Postgres, Redis, the worker processes and the publisher")
-    report.save()
-
-
-def compare_forms(args: argparse.Namespace) -> None:
-    """The batched phase with each message form, interleaved ``args.forms`` times."""
-    report = Report("ingest-forms", vars(args))
-    runs: dict[str, list[Phase]] = {"text": [], "list": []}
-    with Run("ingest-forms") as run:
-        big = stream(args.events, args.members, seed=1)
-        for i in range(args.forms):
-            for form in ("list", "text") if i % 2 == 0 else ("text", "list"):
-                name = f"batched-{form}-{i + 1}"
-                phase = run_phase(run, name, big, database_url=run.database(), form=form)
-                runs[form].append(phase)
-                per = phase.cpu_us_per_event()
-                report.row(
-                    phase=name,
-                    events_per_s=round(phase.rate),
-                    cpu_us_per_event=per["total"],
-                    **{k: v for k, v in per.items() if k != "total"},
-                    totals_exact="yes" if phase.totals_ok else "NO",
-                )
-    median = {f: sorted(p.rate for p in ps)[len(ps) // 2] for f, ps in runs.items()}
-    ratio = round(median["text"] / median["list"], 3)
-    report.target("text form / list form, median events/s", ratio, "> 1", ratio > 1)
-    report.note(f"median events/s: text {median['text']:,.0f}, list {median['list']:,.0f}")
-    report.note(f"load average at the end: {os.getloadavg()}")
     report.save()
 
 

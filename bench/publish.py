@@ -9,8 +9,6 @@ environment (``ACCUMSYNC_BROKER_URL``, ``ACCUMSYNC_QUEUE``), as for any producer
 ``--rate R`` paces the batches at R events/s (batch k leaves at t0 + k * batch / R): it prints
 ``started t0=...`` as the first one leaves, and at the end how late the latest batch left
 (``late_max=`` seconds behind its schedule), so a publisher starved of CPU shows.
-``--form list`` sends each batch as a list of objects (what a foreign producer sends, and what
-the producer API sent before it sent one JSON text per batch: worker/ingest/message.py).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ def main() -> None:
     parser.add_argument("--task", default="accumsync.ingest")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: as fast as it can")
-    parser.add_argument("--form", choices=("text", "list"), default="text")
     args = parser.parse_args()
     events = json.loads(args.file.read_text())
 
@@ -43,14 +40,8 @@ def main() -> None:
         print(f"t0={t0:.6f} t1={time.time():.6f} cpu={time.process_time() - cpu0:.3f}", end="")
         print(f" late_max={late:.3f}", flush=True)
         return
-    if args.task == "accumsync.ingest" and args.form == "text":
+    if args.task == "accumsync.ingest":
         publish(events, args.batch)
-    elif args.task == "accumsync.ingest":
-        from worker.ingest.producer import argsrepr, batches
-
-        with app.producer_or_acquire() as producer:
-            for part in batches(events, args.batch):
-                app.send_task(args.task, args=[part], argsrepr=argsrepr(part), producer=producer)
     else:
         with app.producer_or_acquire() as producer:
             for event in events:

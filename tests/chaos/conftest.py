@@ -32,7 +32,6 @@ from worker.db import make_engine
 from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
 from worker.demo.streams import expected_totals
-from worker.ingest.message import text_of
 from worker.ingest.producer import argsrepr
 from worker.ops.queries import outcomes, waiting_for_flush
 
@@ -243,8 +242,7 @@ class ChaosStack(Stack):
             return outcomes(session)
 
     def send(self, events: list[Any], batch: int = 100) -> int:
-        """Publish as the producer API does (same task, text form, argsrepr), without a CLI
-        start-up."""
+        """Publish as the producer API does (same task, argsrepr), without a CLI start-up."""
         if self._producer is None:
             self._producer = Celery("chaos-producer", set_as_current=False)
             raw = self.producer_url or self.env["ACCUMSYNC_BROKER_URL"]
@@ -262,7 +260,7 @@ class ChaosStack(Stack):
                 part = events[i : i + batch]
                 self._producer.send_task(
                     "accumsync.ingest",
-                    args=[text_of(part)],
+                    args=[part],
                     argsrepr=argsrepr(part),
                     kwargsrepr="{}",
                     queue=self.queue,

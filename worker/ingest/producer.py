@@ -1,5 +1,4 @@
-"""The producer API: publish raw ClaimEvent dicts as batched ``accumsync.ingest`` messages, each
-batch as one JSON text (worker/ingest/message.py: a fraction of Celery's cost per event).
+"""The producer API: publish raw ClaimEvent dicts as batched ``accumsync.ingest`` messages.
 
 Events are not validated here: the worker validates at its edge and dead-letters what fails, so
 a producer in any language gets the same treatment. Monitoring (Flower) sees only the batch size
@@ -17,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.celery import app
-from worker.ingest.message import text_of
 from worker.settings import get_settings
 
 
@@ -92,7 +90,7 @@ def publish(
             for batch in batches(events, batch_size):
                 app.send_task(
                     "accumsync.ingest",
-                    args=[text_of(batch)],
+                    args=[batch],
                     argsrepr=argsrepr(batch),
                     kwargsrepr="{}",
                     producer=producer,
