@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+from datetime import UTC, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from models.buckets import AMOUNTS
 from models.events import KEY_FIELDS, ClaimEvent, canon, describe
 
 BASE: dict[str, Any] = {
@@ -233,3 +238,43 @@ def test_content_hash_is_stable_across_releases() -> None:
     assert ClaimEvent.model_validate(full).content_hash() == (
         "28b0a1b1694ee6c2013aabb2b35de712d5fe738059c756c0bcbe3851a2b09f9e"
     )
+
+
+printable = st.text(
+    st.characters(min_codepoint=0x20, blacklist_categories=("Cs",), blacklist_characters="\x7f"),
+    min_size=1,
+)
+key_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
+money = st.decimals(min_value=0, max_value=Decimal("999999999999.99"), places=2)
+spelled = st.one_of(money, money.map(str), money.map(lambda d: f"{d:.2f}"), st.integers(0, 10**6))
+
+
+@st.composite
+def any_event(draw: st.DrawFn) -> ClaimEvent:
+    """Any valid event: text beyond ASCII where the contract allows it, any date and offset."""
+    stamp = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]))
+    raw: dict[str, Any] = {
+        "event_id": draw(printable.map(lambda t: t[:128])),
+        "claim_id": draw(printable.map(lambda t: t[:64])),
+        "version": draw(st.integers(0, 2**31 - 1)),
+        "status": draw(st.sampled_from(["adjudicated", "reversed"])),
+        "subscriber_id": draw(key_text.map(lambda t: t[:9])),
+        "group_id": draw(key_text.map(lambda t: t[:20])),
+        "plan_year": draw(key_text.map(lambda t: t[:8])),
+        "plan_type": draw(key_text.map(lambda t: t[:6])),
+        "benefit_code": draw(key_text.map(lambda t: t[:10])),
+        "network": draw(st.sampled_from(["in", "out"])),
+        "member_seq": draw(st.none() | printable.map(lambda t: t[:2])),
+        "service_date": draw(st.none() | st.dates().map(str)),
+        "adjudicated_at": draw(st.none() | stamp.map(lambda d: d.isoformat())),
+        "amounts": draw(st.dictionaries(st.sampled_from(sorted(AMOUNTS)), spelled, max_size=10)),
+    }
+    return ClaimEvent.model_validate(raw)
+
+
+@given(any_event())
+def test_content_hash_is_the_canonical_json_for_any_event(event: ClaimEvent) -> None:
+    """The fast path (pydantic-core) hashes the same bytes as the encoder did, for any event;
+    and it hashes every field but event_id."""
+    assert event.content_hash() == hashlib.sha256(event.canonical_json().encode()).hexdigest()
+    assert set(event._hashed_fields()) == set(ClaimEvent.model_fields) - {"event_id"}
