@@ -42,6 +42,7 @@ class Phase:
     seconds: float
     totals_ok: bool
     cpu: dict[str, float]
+    disk: dict[str, int] | None = None
 
     @property
     def rate(self) -> float:
@@ -98,9 +99,11 @@ def run_phase(
         text=True,
     )
     with store(database_url) as engine:
+        empty = disk_bytes(engine) if postgres else None
         done = done_check(engine, task, events)
         wait_until(done, timeout=3600, interval=0.05, what=f"{name}: all events committed")
         finished = time.time()
+        disk = grown(empty, disk_bytes(engine)) if empty is not None else None
     cpu = meter.stop()
     out, _ = producer.communicate(timeout=600)
     printed = dict(field.split("=") for field in out.split())
@@ -114,7 +117,29 @@ def run_phase(
     )
     setup = f"{broker_name(env)}{fetch} -> {concurrency} process(es) -> {store_name(database_url)}"
     setup += ", the dispatcher admitting" if dispatcher else ""
-    return Phase(name, setup, len(events), finished - float(printed["t0"]), ok == [], cpu)
+    seconds = finished - float(printed["t0"])
+    return Phase(name, setup, len(events), seconds, ok == [], cpu, disk)
+
+
+#: Each table's size with its indexes and TOAST, and the whole database's.
+DISK_SQL = text(
+    "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = 'public' AND c.relkind = 'r' "
+    "UNION ALL SELECT '(database)', pg_database_size(current_database())"
+)
+
+
+def disk_bytes(engine: Any) -> dict[str, int]:
+    """Bytes on disk by table (indexes and TOAST included), and the database's."""
+    with engine.connect() as conn:
+        return {name: int(size) for name, size in conn.execute(DISK_SQL)}
+
+
+def grown(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What each table (and the database) grew by, largest first, those that grew only."""
+    growth = {k: v - before.get(k, 0) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in growth.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 def done_check(engine: Any, task: str, events: list[dict[str, Any]]) -> Any:
@@ -195,6 +220,14 @@ def main() -> None:
             + f"; {ceiling} cores at 100% for that total would allow "
             + f"{ceiling * 1e6 / per['total']:,.0f} events/s"
         )
+    for p in phases:
+        if p.disk:
+            per = {k: round(v / p.events) for k, v in p.disk.items()}
+            tables = ", ".join(f"{k} {v:,}" for k, v in per.items() if k != "(database)")
+            report.note(
+                f"{p.name}: bytes on disk per event: {per['(database)']:,} for the database "
+                f"(WAL not counted); by table with its indexes: {tables}"
+            )
     batched = phases[0]
     report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
     cost = round(batched.rate / kombu.rate, 3)
