@@ -171,7 +171,18 @@ def main() -> None:
     parser.add_argument("--embedded-events", type=int, default=20_000, help="embedded phase")
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--skip-embedded", action="store_true")
+    parser.add_argument(
+        "--compare",
+        choices=sorted(VARIANTS),
+        help="only the batched phase, its two variants interleaved (ABBA...) --repeat times "
+        "each: the phases above run in a fixed order, and later phases ran slower on this "
+        "machine whatever they were",
+    )
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    if args.compare:
+        compare(args)
+        return
 
     report = Report("ingest", vars(args))
     phases: list[Phase] = []
@@ -241,6 +252,44 @@ def main() -> None:
         f"{args.events / naive.rate / 60:.0f} min for {args.events:,})"
     )
     report.note("2 cores shared by Postgres, Redis, the worker processes and the publisher")
+    report.save()
+
+
+#: The variants ``--compare`` runs, each a name and run_phase's options: the baseline first.
+VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "dispatcher": [("without", {}), ("with", {"dispatcher": True})],
+    "fetch": [("kombu", {"broker_fetch": "kombu"}), ("reliable", {"broker_fetch": "reliable"})],
+}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """The batched phase in both variants of ``args.compare``, interleaved: A B B A A B..."""
+    report = Report(f"ingest-compare-{args.compare}", vars(args))
+    (base, base_opts), (other, other_opts) = VARIANTS[args.compare]
+    rates: dict[str, list[float]] = {base: [], other: []}
+    phases: list[Phase] = []
+    with Run("ingest-compare") as run:
+        big = stream(args.events, args.members, seed=1)
+        for i in range(args.repeat * 2):
+            name, opts = (base, base_opts) if i % 4 in (0, 3) else (other, other_opts)
+            phase = run_phase(run, f"{name}-{i + 1}", big, database_url=run.database(), **opts)
+            rates[name].append(phase.rate)
+            phases.append(phase)
+    parts = list(dict.fromkeys(k for p in phases for k in p.cpu_us_per_event() if k != "total"))
+    for phase in phases:
+        per = phase.cpu_us_per_event()
+        report.row(
+            run=phase.name,
+            events_per_s=round(phase.rate),
+            cpu_us_per_event=per["total"],
+            **{k: per.get(k, "-") for k in parts},
+            totals_exact="yes" if phase.totals_ok else "NO",
+        )
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    ratio = round(mean[other] / mean[base], 3)
+    report.target(f"{other} / {base}, mean events/s", ratio, ">= 0.95", ratio >= 0.95)
+    report.note(f"mean events/s: {other} {mean[other]:,.0f}, {base} {mean[base]:,.0f}")
+    report.note(f"load average at the end: {os.getloadavg()}")
     report.save()
 
 
