@@ -179,9 +179,18 @@ def main() -> None:
         "machine whatever they were",
     )
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--only-batched",
+        action="store_true",
+        help="the batched phase alone (reliable fetch, no dispatcher): what bench.versus runs "
+        "in each of two checkouts",
+    )
     args = parser.parse_args()
     if args.compare:
         compare(args)
+        return
+    if args.only_batched:
+        only_batched(args)
         return
 
     report = Report("ingest", vars(args))
@@ -252,6 +261,31 @@ def main() -> None:
         f"{args.events / naive.rate / 60:.0f} min for {args.events:,})"
     )
     report.note("2 cores shared by Postgres, Redis, the worker processes and the publisher")
+    report.save()
+
+
+def only_batched(args: argparse.Namespace) -> None:
+    """The batched phase alone: events/s, CPU per event by part, bytes on disk per event."""
+    report = Report("ingest-batched", vars(args))
+    with Run("ingest-batched") as run:
+        events = stream(args.events, args.members, seed=1)
+        phase = run_phase(
+            run, "batched", events, database_url=run.database(), broker_fetch="reliable"
+        )
+    per = phase.cpu_us_per_event()
+    report.row(
+        phase=phase.name,
+        setup=phase.setup,
+        events=phase.events,
+        seconds=round(phase.seconds, 2),
+        events_per_s=round(phase.rate),
+        cpu_us_per_event=per.pop("total"),
+        **per,
+        totals_exact="yes" if phase.totals_ok else "NO",
+    )
+    if phase.disk:
+        report.note(f"bytes on disk per event: {phase.disk['(database)'] / phase.events:,.0f}")
+    report.note(f"load average at the end: {os.getloadavg()}")
     report.save()
 
 
