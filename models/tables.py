@@ -58,7 +58,7 @@ class Claim(SQLModel, table=True):
     __tablename__ = "claim"
 
     claim_id: str = Field(primary_key=True, max_length=64)
-    version: int = Field(default=-1, description="-1: a lock placeholder, nothing applied yet")
+    version: int = Field(default=-1, description="-1: nothing applied (older lock placeholders)")
     content_hash: str = Field(default="", max_length=64)
     subscriber_id: str | None = Field(default=None, max_length=9)
     group_id: str | None = Field(default=None, max_length=20)

@@ -1,6 +1,7 @@
 """Concurrent batches on a real Postgres: two sessions, two transactions, one event id.
 
-Batches on the same claim serialize on the claim's row lock. Two batches on *different* claims
+Batches on the same claim serialize on the claim's lock (a transaction-scoped advisory lock,
+which holds a claim the store has no row of yet as well). Two batches on *different* claims
 run side by side, so anything they share (an event id reused across claims) must be claimed in
 a way that makes the second wait for the first and then see it.
 """
@@ -51,17 +52,20 @@ def blocked_on_a_lock(engine: Engine) -> bool:
     return bool(waiting)
 
 
-def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
-    """The second batch waits for the first, sees its event id and dead-letters a conflict."""
+def concurrently(
+    engine: Engine, first_batch: list[dict[str, Any]], second_batch: list[dict[str, Any]]
+) -> tuple[IngestCounts, IngestCounts, bool]:
+    """Ingest ``first_batch`` in one session and, before it commits, ``second_batch`` in another;
+    the two outcomes, and whether the second was waiting on a lock when the first committed."""
     first, second = Session(engine), Session(engine)
     outcome: dict[str, IngestCounts] = {}
 
     def ingest_second() -> None:
-        outcome["second"] = ingest(second, [event("claim-b", "20.00")])
+        outcome["second"] = ingest(second, second_batch)
         second.commit()
 
     try:
-        outcome["first"] = ingest(first, [event("claim-a", "10.00")])  # not committed yet
+        outcome["first"] = ingest(first, first_batch)  # not committed yet
         thread = threading.Thread(target=ingest_second)
         thread.start()
         thread.join(timeout=3)
@@ -72,14 +76,69 @@ def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: En
     finally:
         first.close()
         second.close()
+    return outcome["first"], outcome["second"], waited
+
+
+def stored(engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, int]]]:
+    """(copay totals, dead-letter reasons, received (event_id, claim_id, version)) of the
+    store."""
     with Session(engine) as s:
         copay = s.execute(select(T_ACCUM.c.copay_total)).scalars().all()
         letters = s.execute(select(DeadLetter.reason)).scalars().all()  # type: ignore[call-overload]
-        received = s.execute(select(ReceivedEvent.claim_id)).scalars().all()  # type: ignore[call-overload]
+        received = s.execute(
+            select(ReceivedEvent.event_id, ReceivedEvent.claim_id, ReceivedEvent.version)
+        ).all()  # type: ignore[call-overload]
+    return list(copay), list(letters), sorted(map(tuple, received))
+
+
+def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
+    """The second batch waits for the first, sees its event id and dead-letters a conflict."""
+    first, second, waited = concurrently(
+        engine, [event("claim-a", "10.00")], [event("claim-b", "20.00")]
+    )
+    copay, letters, received = stored(engine)
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
-    assert (outcome["first"].applied, outcome["second"].conflict) == (1, 1)
+    assert (first.applied, second.conflict) == (1, 1)
     assert letters == ["event_id: already received with different content"]
-    assert received == ["claim-a"]
+    assert received == [("evt-reused", "claim-a", 0)]
+    assert waited, "the second batch did not wait for the first"
+
+
+def version(event_id: str, number: int, copay: str) -> dict[str, Any]:
+    """Version ``number`` of claim-new, a claim the store has no row of before the test."""
+    amounts = {"copay": copay}
+    return {**BASE, "event_id": event_id, "claim_id": "claim-new", "version": number} | {
+        "amounts": amounts
+    }
+
+
+def test_one_version_of_a_new_claim_with_two_contents_in_concurrent_batches_counts_once(
+    engine: Engine,
+) -> None:
+    """A claim with no row yet is locked all the same: the second batch waits on the claim,
+    then finds its version received with other content (a conflict), not a new claim."""
+    first, second, waited = concurrently(
+        engine, [version("evt-1", 1, "10.00")], [version("evt-2", 1, "20.00")]
+    )
+    copay, letters, received = stored(engine)
+    assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
+    assert (first.applied, second.conflict) == (1, 1)
+    assert letters == ["claim_id+version: version 1 already received with different content"]
+    assert received == [("evt-1", "claim-new", 1)]
+    assert waited, "the second batch did not wait for the first"
+
+
+def test_two_versions_of_a_new_claim_in_concurrent_batches_leave_the_highest(
+    engine: Engine,
+) -> None:
+    """The lower version, arriving second, is stale: the claim contributes version 2 only."""
+    first, second, waited = concurrently(
+        engine, [version("evt-2", 2, "20.00")], [version("evt-1", 1, "10.00")]
+    )
+    copay, letters, received = stored(engine)
+    assert sum(copay) == 2000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 20.00"
+    assert (first.applied, second.stale, letters) == (1, 1, [])
+    assert received == [("evt-1", "claim-new", 1), ("evt-2", "claim-new", 2)]
     assert waited, "the second batch did not wait for the first"
 
 

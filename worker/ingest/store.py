@@ -2,7 +2,7 @@
 
 Zulip's ``consume_batch`` shape: validate and dedupe in memory, lock the batch's claims in a
 stable order, fold the events with the pure ledger law, then write everything back with a few
-bulk statements. Two workers on overlapping claims serialize on the claim rows and take every
+bulk statements. Two workers on overlapping claims serialize on the claims' locks and take every
 other row lock in sorted order, so they neither lose an update nor deadlock (a deadlock that
 still happens is retried by ``db.in_transaction``).
 
@@ -19,10 +19,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, literal, union_all, update
+from sqlalchemy import delete, func, literal, text, union_all, update
 from sqlmodel import Session
 
 from models.buckets import COLUMNS
@@ -31,7 +31,7 @@ from models.ledger import ClaimState, Fold, Kind
 from models.tables import (
     CLAIM_CENTS,
 )
-from worker.db import insert, utcnow
+from worker.db import insert, is_postgres, utcnow
 from worker.store import counters
 from worker.store.bulk import rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
@@ -115,7 +115,9 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     current = lock_claims(session, claim_ids)
     firsts = first_of_each_id(good)
     mine = claim_event_ids(session, firsts, now)
-    seen_events, seen_versions = load_seen(session, list(firsts), claim_ids, mine)
+    seen_events, seen_versions = load_seen(
+        session, [i for i in firsts if i not in mine], sorted(current), mine
+    )
     fold = Fold(seen_events, seen_versions, current).apply((e, h) for e, h, _ in good)
     settle_received(session, {e.event_id: (e, h) for e, h in fold.received}, firsts, mine)
     write_claims(session, {(e.claim_id, h): e for e, h, _ in good}, fold.states)
@@ -133,27 +135,36 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
 
 
 def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]:
-    """Lock every claim of the batch, in claim_id order, and return their current states.
+    """Take every claim of the batch for this transaction, then return their current states.
 
-    An upsert that touches existing rows locks them as they come, in claim_id order; new claims
-    get a placeholder row (version -1) so the next batch on the same claim waits for this one.
-    One statement for the whole batch (``worker.store.bulk``).
+    Postgres: a transaction-scoped advisory lock per claim (``CLAIM_LOCKS``), taken in the
+    order of the lock keys, so two batches on overlapping claims queue behind each other and
+    never wait on each other in a circle. The lock takes a claim that has no row yet as well
+    as one that has, and writes nothing: the claim's row is written once, by ``write_claims``
+    (an upsert that locked by writing the row unchanged made two row versions of each claim
+    per batch). SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only
+    writer already. The states are read after the locks, so they include whatever a batch
+    that held one of them committed.
     """
-    rows = upsert(
-        session,
-        T_CLAIM,
-        [{"claim_id": c} for c in claim_ids],
-        conflict=["claim_id"],
-        set_=touch_claim,
-        order_by=["claim_id"],
-        returning=True,
-    )
+    if is_postgres(session):
+        session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
+    query = rows_where_in(session, list(T_CLAIM.c), T_CLAIM.c.claim_id, claim_ids)
+    rows = session.execute(query).mappings()
     return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
 
 
-def touch_claim(_: Any, new: Any) -> dict[str, Any]:
-    """The claim lock's upsert: write the row unchanged (which locks it)."""
-    return {"claim_id": new.claim_id}
+CLAIM_LOCK_SPACE: Final = 0x41430001
+"""The first key of every claim's advisory lock: the two-key form's locks are a space apart
+from the one-key form's, and this key keeps them apart from any other user of the two-key
+form."""
+
+CLAIM_LOCKS: Final = text(
+    "SELECT count(pg_advisory_xact_lock(:space, k)) FROM "
+    "(SELECT DISTINCT hashtext(v) AS k FROM json_array_elements_text(CAST(:ids AS json)) AS v "
+    "ORDER BY k) AS keys"
+).bindparams(space=CLAIM_LOCK_SPACE)
+"""Lock each claim id, in the order of the lock keys (two ids with one hash share a lock:
+a batch then waits a little longer, never forever)."""
 
 
 def first_of_each_id(good: Valid) -> dict[str, tuple[ClaimEvent, str]]:
@@ -200,9 +211,18 @@ def load_seen(
     session: Session, event_ids: list[str], claim_ids: list[str], mine: set[str]
 ) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
     """Content hashes already recorded by earlier batches, by event_id and by (claim_id,
-    version): one query. Rows this batch inserted itself (``mine``) are not "already seen"."""
+    version): one query, none when both lists are empty.
+
+    ``event_ids`` are the batch's ids that ``claim_event_ids`` found already received (the
+    others are new: nothing to look up). ``claim_ids`` are the batch's claims that already have
+    a state: a claim without one has no received event, since the first event received for a
+    claim is always applied, and a conflict is never recorded. Rows this batch inserted itself
+    (``mine``) are not "already seen".
+    """
     by_event: dict[str, str] = {}
     by_version: dict[tuple[str, int], str] = {}
+    if not event_ids and not claim_ids:
+        return by_event, by_version
     cols = (T_EVENT.c.event_id, T_EVENT.c.claim_id, T_EVENT.c.version, T_EVENT.c.content_hash)
     tagged = [literal(True).label("by_id"), *cols]
     same_event = rows_where_in(session, tagged, T_EVENT.c.event_id, event_ids)
