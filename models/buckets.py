@@ -75,6 +75,30 @@ def spread(cents_by_amount: dict[str, int], network: Network) -> dict[str, int]:
     return out
 
 
+#: (amount, network) -> the two columns a contribution of that network adds to: the total and
+#: its network's column.
+FED: Final[dict[tuple[str, Network], tuple[str, str]]] = {
+    (b.amount, network): (b.columns[0], b.columns[1 if network == "in" else 2])
+    for b in BUCKETS
+    for network in ("in", "out")
+}
+
+
+def fed(cents_by_amount: dict[str, int], network: Network) -> dict[str, int]:
+    """The columns one contribution of ``network`` changes, and by how much (cents): what
+    :func:`spread` gives, less the columns it leaves at 0.
+
+    >>> fed({"copay": 1500}, "out")
+    {'copay_total': 1500, 'copay_out': 1500}
+    """
+    out: dict[str, int] = {}
+    for amount, cents in cents_by_amount.items():
+        total, side = FED[(amount, network)]
+        out[total] = cents
+        out[side] = cents
+    return out
+
+
 def unbalanced(values: dict[str, int]) -> list[str]:
     """The amounts whose total is not in-network + out-of-network; empty when all hold."""
     return [

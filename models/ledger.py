@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from models.buckets import COLUMNS, Network, spread
+from models.buckets import COLUMNS, Network, fed, spread
 from models.events import AccumKey, ClaimEvent
 
 
@@ -44,7 +44,8 @@ class ClaimState:
         """The state an applied event leaves its claim in."""
         if event.status == "reversed":
             return cls(event.version, content_hash, None, None)
-        cents = tuple(sorted((k, v) for k, v in event.amounts.cents().items() if v))
+        # The amounts set (nonzero) only: most events carry two or three of the ten.
+        cents = tuple(sorted((k, int(v * 100)) for k, v in event.amounts.__dict__.items() if v))
         return cls(event.version, content_hash, event.key, event.network, cents)
 
     def contribution(self) -> dict[str, int]:
@@ -52,6 +53,12 @@ class ClaimState:
         if self.key is None or self.network is None:
             return {}
         return spread(dict(self.cents), self.network)
+
+    def changes(self) -> dict[str, int]:
+        """The columns this state adds to (its nonzero share of :meth:`contribution`)."""
+        if self.key is None or self.network is None:
+            return {}
+        return fed(dict(self.cents), self.network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +155,9 @@ class Fold:
     def _move(self, claim_id: str, old: ClaimState | None, new: ClaimState) -> None:
         """Take ``old``'s money out of its key and put ``new``'s into its (maybe other) key."""
         if old is not None and old.key is not None:
-            add_into(self.deltas.setdefault(old.key, {}), old.contribution(), -1)
+            add_into(self.deltas.setdefault(old.key, {}), old.changes(), -1)
         if new.key is not None:
-            add_into(self.deltas.setdefault(new.key, {}), new.contribution(), +1)
+            add_into(self.deltas.setdefault(new.key, {}), new.changes(), +1)
         self.current[claim_id] = new
         self.states[claim_id] = new
 
