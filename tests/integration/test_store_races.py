@@ -159,3 +159,20 @@ def test_received_row_is_the_event_the_batch_applied_not_its_first_delivery(
     with Session(engine) as s:
         rows = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.version)).all()  # type: ignore[call-overload]
     assert sorted(map(tuple, rows)) == [("evt-0", 1), ("evt-1", 2)]
+
+
+def test_two_batches_making_one_new_pair_both_land_on_it(engine: Engine) -> None:
+    """Two batches on different claims of one new member: the second waits for the first's new
+    (subscriber, group) pair, then finds it, and both keys' rows name that one pair."""
+    same_member = {"subscriber_id": "S0000042", "group_id": "GRPNEW"}
+    first_batch = [{**BASE, **same_member, "event_id": "evt-a", "claim_id": "claim-a"}]
+    second_batch = [
+        {**BASE, **same_member, "event_id": "evt-b", "claim_id": "claim-b", "benefit_code": "RX"}
+    ]
+    first, second, waited = concurrently(engine, first_batch, second_batch)
+    assert (first.applied, second.applied) == (1, 1)
+    with Session(engine) as s:
+        pairs = s.execute(text("SELECT id FROM pair")).scalars().all()
+        named = s.execute(text("SELECT pair_id FROM accumulator ORDER BY benefit_code")).all()
+    assert len(pairs) == 1 and [p for (p,) in named] == [pairs[0], pairs[0]]
+    assert waited, "the second batch did not wait for the first's new pair"

@@ -162,10 +162,16 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
     """
     if is_postgres(session):
         session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
-    query = rows_where_in(session, list(T_CLAIM.c), T_CLAIM.c.claim_id, claim_ids)
+    query = rows_where_in(session, STATE_COLUMNS, T_CLAIM.c.claim_id, claim_ids)
     rows = session.execute(query).mappings()
     return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
 
+
+STATE_COLUMNS: Final = [
+    T_CLAIM.c[name]
+    for name in ("claim_id", "version", "content_hash", *KEY_COLS, "network", *CENTS_OF.values())
+]
+"""What ``claim_state`` reads of a claim row (its dates and member_seq are stored, not read)."""
 
 CLAIM_LOCK_SPACE: Final = 0x41430001
 """The first key of every claim's advisory lock: the two-key form's locks are a space apart
@@ -207,7 +213,7 @@ def claim_event_ids(
         conflict=["event_id"],
         order_by=["event_id"],
         same={"received_at": now},
-        returning=True,
+        returning=["event_id"],
     )
     return {row["event_id"] for row in made}
 
@@ -310,7 +316,11 @@ def pair_ids(session: Session, pairs: list[tuple[str, str]]) -> dict[tuple[str, 
     missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
     if missing:
         made = upsert(
-            session, T_PAIR, missing, conflict=["subscriber_id", "group_id"], returning=True
+            session,
+            T_PAIR,
+            missing,
+            conflict=["subscriber_id", "group_id"],
+            returning=["id", "subscriber_id", "group_id"],
         )
         ids.update({(r["subscriber_id"], r["group_id"]): r["id"] for r in made})
     if len(ids) < len(pairs):  # another batch created some of them meanwhile

@@ -91,7 +91,7 @@ def upsert(
     conflict: Sequence[str],
     set_: Changes | None = None,
     order_by: Sequence[str] = (),
-    returning: bool = False,
+    returning: Sequence[str] = (),
     columns: Sequence[str] | None = None,
     fill: Mapping[str, Any] | None = None,
     same: Mapping[str, Any] | None = None,
@@ -104,7 +104,8 @@ def upsert(
     value (so a sparse row carries only what it changes); ``same`` holds values every row shares,
     bound once per statement instead of once per row. ``order_by`` fixes the order rows are
     inserted (and their row locks taken) on Postgres; on SQLite rows go in the order given.
-    With ``returning``, the stored rows come back.
+    ``returning`` names the columns of the stored rows that come back (only those: every
+    column returned is converted for every row, a timestamp's conversion above all).
     """
     if not rows:
         return []
@@ -120,7 +121,7 @@ def upsert(
         tuple(conflict),
         set_,
         tuple(order_by),
-        returning,
+        tuple(returning),
     )
     stmt = statement(shape)
     if postgres:
@@ -143,7 +144,7 @@ class Shape(NamedTuple):
     conflict: tuple[str, ...]
     set_: Changes | None
     order_by: tuple[str, ...]
-    returning: bool
+    returning: tuple[str, ...]
 
 
 @lru_cache(maxsize=64)
@@ -171,7 +172,7 @@ def statement(shape: Shape) -> Executable:
         else stmt.on_conflict_do_nothing(index_elements=list(shape.conflict))
     )
     if shape.returning:
-        final = cast(postgresql.Insert, final).returning(table)
+        final = cast(postgresql.Insert, final).returning(*[table.c[n] for n in shape.returning])
     return final
 
 
