@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from models.tables import DeadLetter, ReceivedEvent
@@ -176,3 +177,25 @@ def test_two_batches_making_one_new_pair_both_land_on_it(engine: Engine) -> None
         named = s.execute(text("SELECT pair_id FROM accumulator ORDER BY benefit_code")).all()
     assert len(pairs) == 1 and [p for (p,) in named] == [pairs[0], pairs[0]]
     assert waited, "the second batch did not wait for the first's new pair"
+
+
+#: How a worker of a release before migration 0013 locked a claim: it rewrote the claim's row,
+#: or stored a placeholder for a claim not stored yet, with the row's default version, -1.
+OLDER_RELEASE_LOCK = text(
+    "INSERT INTO claim (claim_id, version, content_hash) VALUES (:claim, -1, '') "
+    "ON CONFLICT (claim_id) DO UPDATE SET claim_id = excluded.claim_id RETURNING version"
+)
+
+
+@pytest.mark.parametrize("claim", ["claim-stored", "claim-unseen"])
+def test_an_older_releases_worker_cannot_lock_a_claim_beside_this_one(
+    engine: Engine, claim: str
+) -> None:
+    """During a rolling upgrade an older worker's lock (which this release's advisory locks
+    would not see) is refused by the store, for a claim stored or not: its batch is retried
+    until a worker of this release takes it, and never applied beside one."""
+    with Session(engine) as s:
+        ingest(s, [{**BASE, "event_id": "evt-0", "claim_id": "claim-stored"}])
+        s.commit()
+    with Session(engine) as s, pytest.raises(IntegrityError, match="ck_claim_applied"):
+        s.execute(OLDER_RELEASE_LOCK, {"claim": claim})

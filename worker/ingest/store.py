@@ -153,12 +153,13 @@ def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]
 
     Postgres: a transaction-scoped advisory lock per claim (``CLAIM_LOCKS``), taken in the
     order of the lock keys, so two batches on overlapping claims queue behind each other and
-    never wait on each other in a circle. The lock takes a claim that has no row yet as well
-    as one that has, and writes nothing: the claim's row is written once, by ``write_claims``
-    (an upsert that locked by writing the row unchanged made two row versions of each claim
-    per batch). SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only
-    writer already. The states are read after the locks, so they include whatever a batch
-    that held one of them committed.
+    never wait on each other in a circle. The lock holds a claim that has no row yet as well as
+    one that has, and writes nothing: the claim's row is written once, by ``write_claims`` (an
+    upsert that locked by rewriting the row unchanged made two row versions of each claim per
+    batch). A worker of a release before this lock can't ingest beside it: its lock wrote a
+    placeholder version, which the store refuses since migration 0013. SQLite: the transaction
+    began with ``BEGIN IMMEDIATE``, so it is the only writer already. The states are read after
+    the locks, so they include whatever a batch that held one of them committed.
     """
     if is_postgres(session):
         session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
