@@ -35,14 +35,13 @@ lint: install
 	$(BIN)/lint-imports
 
 # The whole suite: unit, integration (real Redis, Postgres, RabbitMQ, workers, sandbox) and chaos,
-# in five lanes (pytest-xdist): the chaos scenarios run one at a time, as do the RabbitMQ tests
+# in four lanes (pytest-xdist): the chaos scenarios run one at a time, as do the RabbitMQ tests
 # (tests/conftest.py), beside the rest. Most tests wait on their worker processes, so more lanes
 # than cores finish sooner (on this 2-core machine: three lanes 861 s against 1,265 s for two,
-# both beside other work; 616 tests on one clone, nothing beside: four lanes 721.6 s of pytest,
-# five 634.8 s, the chaos lane the longest at 620 s).
+# both beside other work; four lanes, 602 tests, nothing beside: 767 s for 2,937 s of tests).
 SERVICES ?= services
 test: install $(SERVICES) lint
-	$(BIN)/pytest -q -n 5 --dist loadgroup --durations=15
+	$(BIN)/pytest -q -n 4 --dist loadgroup --durations=15
 
 # Unit tests only: no services needed.
 test-fast: install

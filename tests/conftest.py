@@ -33,7 +33,7 @@ SHARING = ("tests/chaos/test_redis_kill.py", "tests/chaos/test_security.py")
 
 
 def lane_of(nodeid: str) -> str:
-    """The xdist work unit a test belongs to (``make test`` runs five lanes):
+    """The xdist work unit a test belongs to (``make test`` runs four lanes):
 
     - ``rabbitmq``: every test on RabbitMQ (their ids say amqp) and the chaos scenario that closes
       every RabbitMQ connection and stops its app, one at a time on one lane;
