@@ -36,41 +36,27 @@ def run_in(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     return dict(payload["rows"][0]) | {"notes": payload["notes"]}
 
 
+def git(*args: str) -> str:
+    """What ``git ARGS`` prints in this checkout, stripped."""
+    done = subprocess.run(["git", *args], cwd=ROOT, check=True, text=True, capture_output=True)
+    return done.stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("rev", help="the commit to compare this checkout with (e.g. HEAD~1)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--events", type=int, default=200_000)
     args = parser.parse_args()
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", args.rev],
-        cwd=ROOT,
-        check=True,
-        text=True,
-        capture_output=True,
-    ).stdout.strip()
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        check=True,
-        text=True,
-        capture_output=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        check=True,
-        text=True,
-        capture_output=True,
-    ).stdout.strip()
+    rev = git("rev-parse", "--short", args.rev)
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
     this = f"{head}{' + changes' if dirty else ''}"
     report = Report("ingest-versus", vars(args) | {"rev": rev, "this": this})
     rates: dict[str, list[float]] = {rev: [], this: []}
     with tempfile.TemporaryDirectory(prefix="acc-versus-") as tmp:
         other = Path(tmp) / "tree"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", "-q", str(other), rev], cwd=ROOT, check=True
-        )
+        git("worktree", "add", "--detach", "-q", str(other), rev)
         try:
             for i in range(args.repeat * 2):
                 name, tree = (rev, other) if i % 4 in (0, 3) else (this, ROOT)

@@ -107,10 +107,8 @@ def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: En
 
 def version(event_id: str, number: int, copay: str) -> dict[str, Any]:
     """Version ``number`` of claim-new, a claim the store has no row of before the test."""
-    amounts = {"copay": copay}
-    return {**BASE, "event_id": event_id, "claim_id": "claim-new", "version": number} | {
-        "amounts": amounts
-    }
+    identity = {"event_id": event_id, "claim_id": "claim-new", "version": number}
+    return {**BASE, **identity, "amounts": {"copay": copay}}
 
 
 def test_one_version_of_a_new_claim_with_two_contents_in_concurrent_batches_counts_once(
