@@ -4,6 +4,10 @@ Run exactly one ``celery -A worker beat``: two beats would double every entry. E
 notes every scheduled flush it queued in the store (``beat_tick``, by the database's clock), so
 ``accumsync health`` can say when no beat runs, or two do. The beat records it, not the worker:
 a flush_due that waits behind a backlog expires unrun, and a live beat must not look dead.
+
+The Celery app reads the schedule, and every producer imports the app, so the store's modules
+(SQLAlchemy, the tables) are imported where a beat uses them, not here: a producer's import of
+``worker.ingest.producer`` loads no SQLAlchemy (tests/unit/test_import_effects.py).
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ from typing import Any
 from celery.schedules import crontab
 from celery.signals import after_task_publish, beat_init
 
-from worker.db import db_after, db_now, insert, reset_engine, session_scope
 from worker.logs import Log
 from worker.settings import Settings
-from worker.store.tables import T_BEAT
 
 log = Log("beat")
 FLUSH_DUE = "accumsync.flush_due"
@@ -75,6 +77,8 @@ def cron(spec: str) -> crontab:
 def _i_am_beat(**_: Any) -> None:
     """This process runs beat (``celery beat``, or a worker's embedded ``-B``): name it. An
     embedded beat is a forked child: it must not share its parent's database connections."""
+    from worker.db import reset_engine  # the store's modules load in beat, not in a producer
+
     _beat["id"] = beat_id()
     reset_engine()
 
@@ -94,6 +98,9 @@ def _ticked(sender: str | None = None, **_: Any) -> None:
 def record_tick(beat: str) -> None:
     """Upsert this beat's row (first_at kept, last_at and ticks moved) in its own short
     transaction; never fails beat (a missed note must not stop the schedule)."""
+    from worker.db import db_after, db_now, insert, session_scope
+    from worker.store.tables import T_BEAT
+
     try:
         with session_scope() as s:
             now = db_now()

@@ -76,3 +76,22 @@ def test_kombu_fetch_names_kombus_own_redis_transport(tmp_path: Path) -> None:
     """``ACCUMSYNC_BROKER_FETCH=kombu``: the way back (and bench.ingest's baseline)."""
     env = {"ACCUMSYNC_BROKER_URL": "redis://127.0.0.1:6379/0", "ACCUMSYNC_BROKER_FETCH": "kombu"}
     assert probe(tmp_path, read_conf=True, **env)["transport"] == "worker.redisstock:Transport"
+
+
+def test_the_producer_loads_no_store_modules(tmp_path: Path) -> None:
+    """A producer publishes to the broker only: its import leaves SQLAlchemy, SQLModel and the
+    database drivers out (they cost a publishing process ~0.3 s of CPU to start)."""
+    code = (
+        "import sys, worker.ingest.producer; "
+        "print([m for m in ('sqlalchemy', 'sqlmodel', 'alembic', 'psycopg') if m in sys.modules])"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=clean | {"HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
