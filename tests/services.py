@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import amqp
 import psycopg
@@ -132,3 +137,71 @@ def create_database() -> tuple[str, str]:
 def drop_database(name: str) -> None:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def migrated(url: str) -> None:
+    """Bring the store at ``url`` to the migrations' head, as ``accumsync db upgrade`` does.
+
+    A store not made yet (a database of :func:`create_database` nothing has used, a SQLite file
+    not there) becomes a copy of one that ``worker.db.upgrade`` made once per schema on this
+    machine: that saves the second of CPU a command's process costs in imports, which a test run
+    of ~80 stacks spent on every one. A store in use is upgraded in place. The command itself is
+    run by the tests of migrations and ingest (tests/integration/test_ingest.py)."""
+    if url.startswith("sqlite"):
+        target = Path(urlsplit(url).path.removeprefix("/"))
+        if target.exists():
+            _upgrade(url)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_sqlite_head(), target)
+        return
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + f"/{name}") as conn:
+        used = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        )
+        if used.fetchone() != (0,):
+            _upgrade(url)
+            return
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}"')  # refused if anyone uses it: nothing is lost
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_postgres_head()}"')
+
+
+def _schema_digest() -> str:
+    """A digest of every migration file: another schema gets another template."""
+    from worker.db import MIGRATIONS
+
+    files = sorted((MIGRATIONS / "versions").glob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+def _sqlite_head() -> Path:
+    path = Path(tempfile.gettempdir()) / f"accumsync-tests-head-{_schema_digest()}.db"
+    with (path.with_suffix(".lock")).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            building = path.with_suffix(f".{uuid.uuid4().hex[:8]}")
+            _upgrade(f"sqlite:///{building}")
+            building.rename(path)
+    return path
+
+
+def _postgres_head() -> str:
+    name = f"acc_head_{_schema_digest()}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('accumsync-tests-head'))")
+        made = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}_building" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}_building"')
+            _upgrade(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}_building")
+            conn.execute(f'ALTER DATABASE "{name}_building" RENAME TO "{name}"')
+    return name
+
+
+def _upgrade(url: str) -> None:
+    """``worker.db.upgrade`` in a process of its own: alembic configures logging, and the
+    test process keeps its own."""
+    code = "import sys; from worker.db import upgrade; upgrade(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, url], check=True, capture_output=True)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlmodel import Session
 
 from models.buckets import BUCKETS, VBA_FIELDS
+from tests.services import migrated
 from worker.db import make_engine
 from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_argv
 from worker.demo.streams import Key
@@ -63,6 +64,11 @@ class Stack:
                 f"accumsync {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
             )
         return proc
+
+    def migrate(self) -> None:
+        """The store at the schema's head, as ``accumsync db upgrade`` leaves it (made from a
+        template: tests/services.py ``migrated``)."""
+        migrated(self.database_url)
 
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("status", "--json").stdout))

@@ -385,7 +385,7 @@ class Chaos:
         self.stacks.append(stack)
         if self.sandbox is not None:
             stack.use_sandbox(self.sandbox.env())
-        stack.cli("db", "upgrade")
+        stack.migrate()
         return stack
 
     def drain(self, stack: ChaosStack, unique: int, timeout: float = 120) -> None:

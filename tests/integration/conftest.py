@@ -51,7 +51,7 @@ def flush_stack(
             database_url=pg_url, broker_url=redis_url, **(env | FAST_RETRIES | settings)
         )
         stack.use_sandbox(sandbox.env())
-        stack.cli("db", "upgrade")
+        stack.migrate()
         return stack
 
     return make

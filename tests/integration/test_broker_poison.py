@@ -96,7 +96,7 @@ def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
     applied."""
     broker_url, push = broker
     stack = make_stack(database_url=pg_url, broker_url=broker_url)
-    stack.cli("db", "upgrade")
+    stack.migrate()
     worker = stack.worker("w1")  # declares its queues (RabbitMQ routes nothing to none)
     secret_event = json.dumps([[{"subscriber_id": MEMBER}], {}, {}]).encode()
     poison = [

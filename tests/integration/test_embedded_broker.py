@@ -31,7 +31,7 @@ def test_a_batch_held_by_a_killed_worker_is_delivered_again(
     visibility timeout and is applied; an acknowledged message leaves the broker file."""
     events = generate(StreamSpec(events=200, members=10, seed=31))
     stack = make_stack(broker_visibility_timeout="2")
-    stack.cli("db", "upgrade")
+    stack.migrate()
     held = stack.worker("held", ACCUMSYNC_FAILPOINT="ingest.before_commit:sleep=30")
     stack.cli(
         "publish", "-", "--batch-size", "500", stdin="".join(json.dumps(e) + "\n" for e in events)

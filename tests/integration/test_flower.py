@@ -77,7 +77,7 @@ def test_flower_shows_every_task_and_no_member_data(
         max_attempts="100",
     )
     stack.use_sandbox(sandbox.env())
-    stack.cli("db", "upgrade")
+    stack.migrate()
     port = free_port()
     env = stack.env | {"FLOWER_BASIC_AUTH": ":".join(AUTH)}
     flower = Child("flower", flower_argv(port), env, tmp_path / "flower.log").start()

@@ -95,7 +95,7 @@ def shared(
             stack = Stack(tmp_path_factory.mktemp("edges"), url, redis_url, **settings)
             try:
                 stack.use_sandbox(sandbox.env())
-                stack.cli("db", "upgrade")
+                stack.migrate()
                 stack.worker("w1", concurrency=2)
                 stack.beat()
                 yield stack, sandbox

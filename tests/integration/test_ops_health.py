@@ -59,7 +59,7 @@ def test_health_red_while_vba_down_green_after(
         health_max_flush_age="4",
     )
     stack.use_sandbox(sandbox.env())
-    stack.cli("db", "upgrade")
+    stack.migrate()
     stack.worker("w1", concurrency=2)
     stack.beat()
     events = generate(StreamSpec(events=600, members=20, seed=41))
@@ -87,7 +87,7 @@ def test_health_red_while_the_queue_grows(
 ) -> None:
     """No worker consumes and messages keep arriving: the backlog check fails."""
     stack = make_stack(broker_url=redis_url)
-    stack.cli("db", "upgrade")
+    stack.migrate()
     client = redis.Redis.from_url(redis_url)
     stop = threading.Event()
 
@@ -118,7 +118,7 @@ def test_health_red_while_nobody_consumes(
     """Messages wait with no task progress (a stalled consumer): red, however flat the backlog;
     green again once a worker consumes them."""
     stack = make_stack(broker_url=redis_url, database_url=pg_url, health_max_idle="1")
-    stack.cli("db", "upgrade")
+    stack.migrate()
     events = generate(StreamSpec(events=200, members=10, seed=41))
     path = tmp_path / "e.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in events))

@@ -63,7 +63,7 @@ def test_metrics_and_json_logs_after_a_faulty_run(
         log_format="json",
     )
     stack.use_sandbox(sandbox.env())
-    stack.cli("db", "upgrade")
+    stack.migrate()
     worker = stack.worker("w1", concurrency=2)
     events = generate(StreamSpec(events=300, members=8, invalid=6, seed=51))
     path = tmp_path / "events.jsonl"

@@ -35,7 +35,7 @@ def stack(make_stack: Callable[..., Stack], sandbox: SandboxHandle) -> Stack:
     """An embedded-defaults stack pointed at the sandbox, migrated, quick to retry."""
     st = make_stack(flush_interval="1", backoff_base="0.1", backoff_max="0.5", flush_lease="5")
     st.use_sandbox(sandbox.env())
-    st.cli("db", "upgrade")
+    st.migrate()
     return st
 
 

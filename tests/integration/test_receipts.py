@@ -31,7 +31,7 @@ def test_publish_confirm_publishes_again_what_the_broker_lost(
     """Two of six messages vanish from the queue before any worker runs: ``--confirm`` waits,
     finds their 100 events missing, publishes those again, and ends with every event recorded."""
     stack = make_stack(database_url=pg_url, broker_url=redis_url)
-    stack.cli("db", "upgrade")
+    stack.migrate()
     events = generate(StreamSpec(events=300, members=10, duplicate_rate=0, seed=41))
     path = jsonl(tmp_path / "events.jsonl", events)
     ids, _ = event_ids(events)
@@ -71,7 +71,7 @@ def test_receipts_name_the_missing_and_the_refused(
     """Published events are recorded, invalid ones refused (dead letters), never-published ones
     missing, a line without an event id unidentified; exit 1 while any is not recorded."""
     stack = make_stack(database_url=pg_url, broker_url=redis_url)
-    stack.cli("db", "upgrade")
+    stack.migrate()
     stack.worker("w1")
     events = generate(StreamSpec(events=120, members=6, invalid=4, duplicate_rate=0, seed=42))
     bad = [e for e in events if e["event_id"].startswith("bad-")]

@@ -47,7 +47,7 @@ EXERCISED: dict[tuple[str, ...], list[str]] = {
     ("celery", "-A", "worker", "flower"): ["celery", *_tail(flower_argv(1), "-A")],
     ("accumsync", "metrics"): ["accumsync", *_tail(metrics_argv(1), "metrics")],
     ("accumsync", "health"): ["accumsync", *HEALTH],
-    ("accumsync", "db", "upgrade"): ["accumsync", "db", "upgrade"],  # every Stack runs it
+    ("accumsync", "db", "upgrade"): ["accumsync", "db", "upgrade"],  # test_ingest's stacks run it
     ("accumsync", "dispatch"): ["accumsync", *_tail(dispatch_argv(), "dispatch")],
 }
 
@@ -164,7 +164,7 @@ def test_every_command_is_one_the_tests_run(compose: dict[str, Any]) -> None:
         key = next((k for k in EXERCISED if tuple(argv[: len(k)]) == k), None)
         assert key is not None, f"compose runs {argv}, which no test runs"
         assert options(argv) <= options(EXERCISED[key]), (argv, EXERCISED[key])
-    assert 'cli("db", "upgrade")' in (TESTS / "integration" / "conftest.py").read_text()
+    assert 'cli("db", "upgrade")' in (TESTS / "integration" / "test_ingest.py").read_text()
 
 
 def test_sandbox_command_is_the_tested_one(compose: dict[str, Any]) -> None:
