@@ -68,7 +68,7 @@ def run_phase(
     broker_url: str | None = None,
     concurrency: int = 2,
     task: str = "accumsync.ingest",
-    batch: int = 500,
+    batch: int | None = None,
     dispatcher: bool = False,
     **settings: str,
 ) -> Phase:
@@ -92,8 +92,9 @@ def run_phase(
     meter.start()
     path = run.tmp / f"{name}.json"
     path.write_text(json.dumps(events))
+    sizing = ["--batch", str(batch)] if batch else []  # else the product's default
     producer = subprocess.Popen(
-        [sys.executable, "-m", "bench.publish", str(path), "--task", task, "--batch", str(batch)],
+        [sys.executable, "-m", "bench.publish", str(path), "--task", task, *sizing],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -293,6 +294,7 @@ def only_batched(args: argparse.Namespace) -> None:
 VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "dispatcher": [("without", {}), ("with", {"dispatcher": True})],
     "fetch": [("kombu", {"broker_fetch": "kombu"}), ("reliable", {"broker_fetch": "reliable"})],
+    "batch": [("500", {"batch": 500}), ("2000", {"batch": 2000})],
 }
 
 

@@ -1,11 +1,12 @@
 """The benchmarks' producer: publish a JSON file of events from a process of its own.
 
-``python -m bench.publish FILE --task accumsync.ingest --batch 500`` loads the events first, then
+``python -m bench.publish FILE --task accumsync.ingest [--batch N]`` loads the events first, then
 prints the wall-clock time of the first publish and of the last (``t0=`` / ``t1=``), so the
 benchmark times "first publish to last commit" without counting the load, and the CPU
 seconds it spent publishing (``cpu=``). Settings come from the
 environment (``ACCUMSYNC_BROKER_URL``, ``ACCUMSYNC_QUEUE``), as for any producer.
-``--batch 1`` with ``--task bench.naive_ingest`` sends one message per event (the baseline).
+``--batch`` is the events per message (default: the product's, ACCUMSYNC_INGEST_BATCH_SIZE);
+``--task bench.naive_ingest`` sends one message per event (the baseline).
 ``--rate R`` paces the batches at R events/s (batch k leaves at t0 + k * batch / R): it prints
 ``started t0=...`` as the first one leaves, and at the end how late the latest batch left
 (``late_max=`` seconds behind its schedule), so a publisher starved of CPU shows.
@@ -24,19 +25,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("file", type=Path)
     parser.add_argument("--task", default="accumsync.ingest")
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, help="events per message [default: the product's]")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: as fast as it can")
     args = parser.parse_args()
     events = json.loads(args.file.read_text())
 
     from worker.celery import app
     from worker.ingest.producer import publish
+    from worker.settings import get_settings
 
     with app.connection_for_write() as conn:
         conn.ensure_connection()
     t0, cpu0 = time.time(), time.process_time()
     if args.rate > 0:
-        late = paced(events, args.batch, args.rate, t0)
+        late = paced(events, args.batch or get_settings().ingest_batch_size, args.rate, t0)
         print(f"t0={t0:.6f} t1={time.time():.6f} cpu={time.process_time() - cpu0:.3f}", end="")
         print(f" late_max={late:.3f}", flush=True)
         return

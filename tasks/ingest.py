@@ -1,4 +1,5 @@
-"""``accumsync.ingest``: one message = a list of raw ClaimEvent dicts, applied in one transaction.
+"""``accumsync.ingest``: one message = a list of raw ClaimEvent dicts (or its JSON text), applied in
+one transaction.
 
 Enqueued by ``worker.ingest.producer.publish``. The message is acknowledged only after the commit
 (``acks_late``); a lost database connection, or a batch past its soft time limit, re-queues the
@@ -16,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from worker import failpoints
 from worker.celery import app
+from worker.ingest import wire
 from worker.ingest.poison import isolating
 from worker.ingest.producer import argsrepr
 from worker.ingest.undeliverable import undeliverable
@@ -45,10 +47,10 @@ def retry_delay(retries: int) -> float:
 )
 def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
     """Validate, dedupe and apply the events of ``args[0]``; invalid ones become dead letters."""
-    # A producer that sends one object (or anything else) instead of a list gets it applied or
-    # dead-lettered as one item, not iterated key by key (or character by character).
-    events = args[0] if len(args) == 1 and not kwargs else None
-    batch = events if isinstance(events, list) else [events]
+    # args[0] is the JSON text of the list (``publish``'s form) or the list itself (another
+    # language's producer). One object, or anything else, is applied or dead-lettered as one
+    # item, not iterated key by key (or character by character).
+    batch = wire.decode(args[0] if len(args) == 1 and not kwargs else None)
     try:
         if len(args) != 1 or kwargs:  # a foreign producer's message of the wrong shape
             why = (

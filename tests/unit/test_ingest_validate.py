@@ -3,13 +3,22 @@ Either way every item gets what it would get alone."""
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
+from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit.test_events import BASE
+from worker import db
+from worker.db import utcnow
+from worker.ingest import wire
 from worker.ingest.store import validate
+from worker.ops.replay import replay
+from worker.store.dead_letters import dead_letter
 
 INVALID: list[Any] = [
     {**BASE, "version": -1},
@@ -37,3 +46,65 @@ def test_a_batch_validates_as_its_items_alone(plan: list[int | None]) -> None:
     assert [id(raw) for _, _, raw in good] == [id(raw) for g, _ in alone for _, _, raw in g]
     assert bad == [r for _, b in alone for r in b]
     assert len(good) + len(bad) == len(batch)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, len(INVALID) - 1)), max_size=30))
+def test_a_batch_sent_as_json_text_validates_as_the_list(plan: list[int | None]) -> None:
+    """``publish``'s form (one JSON text of the list) gives every item what the list gives it:
+    the same events, content hashes, raw items and reasons."""
+    batch = [item(i, bad) for i, bad in enumerate(plan)]
+    good, bad = validate(batch)
+    good_text, bad_text = validate(wire.decode(wire.encode(batch)))
+    assert [(e, h, raw) for e, h, raw in good_text] == good
+    assert bad_text == bad
+
+
+def test_python_values_travel_as_the_text_a_foreign_producer_sends() -> None:
+    """Decimals, dates, timestamps and UUIDs (Celery's codec would tag them as Python objects)
+    become their text, which the model takes; a value JSON cannot carry is named."""
+    event = {
+        **BASE,
+        "event_id": uuid.UUID(int=7),
+        "service_date": dt.date(2026, 3, 2),
+        "adjudicated_at": dt.datetime(2026, 3, 2, 9, 30, tzinfo=dt.UTC),
+        "amounts": {"copay": Decimal("10.50")},
+    }
+    (decoded,) = wire.decode(wire.encode([event]))
+    assert decoded["event_id"] == "00000000-0000-0000-0000-000000000007"
+    assert (decoded["service_date"], decoded["adjudicated_at"]) == (
+        "2026-03-02",
+        "2026-03-02T09:30:00+00:00",
+    )
+    assert decoded["amounts"] == {"copay": "10.50"}
+    assert (
+        validate([decoded])[0][0][1]
+        == validate([event | {"event_id": str(event["event_id"])}])[0][0][1]
+    )
+    with pytest.raises(TypeError, match="an event holds a set, which JSON cannot carry"):
+        wire.encode([{**BASE, "amounts": {1, 2}}])
+
+
+@pytest.mark.parametrize(
+    ("arg", "batch"),
+    [
+        ('[{"a": 1}, 2]', [{"a": 1}, 2]),  # the text of a list: its items
+        ([{"a": 1}], [{"a": 1}]),  # a list: as it is
+        ('{"a": 1}', [{"a": 1}]),  # the text of one object: one item
+        ({"a": 1}, [{"a": 1}]),  # one object: one item
+        ("{not json", ["{not json"]),  # not JSON: one item, refused as invalid JSON
+        (None, [None]),
+    ],
+)
+def test_any_first_argument_is_a_batch(arg: Any, batch: list[Any]) -> None:
+    assert wire.decode(arg) == batch
+
+
+def test_a_text_batch_an_earlier_worker_refused_replays_as_its_events(store: str) -> None:
+    """A worker of a release before the JSON-text messages refuses a whole text batch as one
+    item ("must be a JSON object, got str"); once the workers are upgraded, ``dead-letters
+    replay`` publishes its events, one by one, not the text again."""
+    batch = [item(i, None) for i in range(3)]
+    with db.session_scope() as session:
+        dead_letter(session, "ingest", wire.encode(batch), "event: must be a JSON object", utcnow())
+    with db.session_scope() as session:
+        assert replay(session).events == batch

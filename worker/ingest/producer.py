@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.celery import app
+from worker.ingest import wire
 from worker.settings import get_settings
 
 
@@ -75,8 +76,8 @@ def publish(
     batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
-    """Send ``events`` in messages of ``batch_size`` (default: ACCUMSYNC_INGEST_BATCH_SIZE);
-    returns how many were sent.
+    """Send ``events`` in messages of ``batch_size`` (default: ACCUMSYNC_INGEST_BATCH_SIZE),
+    each batch as one JSON text (``worker.ingest.wire``); returns how many were sent.
 
     Raises :class:`BrokerFull` when the broker is out of memory. Its message is ours: the
     driver's would quote the refused command, and a command can carry the start of a body."""
@@ -90,7 +91,7 @@ def publish(
             for batch in batches(events, batch_size):
                 app.send_task(
                     "accumsync.ingest",
-                    args=[batch],
+                    args=[wire.encode(batch)],
                     argsrepr=argsrepr(batch),
                     kwargsrepr="{}",
                     producer=producer,

@@ -68,7 +68,10 @@ def replay(session: Session, ids: list[int] | None = None, source: str | None = 
 def _replay_one(session: Session, letter: Row[Any], done: Replayed) -> bool:
     """Replay one letter into ``done``; False (with the reason noted) when it can't be."""
     if letter.source == "ingest":
-        done.events.append(_payload(letter.payload))
+        item = _payload(letter.payload)
+        # A whole batch as one item: a worker of a release before the JSON-text messages
+        # (worker/ingest/wire.py) refused one as "not a JSON object". Its events go again.
+        done.events.extend(item if isinstance(item, list) else [item])
     elif letter.source == "plans":
         try:
             plan_id = requeue(session, letter.id, letter.payload)
