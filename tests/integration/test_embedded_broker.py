@@ -39,8 +39,8 @@ def test_a_batch_held_by_a_killed_worker_is_delivered_again(
     assert wait_for(lambda: "failpoint.sleep" in held.output(), 60), held.output()[-3000:]
     held.kill()  # the whole process group: the message it took dies with it, unacknowledged
     stack.worker("w1")
-    received = lambda: stack.status()["received"] >= len(events)  # noqa: E731
-    assert wait_for(received, 60, 0.5), f"{stack.status()['received']} of {len(events)} received"
+    received = lambda: stack.items_received() >= len(events)  # noqa: E731
+    assert wait_for(received, 60, 0.5), f"{stack.items_received()} of {len(events)} received"
     assert same_totals(stack.totals(), expected_totals(events)) == []
     assert "broker.redelivered messages=1" in stack.logs()
     assert wait_for(lambda: broker_rows(stack) == [], 10), broker_rows(stack)

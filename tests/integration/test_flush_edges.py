@@ -284,7 +284,7 @@ def test_resolving_a_below_share_hold_changes_the_fields_it_names_only(edge: Edg
     65.00.)"""
     two_fields(edge)
     edge.publish([edge.claim("c2", "0.00", amounts={"copay": "5.00"})])
-    assert wait_for(lambda: len(edge.letters()) == 1, 60, 0.2)  # beat's flush held it
+    assert wait_for(lambda: edge.stack.open_letters("flush", edge.sub) == 1, 60, 0.2)  # held
     (held,) = edge.letters()
     assert (held["kind"], below_fields(held)) == ("below_share", sorted(DED))
     edge.stack.cli("dead-letters", "resolve", str(held["id"]), "--not-landed")
@@ -302,7 +302,7 @@ def test_a_refused_unreadable_row_keeps_the_write_it_has_not_settled(edge: Edge)
     edge.publish([edge.claim("c1", "100.00")])
     assert wait_for(lambda: edge.field("deductible_Used") == Decimal("100.00"), 30, 0.05)
     edge.sandbox.admin.adjust(edge.key, {"copay_Amt": "0.0005", "copay_Amt_Net": "0.0005"})
-    assert wait_for(lambda: len(edge.letters()) == 1, 60, 0.2)  # once the grace has passed
+    assert wait_for(lambda: edge.stack.open_letters("flush", edge.sub) == 1, 60, 0.2)  # grace
     (refused,) = edge.letters()
     assert refused["kind"] == "unreadable"
     edge.sandbox.admin.adjust(edge.key, {"copay_Amt": "-0.0005", "copay_Amt_Net": "-0.0005"})

@@ -185,7 +185,7 @@ def test_one_event_id_on_two_claims_in_concurrent_workers_counts_once(
     stack.publish([first], wait=False)
     time.sleep(1.5)  # "slow" holds its transaction open for 4 s
     stack.publish([second], wait=False, env=other)
-    assert wait_for(lambda: stack.status()["received"] == 2, 60, 0.3)
+    assert wait_for(lambda: stack.items_received() == 2, 60, 0.3)
     stack.flush_wait(timeout=60)
     (row,) = sandbox.admin.rows()
     assert Decimal(str(row["copay_Amt"])) == Decimal("10.00")
@@ -305,7 +305,7 @@ def test_plan_pushes_retry_and_replays_resend(
     path.write_text(yaml.safe_dump([{"plan_ID": "PLAN2", "accum_Name": "RX-OOP"}]))
     sandbox.admin.set_faults(item_error_rate=1.0)
     stack.cli("plans", "push", str(path), check=False)
-    assert wait_for(lambda: len(letters(stack, "plans")) == 1, 60, 0.5), stack.logs()[-3000:]
+    assert wait_for(lambda: stack.open_letters("plans") == 1, 60, 0.5), stack.logs()[-3000:]
     sandbox.admin.set_faults(item_error_rate=0.0)
     replayed = stack.cli("dead-letters", "replay", "--source", "plans")
     assert "PLAN2" in replayed.stdout or "re-sent" in replayed.stdout

@@ -29,7 +29,7 @@ def valid(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def drained(stack: Stack, n: int, timeout: float = 120) -> dict[str, Any]:
     """Wait until the store has received ``n`` events; returns the final status."""
-    assert wait_for(lambda: stack.status()["received"] >= n, timeout, 0.5), stack.logs()[-4000:]
+    assert wait_for(lambda: stack.items_received() >= n, timeout, 0.5), stack.logs()[-4000:]
     return stack.status()
 
 

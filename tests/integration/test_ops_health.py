@@ -133,6 +133,6 @@ def test_health_red_while_nobody_consumes(
         == "4 messages wait; last task progress never (workers are not consuming)"
     )
     stack.worker("w1")
-    assert wait_for(lambda: stack.status()["received"] == 200, 60)
+    assert wait_for(lambda: stack.items_received() == 200, 60)
     report = json.loads(stack.cli("health", "--json", "--samples", "2", "--interval", "0").stdout)
     assert next(c for c in report["checks"] if c["name"] == "consuming")["ok"], report

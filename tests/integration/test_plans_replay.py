@@ -93,10 +93,10 @@ def test_replay_of_a_still_invalid_event_reopens_its_letter(stack: Stack, tmp_pa
     stack.worker("w1")
     events = generate(StreamSpec(events=50, duplicate_rate=0, invalid=1, seed=31))
     stack.publish(events)
-    assert wait_for(lambda: stack.status()["received"] == 50, 60)
+    assert wait_for(lambda: stack.items_received() == 50, 60)
     replayed = stack.cli("dead-letters", "replay", "--source", "ingest")
     assert "re-published 1 events" in replayed.stdout
-    assert wait_for(lambda: stack.status()["received"] == 51, 60)
+    assert wait_for(lambda: stack.items_received() == 51, 60)
     letters = json.loads(stack.cli("dead-letters", "list", "--json").stdout)
     assert [d["count"] for d in letters] == [2]
 
@@ -110,7 +110,7 @@ def test_replay_releases_items_that_gave_up(
     stack.worker("w1")
     events = generate(StreamSpec(events=300, members=10, seed=32))
     stack.publish(events)
-    assert wait_for(lambda: stack.status()["received"] == 300, 60)
+    assert wait_for(lambda: stack.items_received() == 300, 60)
     gave_up = stack.cli("flush", "--wait", "--timeout", "60", check=False)
     assert gave_up.returncode == 1 and "dead letters" in gave_up.stdout
     listing = stack.cli("dead-letters", "list", "--json", "--source", "flush", "--limit", "1000")
