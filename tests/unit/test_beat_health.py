@@ -11,8 +11,9 @@ from sqlalchemy import update
 
 from worker import db
 from worker.ops.health import Check, Limits, beat_check, beat_silence
-from worker.schedule import T_BEAT, record_tick
+from worker.schedule import record_tick
 from worker.settings import Settings, get_settings
+from worker.store.tables import T_BEAT
 
 LIMITS = Limits(900.0, 900.0, beat_silence=5.0)
 
