@@ -38,7 +38,10 @@ lint: install
 # in four lanes (pytest-xdist): the chaos scenarios run one at a time, as do the RabbitMQ tests
 # (tests/conftest.py), beside the rest. Most tests wait on their worker processes, so more lanes
 # than cores finish sooner (on this 2-core machine: three lanes 861 s against 1,265 s for two,
-# both beside other work; four lanes, 602 tests, nothing beside: 767 s for 2,937 s of tests).
+# both beside other work). With four the cores are busy all the time (idle < 5%), a third of it
+# in CLI processes (~1 s of imports each): tests poll the store directly, and make a migrated
+# store from a template (tests/services.py), rather than start one. A fresh clone, nothing
+# beside: 626 tests in 605 s for 2,296 s of tests (767 s for 602 before those two changes).
 SERVICES ?= services
 test: install $(SERVICES) lint
 	$(BIN)/pytest -q -n 4 --dist loadgroup --durations=15
