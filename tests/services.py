@@ -131,7 +131,12 @@ def create_database() -> tuple[str, str]:
     name = f"acc_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    return name, database_url(name)
+
+
+def database_url(name: str) -> str:
+    """The SQLAlchemy URL of database ``name`` on the tests' Postgres."""
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
 def drop_database(name: str) -> None:
@@ -147,15 +152,15 @@ def migrated(url: str) -> None:
     machine: that saves the second of CPU a command's process costs in imports, which a test run
     of ~80 stacks spent on every one. A store in use is upgraded in place. The command itself is
     run by the tests of migrations and ingest (tests/integration/test_ingest.py)."""
+    parts = urlsplit(url)
     if url.startswith("sqlite"):
-        target = Path(urlsplit(url).path.removeprefix("/"))
+        target = Path(parts.path.removeprefix("/"))
         if target.exists():
             _upgrade(url)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_sqlite_head(), target)
         return
-    parts = urlsplit(url)
     if (parts.hostname, parts.port) != ("127.0.0.1", 5432):  # a server of the test's own
         _upgrade(url)
         return
@@ -199,7 +204,7 @@ def _postgres_head() -> str:
         if not made:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}_building" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}_building"')
-            _upgrade(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}_building")
+            _upgrade(database_url(f"{name}_building"))
             conn.execute(f'ALTER DATABASE "{name}_building" RENAME TO "{name}"')
     return name
 

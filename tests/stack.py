@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlmodel import Session
 
 from models.buckets import BUCKETS, VBA_FIELDS
@@ -89,22 +91,24 @@ class Stack:
     def items_received(self) -> int:
         """``status``'s ``received`` (every item of every message), read straight from the
         store: no CLI start per poll."""
-        engine = make_engine(self.database_url)
-        try:
-            with Session(engine) as session:
-                return outcomes(session)["received"]
-        finally:
-            engine.dispose()
+        with self.store() as conn, Session(bind=conn) as session:
+            return outcomes(session)["received"]
 
     def open_letters(self, source: str, containing: str = "") -> int:
         """Open dead letters of ``source`` (whose payload holds ``containing``), counted straight
         from the store: what a wait polls, with no CLI start (a second of CPU) per poll."""
         d = T_DEAD.c
         query = select(func.count()).where(d.source == source, d.replayed_at.is_(None))
+        with self.store() as conn:
+            return int(conn.execute(query.where(d.payload.contains(containing))).scalar_one())
+
+    @contextmanager
+    def store(self) -> Iterator[Connection]:
+        """A connection to the stack's store, on an engine of its own (disposed after)."""
         engine = make_engine(self.database_url)
         try:
             with engine.connect() as conn:
-                return int(conn.execute(query.where(d.payload.contains(containing))).scalar_one())
+                yield conn
         finally:
             engine.dispose()
 
@@ -158,12 +162,8 @@ class Stack:
 
     def totals(self) -> dict[Key, dict[str, Decimal]]:
         """Our totals per key, as VBA field -> Decimal, read straight from the store."""
-        engine = make_engine(self.database_url)
-        try:
-            with engine.connect() as conn:
-                rows = conn.execute(select(T_ACCUM)).mappings().all()
-        finally:
-            engine.dispose()
+        with self.store() as conn:
+            rows = conn.execute(select(T_ACCUM)).mappings().all()
         return {
             (
                 r["subscriber_id"],

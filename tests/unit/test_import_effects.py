@@ -32,15 +32,19 @@ print(json.dumps(found))
 """
 
 
-def probe(home: Path, read_conf: bool, **env: str) -> dict[str, object]:
+def python(home: Path, code: str, **env: str) -> str:
+    """What ``python -c code`` prints, run with HOME at ``home`` and no ACCUMSYNC_* but ``env``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
     clean.update(HOME=str(home), **env)
-    code = f"READ_CONF = {read_conf}\n{PROBE}"
     done = subprocess.run(
         [sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    found: dict[str, object] = json.loads(done.stdout)
+    return done.stdout
+
+
+def probe(home: Path, read_conf: bool, **env: str) -> dict[str, object]:
+    found: dict[str, object] = json.loads(python(home, f"READ_CONF = {read_conf}\n{PROBE}", **env))
     return found
 
 
@@ -85,13 +89,4 @@ def test_the_producer_loads_no_store_modules(tmp_path: Path) -> None:
         "import sys, worker.ingest.producer; "
         "print([m for m in ('sqlalchemy', 'sqlmodel', 'alembic', 'psycopg') if m in sys.modules])"
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ACCUMSYNC_")}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=clean | {"HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert python(tmp_path, code).strip() == "[]"

@@ -1,11 +1,10 @@
 """A batch's form in an ``accumsync.ingest`` message: one JSON text of the list of events.
 
-Celery's JSON codec decodes a message body with an object hook per JSON object, and the worker
-decodes each body twice (its main process reads the body to tell the protocol, then the pool
-process reads it again) and encodes it once more (Redis keeps the taken message): for a list of
-thousands of event objects that was about 29 us of Python per event. The same list as one JSON
-text is a single string to the codec, so those passes cost about 1 us, and the task parses the
-text once, without a hook (bench/README.md, finding 13).
+Celery's JSON codec decodes a message body with an object hook per JSON object. The worker's
+main process decodes each body (Celery's strategy reads the payload to tell the protocol), and
+the Redis fetch encodes it once more into the unacked hash. As one string instead of hundreds
+of objects, those passes cost the main process 15.6 us per event instead of 20.9; the pool
+process gains nothing (it decodes the text itself). bench/README.md, finding 13.
 
 ``publish`` sends this form. The task also takes the list itself as ``args[0]``, the form a
 producer in another language sends (docs/producers.md), and anything else as one item, which
