@@ -297,11 +297,11 @@ def wait_until(
 
 
 def events_ingested(engine: Engine) -> int:
-    """How many events the workers have committed (the sum over ``ingest_batch`` rows)."""
+    """How many events the workers have committed and folded into the totals (the sum over the
+    folded ``ingest_batch`` rows: a batch counts once its versions are in the totals)."""
+    sql = "SELECT coalesce(sum(received), 0) FROM ingest_batch WHERE folded_at IS NOT NULL"
     with engine.connect() as conn:
-        return int(
-            conn.execute(text("SELECT coalesce(sum(received), 0) FROM ingest_batch")).scalar() or 0
-        )
+        return int(conn.execute(text(sql)).scalar() or 0)
 
 
 @contextmanager

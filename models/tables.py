@@ -1,12 +1,14 @@
 """The SQL store's tables (SQLModel). Money is integer cents: exact on SQLite and Postgres alike.
 
-- ``ReceivedEvent``: every event accepted once (dedup by event_id, conflict check by content hash).
+- ``ReceivedEvent``: every event accepted once (dedup by event_id, conflict check by content hash),
+  with the claim version it carries, for the fold.
 - ``Claim``: each claim's highest version and what it contributes.
 - ``Pair``: one (subscriber, group), the unit a flush works on, with its retry schedule and lease.
 - ``Accumulator``: one VBA SubscriberAccum key: ``ours`` (30 columns), ``pushed_*`` (our share as
   VBA last confirmed it), a change counter and ``dirty_since``.
 - ``DeadLetter``: anything refused, with its reason and raw payload; nothing is dropped silently.
-- ``IngestBatch``: one row per ingested message with its outcome counts (status reads these).
+- ``IngestBatch``: one row per ingested message with its outcome counts (status reads these), and
+  when its versions were folded.
 - ``FlushAttempt``: one row per batch call to VBA, for audit (items, statuses, activityId).
 - ``PlanPush``: the content hash of each plan's accumulator definitions as last accepted by VBA.
 - ``EventCounter``: durable counts of events of note (token refreshes, 429s) for ``metrics``.
@@ -19,7 +21,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -43,23 +45,10 @@ def _cents_columns(names: tuple[str, ...], ns: dict[str, Any]) -> None:
         ns[name] = Field(default=0, sa_column_kwargs={"server_default": "0"}, sa_type=BigInteger)
 
 
-class ReceivedEvent(SQLModel, table=True):
-    __tablename__ = "received_event"
-    __table_args__ = (Index("ix_received_event_claim_version", "claim_id", "version"),)
+class VersionColumns(SQLModel):
+    """What a claim version carries, and a claim's state keeps of its highest one: the key, the
+    network, the details stored, the ten amounts in cents (a reversed claim's state: no key)."""
 
-    event_id: str = Field(primary_key=True, max_length=128)
-    claim_id: str = Field(max_length=64)
-    version: int
-    content_hash: str = Field(max_length=64)
-    received_at: datetime
-
-
-class Claim(SQLModel, table=True):
-    __tablename__ = "claim"
-
-    claim_id: str = Field(primary_key=True, max_length=64)
-    version: int = Field(default=-1, description="-1: nothing applied (older lock placeholders)")
-    content_hash: str = Field(default="", max_length=64)
     subscriber_id: str | None = Field(default=None, max_length=9)
     group_id: str | None = Field(default=None, max_length=20)
     plan_year: str | None = Field(default=None, max_length=8)
@@ -70,6 +59,38 @@ class Claim(SQLModel, table=True):
     service_date: date | None = None
     adjudicated_at: datetime | None = None
     _cents_columns(CLAIM_CENTS, locals())
+
+
+class ReceivedEvent(VersionColumns, table=True):
+    """One event received: the idempotency record and, since 0014, the claim version it carries.
+
+    Ingest only records (one row per event); the fold (worker/store/fold.py) turns the versions
+    of committed batches into claim states and totals. ``batch_id`` names the ``ingest_batch``
+    whose fold applies this version; it is NULL for a row with nothing to fold (received before
+    0014, or a second event id for a version already received).
+    """
+
+    __tablename__ = "received_event"
+    __table_args__ = (
+        Index("ix_received_event_claim_version", "claim_id", "version"),
+        Index("ix_received_event_batch", "batch_id"),
+    )
+
+    event_id: str = Field(primary_key=True, max_length=128)
+    claim_id: str = Field(max_length=64)
+    version: int
+    content_hash: str = Field(max_length=64)
+    received_at: datetime
+    batch_id: int | None = Field(default=None, sa_type=BIGINT_ID)
+    status: str | None = Field(default=None, max_length=11, description="adjudicated|reversed")
+
+
+class Claim(VersionColumns, table=True):
+    __tablename__ = "claim"
+
+    claim_id: str = Field(primary_key=True, max_length=64)
+    version: int = Field(default=-1, description="-1: nothing applied (older lock placeholders)")
+    content_hash: str = Field(default="", max_length=64)
 
 
 class Pair(SQLModel, table=True):
@@ -155,8 +176,14 @@ class DeadLetter(SQLModel, table=True):
     )
 
 
+UNFOLDED = text("folded_at IS NULL")
+
+
 class IngestBatch(SQLModel, table=True):
     __tablename__ = "ingest_batch"
+    __table_args__ = (
+        Index("ix_ingest_batch_unfolded", "id", postgresql_where=UNFOLDED, sqlite_where=UNFOLDED),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(index=True)
@@ -168,6 +195,9 @@ class IngestBatch(SQLModel, table=True):
     conflict: int = 0
     invalid: int = 0
     duration_ms: int = 0
+    folded_at: datetime | None = Field(
+        default=None, description="its versions folded into the totals (applied, stale counted)"
+    )
 
 
 class FlushAttempt(SQLModel, table=True):

@@ -20,9 +20,11 @@ from worker.celery import app
 from worker.ingest import wire
 from worker.ingest.poison import isolating
 from worker.ingest.producer import argsrepr
+from worker.ingest.store import IngestCounts
 from worker.ingest.undeliverable import undeliverable
 from worker.logs import Log
 from worker.settings import get_settings
+from worker.store.fold import fold_committed
 
 log = Log("ingest")
 
@@ -67,5 +69,20 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
         # The re-sent message keeps the opaque argsrepr (celery-types omits retry's **options).
         raise self.retry(exc=exc, countdown=delay, argsrepr=argsrepr(batch)) from None  # type: ignore[call-arg]
     failpoints.hit("ingest.after_commit")
-    log.info("ingest.batch", **result.summary())
-    return result.summary()
+    log.info("ingest.batch", **result.summary(), recorded=result.recorded)
+    return result.summary() | {"recorded": result.recorded} | fold_after(result)
+
+
+def fold_after(result: IngestCounts) -> dict[str, int]:
+    """Fold what this batch recorded, with whatever else is committed (worker/store/fold.py),
+    unless another process is folding already: that one takes it. The batch is committed
+    whatever happens here: a fold that fails leaves it to the next one (the dispatcher's round,
+    beat's sweep, the next batch's), so the message is not retried for it."""
+    if not result.recorded:
+        return {}
+    try:
+        report = fold_committed()
+    except DBAPIError as exc:
+        log.warning("fold.failed", error=type(exc.orig).__name__)
+        return {}
+    return {"folded": report.versions}

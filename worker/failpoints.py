@@ -11,9 +11,11 @@ in production) it costs one dictionary lookup.
 Points: ``ingest.before_commit`` (batch applied, transaction not committed),
 ``ingest.after_commit`` (committed, message not acknowledged), ``flush.after_intent``
 (intents durable, PUT not sent), ``flush.after_put`` (PUT answered, nothing recorded),
-``broker.after_take`` (a worker's main process has taken a message from Redis and not yet
-recorded it as unacknowledged), ``broker.restore`` (inside the restore of an unacknowledged
-message, its record read, the message not yet back on its queue).
+``fold.before_commit`` (a fold's batches applied to claims and totals, not committed; on
+SQLite inside the ingest's transaction), ``broker.after_take`` (a worker's main process has
+taken a message from Redis and not yet recorded it as unacknowledged), ``broker.restore``
+(inside the restore of an unacknowledged message, its record read, the message not yet back on
+its queue).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from worker.demo.procs import Child, wait_for
 from worker.demo.sandboxes import SandboxHandle, free_port, running_sandbox
 from worker.demo.streams import expected_totals
 from worker.ingest.producer import argsrepr
-from worker.ops.queries import outcomes, waiting_for_flush
+from worker.ops.flushwait import pending
+from worker.ops.queries import outcomes
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -232,9 +233,10 @@ class ChaosStack(Stack):
         return self.scalar(f"SELECT count(*) FROM dead_letter WHERE source = '{source}'")
 
     def pending(self) -> int:
-        """Accumulators still to flush, read straight from the store (the one query)."""
+        """Accumulators still to flush, and batches still to fold into them, read straight from
+        the store (the same queries as ``flush --wait``)."""
         with Session(self.engine) as session:
-            return waiting_for_flush(session)[0]
+            return pending(session)
 
     def figures(self) -> dict[str, int]:
         """Every ingest outcome's count, read straight from the store (the one query)."""

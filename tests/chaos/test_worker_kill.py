@@ -20,10 +20,10 @@ from worker.demo.streams import StreamSpec, generate
 pytestmark = pytest.mark.chaos
 
 KILLS = 20
-#: Worker "a" also crashes itself now and then at the four named points (pool children die).
+#: Worker "a" also crashes itself now and then at the five named points (pool children die).
 FAILPOINTS = (
-    "ingest.before_commit@0.03,ingest.after_commit@0.03,flush.after_intent@0.04,"
-    "flush.after_put@0.04"
+    "ingest.before_commit@0.03,ingest.after_commit@0.03,fold.before_commit@0.04,"
+    "flush.after_intent@0.04,flush.after_put@0.04"
 )
 RECEIVED = re.compile(r"Task (accumsync\.\w+)\[([0-9a-f-]+)\] received")
 DONE = re.compile(r"Task accumsync\.\w+\[([0-9a-f-]+)\] (?:succeeded|retry|raised)")

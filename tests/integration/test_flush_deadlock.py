@@ -25,6 +25,7 @@ from worker.demo.sandboxes import SandboxHandle, running_sandbox
 from worker.flush.protocol import Flush, FlushReport
 from worker.ingest.store import ingest
 from worker.settings import get_settings
+from worker.store.fold import fold_committed
 from worker.vba import VbaClient
 
 pytestmark = pytest.mark.integration
@@ -74,6 +75,8 @@ def test_a_deadlock_in_the_finish_runs_it_again(
     the deadlock failed the flush: the pair backed off with the error, the key unconfirmed.)"""
     with db.session_scope() as s:
         ingest(s, [claim("c1", "100.00")])
+    fold_committed()
+    with db.session_scope() as s:
         accum_id, pair_id = s.execute(text("SELECT id, pair_id FROM accumulator")).one()
     settings = get_settings()
     monkeypatch.setenv("ACCUMSYNC_FAILPOINT", "flush.after_put:sleep=2")  # PUT done, not recorded

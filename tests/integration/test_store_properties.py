@@ -1,12 +1,17 @@
-"""The ledger's central property on the Postgres store, whose bulk writes are its own code path.
+"""The ledger's central property on the Postgres store, whose bulk writes and fold lock are its
+own code path.
 
 The same random deliveries as ``tests/unit/test_ledger_properties.py`` (SQLite), cut into random
-batches and ingested into a real Postgres database, emptied between examples: the accumulators
-equal the independent oracle to the cent, whatever the order, duplication and batching.
+batches, ingested into a real Postgres database (emptied between examples) and folded after any of
+them: the accumulators equal the independent oracle to the cent, whatever the order, duplication,
+batching and folding; with conflicts, they equal models.ledger's Fold fed the same stream one
+event at a time; and batches ingested by two sessions side by side, folded meanwhile by a third,
+count every event once.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,14 +20,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from models.ledger import Kind, totals
 from tests.services import create_database, drop_database
 from tests.stack import Stack, same_totals
-from tests.unit.test_ledger_properties import deliveries, ingest_in_batches
+from tests.unit.test_ledger_properties import (
+    as_vba,
+    deliveries,
+    ingest_in_batches,
+    recorded_and_conflicts,
+    sequential_law,
+    with_conflicts,
+)
 from worker.db import make_engine, upgrade
 from worker.demo.streams import StreamSpec, expected_totals, generate
 from worker.store.bulk import statement
+from worker.store.fold import fold_committed, in_session_of
 
-TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch"
+TABLES = "received_event, claim, accumulator, pair, dead_letter, ingest_batch, event_counter"
+
+
+def emptied(engine: Engine) -> None:
+    """The store as new, between two examples."""
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +58,23 @@ def pg_store(postgres: str) -> Iterator[tuple[str, Engine]]:
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(case=deliveries(), cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6))
+@given(
+    case=deliveries(),
+    cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6),
+    folds=st.lists(st.booleans(), min_size=1, max_size=4),
+)
 def test_postgres_store_equals_the_oracle_across_batches(
     tmp_path_factory: pytest.TempPathFactory,
     pg_store: tuple[str, Engine],
     case: Any,
     cuts: list[int],
+    folds: list[bool],
 ) -> None:
+    """Folded after any of the batches (several batches in one fold, or one each)."""
     url, engine = pg_store
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    emptied(engine)
     events, delivered = case
-    ingest_in_batches(engine, delivered, cuts)
+    ingest_in_batches(engine, delivered, cuts, folds)
     stack = Stack(tmp_path_factory.mktemp("props"), database_url=url)
     assert same_totals(stack.totals(), expected_totals(events)) == []
 
@@ -63,3 +88,75 @@ def test_statements_are_built_once_per_shape(pg_store: tuple[str, Engine]) -> No
     built = statement.cache_info().currsize
     ingest_in_batches(engine, stream[300:], [100])
     assert statement.cache_info().currsize == built
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    delivered=with_conflicts(),
+    cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6),
+    folds=st.lists(st.booleans(), min_size=1, max_size=4),
+)
+def test_postgres_store_equals_the_sequential_law_with_conflicts(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_store: tuple[str, Engine],
+    delivered: list[dict[str, Any]],
+    cuts: list[int],
+    folds: list[bool],
+) -> None:
+    """Record, then fold, on Postgres: the same events recorded and refused as models.ledger's
+    Fold fed one by one, and its claim states' totals, however batches and folds fall."""
+    url, engine = pg_store
+    emptied(engine)
+    ingest_in_batches(engine, delivered, cuts, folds)
+    fold, received = sequential_law(delivered)
+    assert recorded_and_conflicts(engine) == (received, fold.counts[Kind.CONFLICT])
+    stack = Stack(tmp_path_factory.mktemp("law"), database_url=url)
+    assert same_totals(stack.totals(), as_vba(totals(fold.current.values()))) == []
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=deliveries(), cuts=st.lists(st.integers(1, 6), min_size=1, max_size=4))
+def test_concurrent_batches_and_folds_equal_the_oracle(
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_store: tuple[str, Engine],
+    case: Any,
+    cuts: list[int],
+) -> None:
+    """Two sessions ingest halves of one delivery side by side while a third folds in a loop:
+    every duplicate across the halves counts once, every version is folded once."""
+    url, engine = pg_store
+    emptied(engine)
+    events, delivered = case
+    halves = [delivered[0::2], delivered[1::2]]
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def ingesting(part: list[dict[str, Any]]) -> None:
+        try:
+            ingest_in_batches(engine, part, cuts, folds=(False,))
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    def folding() -> None:
+        try:
+            while not done.is_set():
+                fold_committed(in_session_of(engine))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingesting, args=(h,)) for h in halves]
+    folder = threading.Thread(target=folding)
+    for t in (*threads, folder):
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    done.set()
+    folder.join(timeout=60)
+    assert errors == []
+    fold_committed(in_session_of(engine))
+    stack = Stack(tmp_path_factory.mktemp("concurrent"), database_url=url)
+    assert same_totals(stack.totals(), expected_totals(events)) == []

@@ -21,7 +21,9 @@ from models.tables import DeadLetter, ReceivedEvent
 from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
 from worker.db import make_engine, upgrade
-from worker.ingest.store import T_ACCUM, IngestCounts, ingest
+from worker.ingest.store import IngestCounts, ingest
+from worker.store.fold import FoldReport, fold_committed, in_session_of
+from worker.store.tables import T_ACCUM
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +57,10 @@ def blocked_on_a_lock(engine: Engine) -> bool:
 
 def concurrently(
     engine: Engine, first_batch: list[dict[str, Any]], second_batch: list[dict[str, Any]]
-) -> tuple[IngestCounts, IngestCounts, bool]:
+) -> tuple[IngestCounts, IngestCounts, bool, FoldReport]:
     """Ingest ``first_batch`` in one session and, before it commits, ``second_batch`` in another;
-    the two outcomes, and whether the second was waiting on a lock when the first committed."""
+    the two outcomes, whether the second was waiting on a lock when the first committed, and
+    what the fold of both then did."""
     first, second = Session(engine), Session(engine)
     outcome: dict[str, IngestCounts] = {}
 
@@ -77,7 +80,7 @@ def concurrently(
     finally:
         first.close()
         second.close()
-    return outcome["first"], outcome["second"], waited
+    return outcome["first"], outcome["second"], waited, fold_committed(in_session_of(engine))
 
 
 def stored(engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, int]]]:
@@ -94,12 +97,12 @@ def stored(engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, i
 
 def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
     """The second batch waits for the first, sees its event id and dead-letters a conflict."""
-    first, second, waited = concurrently(
+    first, second, waited, folded = concurrently(
         engine, [event("claim-a", "10.00")], [event("claim-b", "20.00")]
     )
     copay, letters, received = stored(engine)
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
-    assert (first.applied, second.conflict) == (1, 1)
+    assert (first.recorded, second.conflict, folded.applied) == (1, 1, 1)
     assert letters == ["event_id: already received with different content"]
     assert received == [("evt-reused", "claim-a", 0)]
     assert waited, "the second batch did not wait for the first"
@@ -116,12 +119,12 @@ def test_one_version_of_a_new_claim_with_two_contents_in_concurrent_batches_coun
 ) -> None:
     """A claim with no row yet is locked all the same: the second batch waits on the claim,
     then finds its version received with other content (a conflict), not a new claim."""
-    first, second, waited = concurrently(
+    first, second, waited, folded = concurrently(
         engine, [version("evt-1", 1, "10.00")], [version("evt-2", 1, "20.00")]
     )
     copay, letters, received = stored(engine)
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
-    assert (first.applied, second.conflict) == (1, 1)
+    assert (first.recorded, second.conflict, folded.applied) == (1, 1, 1)
     assert letters == ["claim_id+version: version 1 already received with different content"]
     assert received == [("evt-1", "claim-new", 1)]
     assert waited, "the second batch did not wait for the first"
@@ -131,12 +134,12 @@ def test_two_versions_of_a_new_claim_in_concurrent_batches_leave_the_highest(
     engine: Engine,
 ) -> None:
     """The lower version, arriving second, is stale: the claim contributes version 2 only."""
-    first, second, waited = concurrently(
+    _, _, waited, folded = concurrently(
         engine, [version("evt-2", 2, "20.00")], [version("evt-1", 1, "10.00")]
     )
     copay, letters, received = stored(engine)
     assert sum(copay) == 2000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 20.00"
-    assert (first.applied, second.stale, letters) == (1, 1, [])
+    assert (folded.applied, folded.stale, letters) == (1, 1, [])
     assert received == [("evt-1", "claim-new", 1), ("evt-2", "claim-new", 2)]
     assert waited, "the second batch did not wait for the first"
 
@@ -154,7 +157,7 @@ def test_received_row_is_the_event_the_batch_applied_not_its_first_delivery(
     with Session(engine) as s:
         result = ingest(s, [clash, later])
         s.commit()
-    assert (result.conflict, result.applied) == (1, 1)
+    assert (result.conflict, result.recorded) == (1, 1)
     with Session(engine) as s:
         rows = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.version)).all()  # type: ignore[call-overload]
     assert sorted(map(tuple, rows)) == [("evt-0", 1), ("evt-1", 2)]
@@ -168,8 +171,8 @@ def test_two_batches_making_one_new_pair_both_land_on_it(engine: Engine) -> None
     second_batch = [
         {**BASE, **same_member, "event_id": "evt-b", "claim_id": "claim-b", "benefit_code": "RX"}
     ]
-    first, second, waited = concurrently(engine, first_batch, second_batch)
-    assert (first.applied, second.applied) == (1, 1)
+    first, second, waited, folded = concurrently(engine, first_batch, second_batch)
+    assert (first.recorded, second.recorded, folded.applied) == (1, 1, 2)
     with Session(engine) as s:
         pairs = s.execute(text("SELECT id FROM pair")).scalars().all()
         named = s.execute(text("SELECT pair_id FROM accumulator ORDER BY benefit_code")).all()

@@ -22,10 +22,11 @@ from tests.unit.vba_fake import unit_settings, vba_json
 from worker import db
 from worker.flush.plans import PlanFileError, load_plans
 from worker.flush.protocol import Flush
-from worker.ingest.store import T_ACCUM, ingest
+from worker.ingest.store import ingest
 from worker.ops.reconcile import load_keys, repair
 from worker.ops.replay import resolve
 from worker.store.dead_letters import dead_letter
+from worker.store.tables import T_ACCUM
 from worker.vba import VbaClient
 
 __all__ = ["sqlite_store"]  # the fixture, shared with the flush machine's module

@@ -52,10 +52,10 @@ from models.vba import dumps, loads
 from tests.unit.vba_fake import problem, unit_settings, vba_json
 from worker import db
 from worker.flush.protocol import Flush
-from worker.ingest.store import KEY_COLS, T_ACCUM, T_PAIR, ingest
+from worker.ingest.store import ingest
 from worker.ops.replay import resolve
 from worker.settings import get_settings
-from worker.store.tables import T_DEAD
+from worker.store.tables import KEY_COLS, T_ACCUM, T_DEAD, T_PAIR
 from worker.vba import VbaClient
 
 PAIR = ("S1", "G1")

@@ -7,22 +7,25 @@ on the pure fold and on the real store (SQLite), split into random batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from models.buckets import AMOUNTS, BUCKETS
 from models.events import ClaimEvent
-from models.ledger import Fold, totals
+from models.ledger import Fold, Kind, totals
 from tests.stack import Stack, same_totals
 from worker.db import make_engine, upgrade
 from worker.demo.streams import expected_totals
 from worker.ingest.store import ingest
+from worker.ops.queries import outcomes
+from worker.store.fold import fold_committed, in_session_of
 
 KEYS = [("S1", "G1", "2026", "MED", b) for b in ("DED", "OOP")] + [
     ("S2", "G1", "2026", "RX", "GEN")
@@ -103,12 +106,78 @@ def test_store_equals_the_oracle_across_batches(tmp_path: Path, case: Any, cuts:
     db.unlink()
 
 
-def ingest_in_batches(engine: Engine, delivered: list[dict[str, Any]], cuts: list[int]) -> None:
-    """Ingest ``delivered`` through the real store, one transaction per batch of the cut sizes."""
+def ingest_in_batches(
+    engine: Engine,
+    delivered: list[dict[str, Any]],
+    cuts: list[int],
+    folds: Sequence[bool] = (True,),
+) -> None:
+    """Ingest ``delivered`` through the real store, one transaction per batch of the cut sizes;
+    fold after the n-th batch when ``folds`` says so (cycled), and after the last one always.
+    (SQLite folds each batch in its own transaction: there the extra folds find nothing.)"""
     i, n = 0, 0
     while i < len(delivered):
         size = cuts[n % len(cuts)]
         with Session(engine) as session:
             ingest(session, delivered[i : i + size])
             session.commit()
+        if folds[n % len(folds)]:
+            fold_committed(in_session_of(engine))
         i, n = i + size, n + 1
+    fold_committed(in_session_of(engine))
+
+
+CONFLICTING_COPAY = "7777.77"  # above every amount the strategies draw: always other content
+
+
+@st.composite
+def with_conflicts(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A delivery with conflicts among it: an event id delivered again with other content, and a
+    version delivered again under a new event id with other content, anywhere in the stream."""
+    _, delivered = draw(deliveries())
+    out = list(delivered)
+    for n in range(draw(st.integers(1, 4))):
+        base = draw(st.sampled_from(delivered))
+        changed = {**base, "amounts": {**base["amounts"], "copay": CONFLICTING_COPAY}}
+        if draw(st.booleans()):
+            changed["event_id"] = f"{base['event_id']}-again{n}"
+        out.insert(draw(st.integers(0, len(out))), changed)
+    return out
+
+
+def sequential_law(delivered: list[dict[str, Any]]) -> tuple[Fold, set[tuple[str, str]]]:
+    """models.ledger's Fold over ``delivered`` in order, and the (event_id, hash) it receives."""
+    events = [ClaimEvent.model_validate(e) for e in delivered]
+    fold = Fold({}, {}, {}).apply((e, e.content_hash()) for e in events)
+    return fold, {(e.event_id, h) for e, h in fold.received}
+
+
+def recorded_and_conflicts(engine: Engine) -> tuple[set[tuple[str, str]], int]:
+    """The store's received (event_id, content hash) and its conflict count."""
+    with Session(engine) as session:
+        rows = session.execute(text("SELECT event_id, content_hash FROM received_event")).all()
+        conflicts = outcomes(session)["conflict"]
+    return {(e, h) for e, h in rows}, conflicts
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(delivered=with_conflicts(), cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6))
+def test_store_equals_the_sequential_law_with_conflicts(
+    tmp_path: Path, delivered: list[dict[str, Any]], cuts: list[int]
+) -> None:
+    """With conflicts the first content received wins, so the order matters: the store, fed in
+    batches, records the same events as models.ledger's Fold fed one by one, refuses as many,
+    and holds the totals of the claim states that Fold ends with."""
+    db = tmp_path / f"c{abs(hash((str(delivered), tuple(cuts))))}.db"
+    url = f"sqlite:///{db}"
+    upgrade(url)
+    engine = make_engine(url)
+    ingest_in_batches(engine, delivered, cuts)
+    fold, received = sequential_law(delivered)
+    assert recorded_and_conflicts(engine) == (received, fold.counts[Kind.CONFLICT])
+    engine.dispose()
+    expected = as_vba(totals(fold.current.values()))
+    assert same_totals(Stack(tmp_path, database_url=url).totals(), expected) == []
+    db.unlink()

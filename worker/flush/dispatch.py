@@ -36,6 +36,7 @@ from worker.db import db_after, db_now, in_transaction, insert
 from worker.flush.due import due_pairs, mark_queued, queued_for, send_flushes, vba_paused
 from worker.logs import Log
 from worker.settings import Settings, get_settings
+from worker.store.fold import fold_committed
 from worker.store.tables import T_PAIR, T_SHARED
 
 log = Log("dispatch")
@@ -131,7 +132,10 @@ class Dispatcher:
         if leading != self.leading:
             self.leading = leading
             log.info("dispatch.leading" if leading else "dispatch.waiting", me=self.me)
-        if not leading or vba_paused() > 0:
+        if not leading:
+            return
+        fold_committed()  # a change recorded this round is admitted this round
+        if vba_paused() > 0:
             return
         ids = in_transaction(lambda s: admit(s, self.settings))
         if ids:

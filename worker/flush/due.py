@@ -14,6 +14,7 @@ from worker.db import db_after, db_now, in_transaction
 from worker.flush.plans import due_count as plans_due
 from worker.logs import Log
 from worker.settings import get_settings
+from worker.store.fold import fold_committed
 from worker.store.tables import T_ACCUM, T_PAIR, awaits_flush
 from worker.vba.fleet import client
 
@@ -24,6 +25,7 @@ def fan_out(app: Celery) -> int:
     """Queue one flush_pair per due pair (oldest dirty first), none while VBA is paused; the
     number of pairs queued. While a dispatcher leads (worker/flush/dispatch.py) only the pairs
     overdue (``overdue_after``): the sweep is its safety net."""
+    fold_committed()  # what is recorded is in the totals before the due pairs are picked
     paused = vba_paused()
     if paused > 0:  # VBA is known down: the first beat after the pause queues the pairs
         log.info("flush.paused", retry_in_s=round(paused, 1))

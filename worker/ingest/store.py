@@ -1,15 +1,16 @@
-"""The store's operations on the ledger: ingest a batch of raw events in one transaction.
+"""The store's operations on the ledger: record a batch of raw events in one transaction.
 
-Zulip's ``consume_batch`` shape: validate and dedupe in memory, lock the batch's claims in a
-stable order, fold the events with the pure ledger law, then write everything back with a few
-bulk statements. Two workers on overlapping claims serialize on the claims' locks and take every
-other row lock in sorted order, so they neither lose an update nor deadlock (a deadlock that
-still happens is retried by ``db.in_transaction``).
+Record, then fold. A message's transaction validates its events, decides each one against what
+is stored for its event id and its (claim_id, version) (:func:`models.ledger.decide`: received,
+duplicate or conflict), and records each event received once: one ``received_event`` row holding
+the version it carries, under the message's ``ingest_batch`` row. It writes no claim and no
+accumulator: the fold (worker/store/fold.py) applies committed batches to those in sets, so
+whether a version is applied or stale is decided there, against the claim's highest version.
 
-Batches on different claims run side by side, so the one thing they can share, an event id
-reused on another claim, is claimed before anything is decided: the batch inserts its event ids
-first (``claim_event_ids``), which waits on the unique index for any concurrent batch holding
-the same id, and only then reads what was already received.
+Two batches on overlapping claims serialize on the claims' locks, so a version's check is exact;
+batches on different claims run side by side, and the one thing they can share, an event id
+reused on another claim, is claimed by the insert itself, which waits on the unique index for a
+concurrent batch holding the same id and then skips it (see :func:`record`).
 """
 
 from __future__ import annotations
@@ -19,37 +20,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Final
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import delete, func, literal, text, union_all, update
+from sqlalchemy import Executable, bindparam, exists, func, literal, select, text, union_all, update
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session
 
-from models.buckets import COLUMNS
-from models.events import AccumKey, ClaimEvent, describe
-from models.ledger import ClaimState, Fold, Kind
-from models.tables import (
-    CLAIM_CENTS,
-)
+from models.events import ClaimEvent, describe
+from models.ledger import Kind, decide
+from models.tables import CLAIM_CENTS
 from worker.db import insert, is_postgres, utcnow
 from worker.store import counters
-from worker.store.bulk import rows_where_in, upsert
+from worker.store.bulk import as_json, recordset, rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
-from worker.store.tables import (
-    CENTS_OF,
-    KEY_COLS,
-    T_ACCUM,
-    T_BATCH,
-    T_CLAIM,
-    T_EVENT,
-    T_PAIR,
-    claim_state,
-)
-
-CLAIM_COLUMNS = tuple(c.name for c in T_CLAIM.c)
-"""A claim row as written: every column (the amounts sparse, a missing one is 0)."""
-ACCUM_COLUMNS = (*KEY_COLS, "pair_id", *COLUMNS)
-"""An accumulator delta row as written (the cents sparse, a missing one is 0)."""
+from worker.store.fold import fold_batches
+from worker.store.tables import CENTS_OF, KEY_COLS, T_BATCH, T_EVENT
 
 
 @dataclass
@@ -64,11 +51,16 @@ class IngestCounts:
     conflict: int = 0
     invalid: int = 0
     reasons: list[str] = field(default_factory=list)
+    recorded: int = 0
+    """Versions recorded for the fold and not folded yet (Postgres: the fold counts them as
+    applied or stale once it has run)."""
 
     def merged(self, other: IngestCounts) -> IngestCounts:
         """The outcome of two parts of one message, summed."""
         counts = {k: v + getattr(other, k) for k, v in self.summary().items()}
-        return IngestCounts(**counts, reasons=self.reasons + other.reasons)
+        return IngestCounts(
+            **counts, reasons=self.reasons + other.reasons, recorded=self.recorded + other.recorded
+        )
 
     def summary(self) -> dict[str, int]:
         """Every outcome's count, in the vocabulary's order."""
@@ -121,58 +113,48 @@ def not_an_object(item: Any) -> str:
 
 
 def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) -> IngestCounts:
-    """Apply one batch of raw events; invalid ones become dead letters. Caller commits."""
+    """Record one batch of raw events; invalid ones become dead letters. Caller commits.
+
+    Each event received is recorded once, with the claim version it carries, under this
+    message's batch; the fold (worker/store/fold.py) applies the batch once it is committed. On
+    SQLite the fold runs here, in the same transaction (one writer at a time: nothing to wait
+    for), so ``applied`` and ``stale`` are counted at once; on Postgres they are counted by the
+    fold, and ``recorded`` says how many versions wait for it.
+    """
     started, now = time.perf_counter(), now or utcnow()
     good, bad = validate(raw)
     result = IngestCounts(received=len(raw), invalid=len(bad))
-    claim_ids = sorted({e.claim_id for e, _, _ in good})
-    current = lock_claims(session, claim_ids)
-    firsts = first_of_each_id(good)
-    mine = claim_event_ids(session, firsts, now)
-    seen_events, seen_versions = load_seen(
-        session, [i for i in firsts if i not in mine], sorted(current), mine
-    )
-    fold = Fold(seen_events, seen_versions, current).apply((e, h) for e, h, _ in good)
-    settle_received(session, {e.event_id: (e, h) for e, h in fold.received}, firsts, mine)
-    write_claims(session, {(e.claim_id, h): e for e, h, _ in good}, fold.states)
-    write_deltas(session, fold.nonzero_deltas(), now)
+    batch_id = open_batch(session, now)
+    lock_claims(session, sorted({e.claim_id for e, _, _ in good}))
+    plan = record(session, good, batch_id, now)
     raw_of = {id(e): item for e, _, item in good}
-    for event, reason in fold.conflicts:
+    for event, reason in plan.conflicts:
         bad.append((raw_of[id(event)], reason))
     for item, reason in bad:
         dead_letter(session, "ingest", item, reason, now)
-    for kind in (Kind.APPLIED, Kind.DUPLICATE, Kind.STALE, Kind.CONFLICT):
-        setattr(result, kind.value, fold.counts[kind])
+    result.duplicate, result.conflict = plan.duplicates, len(plan.conflicts)
+    result.recorded = plan.to_fold
     result.reasons = [r for _, r in bad]
-    record_batch(session, result, now, started)
+    close_batch(session, batch_id, result, now, started, folded=not plan.to_fold)
+    if plan.to_fold and not is_postgres(session):
+        folded = fold_batches(session, [batch_id])
+        result.applied, result.stale, result.recorded = folded.applied, folded.stale, 0
     return result
 
 
-def lock_claims(session: Session, claim_ids: list[str]) -> dict[str, ClaimState]:
-    """Take every claim of the batch for this transaction, then return their current states.
+def lock_claims(session: Session, claim_ids: list[str]) -> None:
+    """Take every claim of the batch for this transaction (Postgres).
 
-    Postgres: a transaction-scoped advisory lock per claim (``CLAIM_LOCKS``), taken in the
-    order of the lock keys, so two batches on overlapping claims queue behind each other and
-    never wait on each other in a circle. The lock holds a claim that has no row yet as well as
-    one that has, and writes nothing: the claim's row is written once, by ``write_claims`` (an
-    upsert that locked by rewriting the row unchanged made two row versions of each claim per
-    batch). A worker of a release before this lock can't ingest beside it: its lock wrote a
-    placeholder version, which the store refuses since migration 0013. SQLite: the transaction
-    began with ``BEGIN IMMEDIATE``, so it is the only writer already. The states are read after
-    the locks, so they include whatever a batch that held one of them committed.
+    A transaction-scoped advisory lock per claim (``CLAIM_LOCKS``), taken in the order of the
+    lock keys, so two batches on overlapping claims queue behind each other and never wait on
+    each other in a circle. The lock holds a claim that has no row yet as well as one that has,
+    and writes nothing. It is what makes the version check of :func:`record` exact: a batch
+    looks for a claim's stored versions only once no other uncommitted batch can add one.
+    SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only writer already.
     """
-    if is_postgres(session):
+    if is_postgres(session) and claim_ids:
         session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
-    query = rows_where_in(session, STATE_COLUMNS, T_CLAIM.c.claim_id, claim_ids)
-    rows = session.execute(query).mappings()
-    return {row["claim_id"]: claim_state(row) for row in rows if row["version"] >= 0}
 
-
-STATE_COLUMNS: Final = [
-    T_CLAIM.c[name]
-    for name in ("claim_id", "version", "content_hash", *KEY_COLS, "network", *CENTS_OF.values())
-]
-"""What ``claim_state`` reads of a claim row (its dates and member_seq are stored, not read)."""
 
 CLAIM_LOCK_SPACE: Final = 0x41430001
 """The first key of every claim's advisory lock: the two-key form's locks are a space apart
@@ -188,58 +170,97 @@ CLAIM_LOCKS: Final = text(
 a batch then waits a little longer, never forever)."""
 
 
-def first_of_each_id(good: Valid) -> dict[str, tuple[ClaimEvent, str]]:
-    """The first (event, content hash) of each event id in the batch, in event_id order."""
-    firsts: dict[str, tuple[ClaimEvent, str]] = {}
+@dataclass
+class Plan:
+    """What becomes of a batch's valid events, decided in batch order as
+    :func:`models.ledger.decide` says: ``received`` are recorded (``True``: a version for the
+    fold; ``False``: one more event id for a version already received, recorded only so a
+    redelivery of that id is known), ``duplicates`` counted, ``conflicts`` refused."""
+
+    received: list[tuple[ClaimEvent, str, bool]] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: list[tuple[ClaimEvent, str]] = field(default_factory=list)
+    repeats: bool = False  # the batch names one event id, or one version, twice
+
+    @property
+    def to_fold(self) -> int:
+        return sum(1 for *_, fold in self.received if fold)
+
+
+def classify(good: Valid, by_event: dict[str, str], by_version: dict[tuple[str, int], str]) -> Plan:
+    """The batch's events in order against the content hashes stored for their event ids and
+    versions (``by_event``, ``by_version``), and against each other."""
+    seen_events, seen_versions = dict(by_event), dict(by_version)
+    plan = Plan()
     for event, content_hash, _ in good:
-        firsts.setdefault(event.event_id, (event, content_hash))
-    return dict(sorted(firsts.items()))
+        version = (event.claim_id, event.version)
+        same_event, same_version = seen_events.get(event.event_id), seen_versions.get(version)
+        if same_event is not None or same_version is not None:
+            plan.repeats = True
+        outcome = decide(
+            event, content_hash, same_event=same_event, same_version=same_version, current=None
+        )
+        if outcome.kind is Kind.CONFLICT:
+            plan.conflicts.append((event, outcome.reason))
+            continue
+        if outcome.kind is Kind.DUPLICATE:
+            plan.duplicates += 1
+        if same_event is None:
+            seen_events[event.event_id] = content_hash
+            seen_versions.setdefault(version, content_hash)
+            plan.received.append((event, content_hash, same_version is None))
+    return plan
 
 
-def claim_event_ids(
-    session: Session, firsts: dict[str, tuple[ClaimEvent, str]], now: datetime
-) -> set[str]:
-    """Record the batch's event ids not yet received (in event_id order); the ids this
-    transaction inserted come back.
+ROUNDS: Final = 8
+"""Rounds of :func:`record` at most: each one finds rows committed by concurrent batches on
+other claims meanwhile (an event id reused across claims), which takes a rare race per round."""
 
-    The insert waits on the unique index while a concurrent transaction holds an uncommitted
-    row for the same id, and skips it once that commits: a snapshot read instead let two
-    batches on different claims both apply one event id (and drop one of the two rows).
+
+def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
+    """Record the batch's received events; the plan they were decided by comes back.
+
+    Postgres, optimistic: the batch is decided as if nothing were stored and inserted with
+    ``ON CONFLICT (event_id) DO NOTHING`` and a check that no row holds its (claim_id, version)
+    yet. The insert waits on the unique index while a concurrent transaction holds an
+    uncommitted row of the same id. When every row went in and the batch names nothing twice,
+    that was exact (the common case: one statement). Otherwise the stored hashes of the batch's
+    ids and claims are read and the batch decided again, and what is now received but not yet
+    inserted is inserted, until a round inserts all it meant to. SQLite reads first (it is the
+    only writer), so its first round is exact.
     """
-    rows = [_received_row(e, h) for e, h in firsts.values()]
-    made = upsert(
-        session,
-        T_EVENT,
-        rows,
-        conflict=["event_id"],
-        order_by=["event_id"],
-        same={"received_at": now},
-        returning=["event_id"],
-    )
-    return {row["event_id"] for row in made}
+    postgres = is_postgres(session)
+    inserted: set[str] = set()
+    looked = not postgres
+    by_event, by_version = ({}, {}) if postgres else look_up(session, good, inserted)
+    for _ in range(ROUNDS):
+        plan = classify(good, by_event, by_version)
+        wanted = [r for r in plan.received if r[0].event_id not in inserted]
+        made = insert_versions(session, wanted, batch_id, now)
+        inserted |= made
+        if len(made) == len(wanted) and (looked or not plan.repeats):
+            return plan
+        by_event, by_version = look_up(session, good, inserted)
+        looked = True
+    raise RuntimeError(f"ingest: the batch's events were still contended after {ROUNDS} rounds")
 
 
-def _received_row(event: ClaimEvent, content_hash: str) -> dict[str, Any]:
-    return {
-        "event_id": event.event_id,
-        "claim_id": event.claim_id,
-        "version": event.version,
-        "content_hash": content_hash,
-    }
+def look_up(
+    session: Session, good: Valid, mine: set[str]
+) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
+    """Content hashes stored for the batch's event ids and for its claims' versions, less the
+    rows this transaction inserted itself."""
+    event_ids = sorted({e.event_id for e, _, _ in good})
+    claim_ids = sorted({e.claim_id for e, _, _ in good})
+    return load_seen(session, event_ids, claim_ids, mine)
 
 
 def load_seen(
     session: Session, event_ids: list[str], claim_ids: list[str], mine: set[str]
 ) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
     """Content hashes already recorded by earlier batches, by event_id and by (claim_id,
-    version): one query, none when both lists are empty.
-
-    ``event_ids`` are the batch's ids that ``claim_event_ids`` found already received (the
-    others are new: nothing to look up). ``claim_ids`` are the batch's claims that already have
-    a state: a claim without one has no received event, since the first event received for a
-    claim is always applied, and a conflict is never recorded. Rows this batch inserted itself
-    (``mine``) are not "already seen".
-    """
+    version): one query, none when both lists are empty. Rows this batch inserted itself
+    (``mine``) are not "already seen"."""
     by_event: dict[str, str] = {}
     by_version: dict[tuple[str, int], str] = {}
     if not event_ids and not claim_ids:
@@ -259,118 +280,116 @@ def load_seen(
     return by_event, by_version
 
 
-def settle_received(
-    session: Session,
-    received: dict[str, tuple[ClaimEvent, str]],
-    firsts: dict[str, tuple[ClaimEvent, str]],
-    mine: set[str],
-) -> None:
-    """Make the rows this batch inserted say what the fold received: drop the ids it refused
-    (a conflict), rewrite the few whose received event is not the id's first in the batch."""
-    refused = sorted(mine - set(received))
-    if refused:
-        session.execute(delete(T_EVENT).where(T_EVENT.c.event_id.in_(refused)))
-    for event_id, (event, content_hash) in received.items():
-        if firsts[event_id][1] != content_hash:
-            row = _received_row(event, content_hash)
-            session.execute(update(T_EVENT).where(T_EVENT.c.event_id == event_id).values(row))
+def version_row(event: ClaimEvent, content_hash: str) -> dict[str, Any]:
+    """An event's ``received_event`` row: the version it carries (cents sparse: a missing
+    amount is 0). The key is stored in canonical form, a reversal's too."""
+    row: dict[str, Any] = {
+        "event_id": event.event_id,
+        "claim_id": event.claim_id,
+        "version": event.version,
+        "content_hash": content_hash,
+        "status": event.status,
+        "network": event.network,
+        "member_seq": event.member_seq,
+        "service_date": event.service_date,
+        "adjudicated_at": event.adjudicated_at,
+    }
+    row.update(zip(KEY_COLS, event.key, strict=True))
+    row.update({CENTS_OF[a]: int(v * 100) for a, v in event.amounts.__dict__.items() if v})
+    return row
 
 
-def write_claims(
-    session: Session, events: dict[tuple[str, str], ClaimEvent], states: dict[str, ClaimState]
-) -> None:
-    """Store each changed claim's new highest version, its details and its contribution."""
-    rows = []
-    for claim_id, state in sorted(states.items()):
-        event = events[(claim_id, state.content_hash)]
-        row: dict[str, Any] = {
-            "claim_id": claim_id,
-            "version": state.version,
-            "content_hash": state.content_hash,
-            "network": state.network,
-            "member_seq": event.member_seq,
-            "service_date": event.service_date,
-            "adjudicated_at": event.adjudicated_at,
-        }
-        row.update(zip(KEY_COLS, state.key or (None,) * 5, strict=True))
-        row.update({CENTS_OF[a]: v for a, v in state.cents})  # nonzero only; the rest fill 0
-        rows.append(row)
-    upsert(
+VERSION_COLUMNS: Final = tuple(
+    c.name for c in T_EVENT.c if c.name not in ("received_at", "batch_id")
+)
+"""A version row as written (``received_at`` and ``batch_id`` are the same for the whole batch)."""
+
+
+def insert_versions(
+    session: Session, wanted: list[tuple[ClaimEvent, str, bool]], batch_id: int, now: datetime
+) -> set[str]:
+    """Insert the ``wanted`` rows (in event_id order); the event ids inserted come back.
+
+    A version for the fold is inserted under ``batch_id`` and, on Postgres, only if no row holds
+    its (claim_id, version) yet; one more event id for a version is inserted with no batch."""
+    if not wanted:
+        return set()
+    fold = [version_row(e, h) for e, h, f in wanted if f]
+    extra = [version_row(e, h) for e, h, f in wanted if not f]
+    made: set[str] = set()
+    if fold and is_postgres(session):
+        params = {"rows": as_json(fold), "batch_id": batch_id, "received_at": now}
+        made |= {r[0] for r in session.execute(NEW_VERSIONS(), params)}
+    elif fold:
+        made |= recorded(session, fold, batch_id, now)
+    return made | recorded(session, extra, None, now)
+
+
+def recorded(
+    session: Session, rows: list[dict[str, Any]], batch_id: int | None, now: datetime
+) -> set[str]:
+    """Insert ``rows`` unless their event id is stored; the ids inserted."""
+    made = upsert(
         session,
-        T_CLAIM,
+        T_EVENT,
         rows,
-        conflict=["claim_id"],
-        set_=replace_claim,
-        columns=CLAIM_COLUMNS,
+        conflict=["event_id"],
+        order_by=["event_id"],
+        columns=VERSION_COLUMNS,
         fill=dict.fromkeys(CLAIM_CENTS, 0),
+        same={"received_at": now, "batch_id": batch_id},
+        returning=["event_id"],
     )
+    return {row["event_id"] for row in made}
 
 
-def replace_claim(_: Any, new: Any) -> dict[str, Any]:
-    """A claim's upsert: every column takes the new row's value."""
-    return {c.name: new[c.name] for c in T_CLAIM.c if c.name != "claim_id"}
-
-
-def pair_ids(session: Session, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """The id of each (subscriber, group) pair, creating the missing ones (sorted: lock order)."""
-    ids = existing_pairs(session, set(pairs))
-    missing = [{"subscriber_id": s, "group_id": g} for s, g in pairs if (s, g) not in ids]
-    if missing:
-        made = upsert(
-            session,
-            T_PAIR,
-            missing,
-            conflict=["subscriber_id", "group_id"],
-            returning=["id", "subscriber_id", "group_id"],
-        )
-        ids.update({(r["subscriber_id"], r["group_id"]): r["id"] for r in made})
-    if len(ids) < len(pairs):  # another batch created some of them meanwhile
-        ids.update(existing_pairs(session, {p for p in pairs if p not in ids}))
-    return ids
-
-
-def existing_pairs(session: Session, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """The ids of the ``wanted`` pairs that exist, looked up by subscriber_id.
-
-    subscriber_id leads the unique index, so ``IN`` on it is an index scan; a row-value
-    ``(subscriber_id, group_id) IN (...)`` list made Postgres scan the whole table per batch.
-    """
-    cols = (T_PAIR.c.id, T_PAIR.c.subscriber_id, T_PAIR.c.group_id)
-    query = rows_where_in(session, cols, T_PAIR.c.subscriber_id, {s for s, _ in wanted})
-    return {(s, g): i for i, s, g in session.execute(query) if (s, g) in wanted}
-
-
-def write_deltas(session: Session, deltas: dict[AccumKey, dict[str, int]], now: datetime) -> None:
-    """Add each key's column deltas to its accumulator row and mark it dirty (in key order)."""
-    if not deltas:
-        return
-    pairs = pair_ids(session, sorted({(k[0], k[1]) for k in deltas}))
-    rows = []
-    for key, delta in deltas.items():
-        row: dict[str, Any] = dict(zip(KEY_COLS, key, strict=True))
-        row["pair_id"] = pairs[(key[0], key[1])]
-        row.update(delta)  # nonzero columns only; the rest fill 0
-        rows.append(row)
-    upsert(
-        session,
-        T_ACCUM,
-        rows,
-        conflict=KEY_COLS,
-        set_=add_delta,
-        order_by=KEY_COLS,
-        columns=ACCUM_COLUMNS,
-        fill=dict.fromkeys(COLUMNS, 0),
-        same={"change_seq": 1, "dirty_since": now, "updated_at": now},
+@lru_cache(maxsize=1)
+def NEW_VERSIONS() -> Executable:
+    """``INSERT INTO received_event ... SELECT`` the bound rows whose (claim_id, version) no row
+    holds, ``ON CONFLICT (event_id) DO NOTHING RETURNING event_id``, in event_id order."""
+    rows = recordset(T_EVENT)
+    fill = dict.fromkeys(CLAIM_CENTS, 0)
+    values = [
+        func.coalesce(rows.c[n], literal(fill[n], T_EVENT.c[n].type)) if n in fill else rows.c[n]
+        for n in VERSION_COLUMNS
+    ]
+    values += [
+        bindparam("batch_id", type_=T_EVENT.c.batch_id.type),
+        bindparam("received_at", type_=T_EVENT.c.received_at.type),
+    ]
+    stored = T_EVENT.alias("stored")
+    taken = exists().where(stored.c.claim_id == rows.c.claim_id, stored.c.version == rows.c.version)
+    query = select(*values).where(~taken).order_by(rows.c.event_id)
+    stmt = postgresql.insert(T_EVENT).from_select(
+        [*VERSION_COLUMNS, "batch_id", "received_at"], query
     )
+    return stmt.on_conflict_do_nothing(index_elements=["event_id"]).returning(T_EVENT.c.event_id)
 
 
-def add_delta(acc: Any, new: Any) -> dict[str, Any]:
-    """An accumulator's upsert: add the delta row to the stored row and keep it dirty."""
-    changes: dict[str, Any] = {c: acc[c] + new[c] for c in COLUMNS}
-    changes["change_seq"] = acc.change_seq + 1
-    changes["dirty_since"] = func.coalesce(acc.dirty_since, new.dirty_since)
-    changes["updated_at"] = new.updated_at
-    return changes
+def open_batch(session: Session, now: datetime) -> int:
+    """The message's ``ingest_batch`` row, made first: its versions name it. Its counts are
+    written by :func:`close_batch` (and applied/stale by the fold)."""
+    stmt = insert(session, T_BATCH).values(at=now).returning(T_BATCH.c.id)
+    return int(session.execute(stmt).scalar_one())
+
+
+def close_batch(
+    session: Session,
+    batch_id: int,
+    result: IngestCounts,
+    now: datetime,
+    started: float,
+    *,
+    folded: bool,
+) -> None:
+    """The batch's outcome counts, in its row and in the counters (same transaction); a batch
+    with no version for the fold is folded already."""
+    row: dict[str, Any] = dict(result.summary())
+    row["duration_ms"] = int((time.perf_counter() - started) * 1000)
+    if folded:
+        row["folded_at"] = now
+    session.execute(update(T_BATCH).where(T_BATCH.c.id == batch_id).values(row))
+    counters.add(session, {f"events.{k}": n for k, n in result.summary().items()})
 
 
 def refuse(session: Session, item: Any, reason: str, now: datetime | None = None) -> IngestCounts:
@@ -384,7 +403,7 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
 
 def record_batch(session: Session, result: IngestCounts, now: datetime, started: float) -> None:
     """The batch's audit row, and its outcomes added to the counters (same transaction)."""
-    row = result.summary() | {"at": now}
+    row: dict[str, Any] = dict(result.summary()) | {"at": now, "folded_at": now}
     row["duration_ms"] = int((time.perf_counter() - started) * 1000)
     session.execute(insert(session, T_BATCH).values(row))
     counters.add(session, {f"events.{k}": n for k, n in result.summary().items()})

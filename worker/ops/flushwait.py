@@ -13,15 +13,16 @@ from sqlmodel import Session
 
 from worker.celery import app
 from worker.db import session_scope, utcnow
-from worker.ops.queries import waiting_for_flush
+from worker.ops.queries import waiting_for_flush, waiting_for_fold
 from worker.store.tables import T_ATTEMPT, T_DEAD
 
 RETRIGGER_EVERY = 5.0  # seconds: retries whose time has come are picked up without beat
 
 
 def pending(session: Session) -> int:
-    """Accumulators still to flush (:func:`worker.ops.queries.waiting_for_flush`)."""
-    return waiting_for_flush(session)[0]
+    """Accumulators still to flush (:func:`worker.ops.queries.waiting_for_flush`), and batches
+    still to fold into them (each counts one: the flush that follows its fold is still to come)."""
+    return waiting_for_flush(session)[0] + waiting_for_fold(session)
 
 
 def summary(session: Session, since: datetime) -> dict[str, int]:

@@ -30,6 +30,13 @@ def waiting_for_flush(session: Session) -> tuple[int, datetime | None]:
     return int(count), oldest
 
 
+def waiting_for_fold(session: Session) -> int:
+    """Ingest batches committed and not folded into the totals yet (worker/store/fold.py)."""
+    from worker.store.fold import unfolded
+
+    return unfolded(session)
+
+
 def open_dead_letters(session: Session) -> dict[str, int]:
     """Open dead letters by source (every source present, at 0 when none)."""
     d = T_DEAD.c

@@ -11,13 +11,14 @@ from sqlmodel import Session
 from models.ledger import Kind
 from models.tables import Accumulator, DeadLetter, Pair
 from worker.db import age_seconds, utcnow
-from worker.ops.queries import open_dead_letters, outcomes, waiting_for_flush
+from worker.ops.queries import open_dead_letters, outcomes, waiting_for_flush, waiting_for_fold
 from worker.store.tables import T_DEAD
 
 STATUS_KEYS = (
     *(kind.value for kind in Kind),
     "dead_letters",
     "accumulators",
+    "waiting_for_fold",
     "waiting_for_flush",
     "oldest_waiting_age_s",
     "pairs",
@@ -33,6 +34,7 @@ def status(session: Session, now: datetime | None = None) -> dict[str, Any]:
     return outcomes(session) | {
         "dead_letters": sum(open_dead_letters(session).values()),
         "accumulators": int(accumulators),
+        "waiting_for_fold": waiting_for_fold(session),
         "waiting_for_flush": waiting,
         "oldest_waiting_age_s": age_seconds(oldest, now) or 0.0,
         "pairs": int(pairs),

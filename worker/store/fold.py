@@ -1,0 +1,395 @@
+"""The fold: the claim versions of committed batches, applied to claims and totals in sets.
+
+Ingest records each event once (a ``received_event`` row holding the version it carries and the
+batch it came in) and commits. A fold then takes batches committed and not folded yet and, in a
+handful of statements whatever their size:
+
+1. picks each claim's highest version among them (``newest``) and keeps those above the claim's
+   stored version (``moved``): the ledger law, a claim contributes its highest version;
+2. counts each batch's versions as applied (above the claim's version when the fold began) or
+   stale;
+3. adds each moved claim's new contribution to its key and takes its old one out of its old key
+   (``deltas``: the 30 columns spread by network, as models.buckets says), updating the existing
+   accumulators by key and inserting the missing ones (and their pairs);
+4. writes each moved claim's new state and marks the batches folded, in the same transaction.
+
+So totals depend on the set of versions folded, never on how they were cut into batches or
+folds, and a fold that dies rolls back whole: the next one takes the same batches.
+
+One fold at a time. Postgres: a transaction-scoped advisory lock, tried, not waited for: a process
+that finds it taken leaves the work to its holder (:func:`fold_committed` says why nothing is
+left behind). SQLite has one writer at a time already, and folds each batch inside the ingest's
+own transaction.
+
+A version the store refuses at fold time (a total past 64 bits, say) must not stall every key
+behind it: a fold refused is split by batch, then by claim, and a claim's versions refused alone
+become dead letters (and are forgotten as received, so a replay can bring them back).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import TextClause, bindparam, delete, func, select, text, update
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlmodel import Session
+
+from models.buckets import BUCKETS, COLUMNS
+from models.tables import CLAIM_CENTS
+from worker import failpoints
+from worker.db import in_transaction, is_postgres, utcnow
+from worker.logs import Log
+from worker.store import counters
+from worker.store.bulk import update_rows
+from worker.store.dead_letters import dead_letter
+from worker.store.tables import KEY_COLS, T_ACCUM, T_BATCH, T_EVENT
+
+log = Log("fold")
+
+T = TypeVar("T")
+
+FOLD_LOCK_SPACE: Final = 0x41430002
+"""The first key of the fold's advisory lock (claims' locks use 0x41430001)."""
+MAX_BATCHES: Final = 200
+"""Batches one fold takes at most (100,000 events at 500 a message): a backlog is folded in
+transactions of bounded length, each committed as it goes."""
+
+KEYS: Final = ", ".join(KEY_COLS)
+STATE: Final = (*KEY_COLS, "network", *CLAIM_CENTS)
+"""What a claim's contribution is made of: its key, its network, its amounts."""
+
+
+@dataclass
+class FoldReport:
+    """What one or more folds did (counts only: safe for logs and Flower)."""
+
+    batches: int = 0
+    versions: int = 0
+    applied: int = 0
+    stale: int = 0
+    claims: int = 0
+    quarantined: int = 0
+
+    def add(self, other: FoldReport) -> FoldReport:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+@dataclass
+class Counted:
+    """Per batch: (versions, applied)."""
+
+    by_batch: dict[int, tuple[int, int]] = field(default_factory=dict)
+    claims: int = 0
+    quarantined: dict[int, int] = field(default_factory=dict)
+    """Per batch: versions the store refused, now dead letters (counted as invalid)."""
+
+    def merge(self, other: Counted) -> None:
+        for batch, (n, applied) in other.by_batch.items():
+            was = self.by_batch.get(batch, (0, 0))
+            self.by_batch[batch] = (was[0] + n, was[1] + applied)
+        self.claims += other.claims
+        for batch, n in other.quarantined.items():
+            self.quarantined[batch] = self.quarantined.get(batch, 0) + n
+
+
+def values_in(postgres: bool, param: str, cast: str = "") -> str:
+    """A subquery of the values of the JSON array bound as ``param`` (cast to ``cast``)."""
+    if not postgres:
+        return f"SELECT value FROM json_each(:{param})"
+    value = f"CAST(value AS {cast})" if cast else "value"
+    return f"SELECT {value} FROM json_array_elements_text(CAST(:{param} AS json))"
+
+
+def scope(postgres: bool, by_claim: bool) -> str:
+    """The versions a fold takes, as a condition on ``received_event r``: those of the batches
+    bound as ``:batches`` (and of the claims bound as ``:claims``, when ``by_claim``)."""
+    where = f"r.batch_id IN ({values_in(postgres, 'batches', 'BIGINT')})"
+    if by_claim:
+        where += f" AND r.claim_id IN ({values_in(postgres, 'claims')})"
+    return where
+
+
+def ctes(postgres: bool, by_claim: bool) -> str:
+    """``newest``, ``moved``, ``parts`` and ``deltas`` over the versions in :func:`scope`."""
+    old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
+    cents = ", ".join(CLAIM_CENTS)
+    old_cents = ", ".join(f"old_{c}" for c in CLAIM_CENTS)
+    old_keys = ", ".join(f"old_{k}" for k in KEY_COLS)
+    sums = []
+    for bucket, c in zip(BUCKETS, CLAIM_CENTS, strict=True):
+        total, net, oon = bucket.columns
+        sums.append(f"SUM(sign * {c}) AS {total}")
+        sums.append(f"SUM(CASE WHEN network = 'in' THEN sign * {c} ELSE 0 END) AS {net}")
+        sums.append(f"SUM(CASE WHEN network = 'out' THEN sign * {c} ELSE 0 END) AS {oon}")
+    return f"""WITH newest AS (
+  SELECT * FROM (
+    SELECT r.*, ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
+    FROM received_event r WHERE {scope(postgres, by_claim)}
+  ) AS ranked WHERE pick = 1
+), moved AS (
+  SELECT n.*, c.version AS old_version, {old}
+  FROM newest n LEFT JOIN claim c ON c.claim_id = n.claim_id
+  WHERE c.claim_id IS NULL OR c.version < n.version
+), parts AS (
+  SELECT {KEYS}, network, 1 AS sign, {cents} FROM moved WHERE status <> 'reversed'
+  UNION ALL
+  SELECT {old_keys}, old_network, -1, {old_cents} FROM moved WHERE old_subscriber_id IS NOT NULL
+), deltas AS (
+  SELECT {KEYS}, {", ".join(sums)} FROM parts GROUP BY {KEYS}
+)
+"""
+
+
+def same_key(left: str, right: str) -> str:
+    return " AND ".join(f"{left}.{k} = {right}.{k}" for k in KEY_COLS)
+
+
+NOW = bindparam("now", type_=T_ACCUM.c.updated_at.type)
+
+
+@lru_cache(maxsize=8)
+def statements(postgres: bool, by_claim: bool) -> dict[str, TextClause]:
+    """The fold's statements, in the order they run (built once per dialect and scope)."""
+    with_ = ctes(postgres, by_claim)
+    cols = ", ".join(COLUMNS)
+    added = ", ".join(f"{c} = accumulator.{c} + deltas.{c}" for c in COLUMNS)
+    unless_reversed = ", ".join(
+        f"CASE WHEN status = 'reversed' THEN NULL ELSE {c} END" for c in (*KEY_COLS, "network")
+    )
+    zero_if_reversed = ", ".join(
+        f"CASE WHEN status = 'reversed' THEN 0 ELSE {c} END" for c in CLAIM_CENTS
+    )
+    claim_cols = (
+        "claim_id",
+        "version",
+        "content_hash",
+        *KEY_COLS,
+        "network",
+        "member_seq",
+        "service_date",
+        "adjudicated_at",
+        *CLAIM_CENTS,
+    )
+    replaced = ", ".join(f"{c} = excluded.{c}" for c in claim_cols[1:])
+    # Applied: above the claim's stored version and above every version of it before, in the
+    # order the batches began (within a batch, in version order); stale otherwise.
+    stale_or_applied = f"""SELECT batch_id, COUNT(*) AS versions,
+  SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)
+      THEN 1 ELSE 0 END) AS applied
+FROM (
+  SELECT r.batch_id, r.version, c.version AS stored, MAX(r.version) OVER (
+    PARTITION BY r.claim_id ORDER BY r.batch_id, r.version
+    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier
+  FROM received_event r LEFT JOIN claim c ON c.claim_id = r.claim_id
+  WHERE {scope(postgres, by_claim)}
+) AS versions
+GROUP BY batch_id"""
+    return {
+        "counts": text(stale_or_applied),
+        "pairs": text(
+            f"""{with_}INSERT INTO pair (subscriber_id, group_id, attempts, lease_gen)
+SELECT DISTINCT subscriber_id, group_id, 0, 0 FROM deltas AS d
+WHERE NOT EXISTS (
+  SELECT 1 FROM pair p WHERE p.subscriber_id = d.subscriber_id AND p.group_id = d.group_id)
+ON CONFLICT DO NOTHING"""
+        ),
+        "update": text(
+            f"""{with_}UPDATE accumulator SET {added}, change_seq = accumulator.change_seq + 1,
+  dirty_since = COALESCE(accumulator.dirty_since, :now), updated_at = :now
+FROM deltas WHERE {same_key("accumulator", "deltas")}"""
+        ).bindparams(NOW),
+        "insert": text(
+            f"""{with_}INSERT INTO accumulator ({KEYS}, pair_id, {cols}, change_seq, pushed_seq,
+  attempts, held, dirty_since, updated_at)
+SELECT {", ".join(f"d.{k}" for k in KEY_COLS)}, p.id, {", ".join(f"d.{c}" for c in COLUMNS)},
+  1, 0, 0, :held, :now, :now
+FROM deltas AS d JOIN pair p ON p.subscriber_id = d.subscriber_id AND p.group_id = d.group_id
+WHERE NOT EXISTS (SELECT 1 FROM accumulator a WHERE {same_key("a", "d")})
+ORDER BY {", ".join(f"d.{k}" for k in KEY_COLS)}"""
+        ).bindparams(NOW, bindparam("held", False)),
+        "claims": text(
+            f"""{with_}INSERT INTO claim ({", ".join(claim_cols)})
+SELECT claim_id, version, content_hash, {unless_reversed}, member_seq, service_date,
+  adjudicated_at, {zero_if_reversed}
+FROM moved WHERE true
+ON CONFLICT (claim_id) DO UPDATE SET {replaced}"""
+        ),
+        "moved": text(f"{with_}SELECT count(*) FROM moved"),
+    }
+
+
+def apply(session: Session, batches: Sequence[int], claims: Sequence[str] | None = None) -> Counted:
+    """Fold the versions of ``batches`` (of ``claims`` only, when given) into claims and totals;
+    their batches are not marked (the caller does, once every part of them is folded)."""
+    stmts = statements(is_postgres(session), claims is not None)
+    params: dict[str, Any] = {"batches": json.dumps(list(batches)), "now": utcnow()}
+    if claims is not None:
+        params["claims"] = json.dumps(list(claims))
+    counted = Counted()
+    for batch, versions, applied in session.execute(stmts["counts"], params):
+        counted.by_batch[int(batch)] = (int(versions), int(applied or 0))
+    counted.claims = int(session.execute(stmts["moved"], params).scalar_one())
+    for step in ("pairs", "update", "insert", "claims"):
+        session.execute(stmts[step], params)
+    return counted
+
+
+def isolating(session: Session, batches: Sequence[int]) -> Counted:
+    """:func:`apply`, and if the store refuses it, the same by batch, then by claim: a claim
+    refused alone has its versions in these batches quarantined, every other one is folded."""
+    try:
+        with session.begin_nested():
+            return apply(session, batches)
+    except (DataError, IntegrityError) as exc:
+        if len(batches) > 1:
+            counted = Counted()
+            for batch in batches:
+                counted.merge(isolating(session, [batch]))
+            return counted
+        return by_claim(session, batches[0], exc)
+
+
+def by_claim(session: Session, batch: int, exc: Exception) -> Counted:
+    """Fold one refused batch claim by claim; quarantine the claims refused alone."""
+    e = T_EVENT.c
+    claim_ids = session.execute(
+        select(e.claim_id).where(e.batch_id == batch).distinct().order_by(e.claim_id)
+    ).scalars()
+    counted = Counted(by_batch={batch: (0, 0)})
+    for claim_id in list(claim_ids):
+        try:
+            with session.begin_nested():
+                counted.merge(apply(session, [batch], [claim_id]))
+        except (DataError, IntegrityError) as alone:
+            refused = quarantine(session, batch, claim_id, alone)
+            counted.quarantined[batch] = counted.quarantined.get(batch, 0) + refused
+    quarantined = sum(counted.quarantined.values())
+    log.warning("fold.batch_refused", error=error_name(exc), quarantined=quarantined)
+    return counted
+
+
+def quarantine(session: Session, batch: int, claim_id: str, exc: Exception) -> int:
+    """Dead-letter the versions of ``claim_id`` in ``batch`` and forget them as received."""
+    e = T_EVENT.c
+    rows = session.execute(
+        select(T_EVENT).where(e.batch_id == batch, e.claim_id == claim_id)
+    ).mappings()
+    first = (str(getattr(exc, "orig", exc)).strip().splitlines() or ["no message"])[0][:200]
+    reason = f"event: the store refused it ({error_name(exc)}: {first})"  # as ingest says it
+    now = utcnow()
+    n = 0
+    for row in rows:
+        dead_letter(session, "ingest", event_of(row), reason, now)
+        n += 1
+    session.execute(delete(T_EVENT).where(e.batch_id == batch, e.claim_id == claim_id))
+    return n
+
+
+def error_name(exc: Exception) -> str:
+    return type(getattr(exc, "orig", exc)).__name__
+
+
+def event_of(row: Any) -> dict[str, Any]:
+    """The ClaimEvent a version row was received as (canonical form), for a dead letter."""
+    amounts = {
+        c.removesuffix("_cents"): f"{row[c] // 100}.{row[c] % 100:02d}"
+        for c in CLAIM_CENTS
+        if row[c]
+    }
+    event: dict[str, Any] = {
+        k: row[k]
+        for k in ("event_id", "claim_id", "version", "status", *KEY_COLS, "network", "member_seq")
+        if row[k] is not None
+    }
+    if row["service_date"] is not None:
+        event["service_date"] = row["service_date"].isoformat()
+    if row["adjudicated_at"] is not None:
+        event["adjudicated_at"] = row["adjudicated_at"].isoformat()
+    return event | {"amounts": amounts}
+
+
+def fold_batches(session: Session, batches: Sequence[int]) -> FoldReport:
+    """Fold ``batches`` (committed, not folded yet) and mark them folded, in ``session``'s
+    transaction; the fold lock (Postgres) is the caller's."""
+    if not batches:
+        return FoldReport()
+    started = time.perf_counter()
+    counted = isolating(session, batches)
+    now = utcnow()
+    quarantined = sum(counted.quarantined.values())
+    report = FoldReport(len(batches), claims=counted.claims, quarantined=quarantined)
+    rows = []
+    for batch in batches:
+        versions, applied = counted.by_batch.get(batch, (0, 0))
+        rows.append({"id": batch, "applied": applied, "stale": versions - applied})
+        report.versions += versions
+        report.applied += applied
+    report.stale = report.versions - report.applied
+    update_rows(session, T_BATCH, rows, match=["id"], constant={"folded_at": now})
+    for batch, refused in counted.quarantined.items():
+        b = T_BATCH.c
+        session.execute(update(T_BATCH).where(b.id == batch).values(invalid=b.invalid + refused))
+    counts = {"applied": report.applied, "stale": report.stale, "invalid": quarantined}
+    counters.add(session, {f"events.{k}": n for k, n in counts.items()})
+    failpoints.hit("fold.before_commit")
+    log.debug("fold.folded", ms=int((time.perf_counter() - started) * 1000), **vars(report))
+    return report
+
+
+TRY_LOCK: Final = text("SELECT pg_try_advisory_xact_lock(:space, 0)").bindparams(
+    space=FOLD_LOCK_SPACE
+)
+UNFOLDED: Final = select(T_BATCH.c.id).where(T_BATCH.c.folded_at.is_(None)).order_by(T_BATCH.c.id)
+
+
+def fold_round(session: Session, limit: int = MAX_BATCHES) -> FoldReport | None:
+    """One fold of the oldest unfolded committed batches; None when another process holds the
+    fold (Postgres)."""
+    if is_postgres(session) and not session.execute(TRY_LOCK).scalar_one():
+        return None
+    batches = list(session.execute(UNFOLDED.limit(limit)).scalars())
+    return fold_batches(session, batches)
+
+
+def unfolded(session: Session) -> int:
+    """Batches committed and not folded yet."""
+    query = select(func.count()).select_from(T_BATCH).where(T_BATCH.c.folded_at.is_(None))
+    return int(session.execute(query).scalar_one())
+
+
+def fold_committed(run: Callable[[Callable[[Session], Any]], Any] = in_transaction) -> FoldReport:
+    """Fold every committed batch, unless another process is folding: it then folds them.
+
+    No batch is left behind. A round takes the lock, folds what is committed, and commits; a
+    round that found nothing looks again *after* its commit released the lock. A batch committed
+    while a fold held the lock is then seen: by this process's next round, or, if another took the
+    lock in between, by that one's (its look happens after it took the lock, so after the commit).
+    ``run`` runs one transaction (tests pass their own engine's).
+    """
+    total = FoldReport()
+    while True:
+        report: FoldReport | None = run(fold_round)
+        if report is None:
+            return total
+        total.add(report)
+        if report.batches == 0 and not run(unfolded):
+            return total
+
+
+def in_session_of(engine: Any) -> Callable[[Callable[[Session], T]], T]:
+    """A ``run`` for :func:`fold_committed` on ``engine``: one transaction per call."""
+
+    def run(work: Callable[[Session], T]) -> T:
+        with Session(engine) as session:
+            out = work(session)
+            session.commit()
+            return out
+
+    return run
