@@ -231,6 +231,7 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     """
     postgres = is_postgres(session)
     inserted: set[str] = set()
+    clean: set[str] = set()  # ids inserted as new versions: no other row holds id or version
     looked = not postgres
     by_event, by_version = ({}, {}) if postgres else look_up(session, good, inserted)
     for _ in range(ROUNDS):
@@ -238,9 +239,13 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
         wanted = [r for r in plan.received if r[0].event_id not in inserted]
         made = insert_versions(session, wanted, batch_id, now)
         inserted |= made
+        clean |= made & {e.event_id for e, _, fold in wanted if fold}
         if len(made) == len(wanted) and (looked or not plan.repeats):
             return plan
-        by_event, by_version = look_up(session, good, inserted)
+        # Only the events whose id or version may be stored are looked up: a redelivered
+        # batch's, or the few a batch repeats (a batch of 500 read all 500 for one repeat).
+        unsure = [g for g in good if g[0].event_id not in clean]
+        by_event, by_version = look_up(session, unsure, inserted)
         looked = True
     raise RuntimeError(f"ingest: the batch's events were still contended after {ROUNDS} rounds")
 
