@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import TextClause, bindparam, delete, func, select, text, update
+from sqlalchemy import BindParameter, TextClause, bindparam, delete, func, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
@@ -231,7 +231,7 @@ ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in C
     }
 
 
-PARAMS: Final = (NOW, bindparam("held", False))
+PARAMS: Final[tuple[BindParameter[Any], ...]] = (NOW, bindparam("held", False))
 
 
 def bound(sql: str) -> TextClause:
