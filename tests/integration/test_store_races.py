@@ -22,7 +22,7 @@ from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
 from worker.db import make_engine, upgrade
 from worker.ingest.store import IngestCounts, ingest
-from worker.store.fold import FoldReport, fold_committed, in_session_of
+from worker.store.fold import FoldReport, fold_committed, fold_round, in_session_of
 from worker.store.tables import T_ACCUM
 
 pytestmark = pytest.mark.integration
@@ -200,3 +200,53 @@ def test_an_older_releases_worker_cannot_lock_a_claim_beside_this_one(
         s.commit()
     with Session(engine) as s, pytest.raises(IntegrityError, match="ck_claim_applied"):
         s.execute(OLDER_RELEASE_LOCK, {"claim": claim})
+
+
+def test_a_redelivery_during_a_fold_counts_once(engine: Engine) -> None:
+    """A batch is redelivered while a fold of its first delivery holds the fold (applied, not
+    committed): the redelivery finds every event recorded (duplicates), a second folder finds
+    the fold taken and leaves it, and once the fold commits the totals hold the batch once."""
+    batch = [version("evt-1", 1, "10.00"), {**event("claim-b", "5.00"), "event_id": "evt-b"}]
+    with Session(engine) as s:
+        ingest(s, batch)
+        s.commit()
+    folding = Session(engine)
+    try:
+        report = fold_round(folding)  # holds the fold lock, not committed
+        assert report is not None and (report.batches, report.applied) == (1, 2)
+        with Session(engine) as s:
+            again = ingest(s, batch)
+            s.commit()
+        assert (again.duplicate, again.recorded) == (2, 0)
+        assert fold_committed(in_session_of(engine)) == FoldReport()  # taken: left to the holder
+        folding.commit()
+    finally:
+        folding.close()
+    assert fold_committed(in_session_of(engine)) == FoldReport()  # nothing left
+    copay, letters, _ = stored(engine)
+    assert (copay, letters) == ([1500], [])  # one key: 10.00 + 5.00, once
+
+
+def test_a_batch_committed_while_the_fold_is_held_is_folded_by_its_holder(engine: Engine) -> None:
+    """No batch is left behind. A fold round takes the lock and finds nothing; before it
+    commits, a batch commits and its own fold finds the lock taken and leaves. The holder looks
+    again after its commit and folds that batch (a holder that stopped at "found nothing" would
+    leave it unfolded until some later fold)."""
+    others: list[FoldReport] = []
+
+    def a_batch_lands_while_held(work: Any) -> Any:
+        with Session(engine) as session:
+            out = work(session)
+            if isinstance(out, FoldReport) and not others:
+                with Session(engine) as s:
+                    ingest(s, [version("evt-1", 1, "10.00")])
+                    s.commit()
+                others.append(fold_committed(in_session_of(engine)))
+            session.commit()
+            return out
+
+    total = fold_committed(a_batch_lands_while_held)
+    assert others == [FoldReport()], "the batch's own fold should have found the lock taken"
+    assert (total.batches, total.applied) == (1, 1)
+    copay, _, _ = stored(engine)
+    assert copay == [1000]

@@ -32,7 +32,7 @@ from sqlmodel import Session
 
 from models.sync import HOLDS
 from worker.db import age_seconds, as_utc, clock, session_scope, utcnow
-from worker.ops.queries import held, open_dead_letters, waiting_for_flush
+from worker.ops.queries import held, oldest_unfolded, open_dead_letters, waiting_for_flush
 from worker.settings import Settings, get_settings
 from worker.store import counters
 from worker.store.tables import T_BEAT
@@ -124,6 +124,21 @@ def access_check(session: Session, limits: Limits, now: datetime) -> Check:
         else "VBA accepts our credentials"
     )
     return Check("vba_access", not refused, age, limits.max_flush_age, reason)
+
+
+def fold_check(session: Session, limits: Limits, now: datetime) -> Check:
+    """Batches recorded and not folded into the totals: a change waits for its fold as it waits
+    for its flush, so the same limit holds (a fold that keeps failing shows here first)."""
+    count, oldest = oldest_unfolded(session)
+    age = _age(oldest, now) or 0.0
+    reason = (
+        f"{count} ingest batches wait for the fold, the oldest for {age:.0f}s: every worker "
+        "folds after its batches, the dispatcher every round and beat every tick; their logs "
+        "name a fold that fails (fold.failed)"
+        if count
+        else "every batch received is in the totals"
+    )
+    return Check("fold", age <= limits.max_dirty_age, age, limits.max_dirty_age, reason)
 
 
 def holds_check(session: Session) -> Check:
@@ -260,6 +275,7 @@ def store_checks(session: Session, limits: Limits, now: datetime) -> HealthRepor
             f"{what}; {count} accumulators waiting" if count else f"{what}; nothing waiting",
         )
     )
+    report.checks.append(fold_check(session, limits, now))
     report.checks.append(holds_check(session))
     report.checks.append(access_check(session, limits, now))
     report.checks.append(beat_check(session, limits))

@@ -86,6 +86,11 @@ def families(values: dict[str, Any], lengths: dict[str, int] | None) -> Iterator
     yield held
     yield GaugeMetricFamily("accumsync_accumulators", "Accumulator keys", value=s["accumulators"])
     yield GaugeMetricFamily(
+        "accumsync_batches_waiting_for_fold",
+        "Ingest batches recorded and not folded into the totals yet",
+        value=s["waiting_for_fold"],
+    )
+    yield GaugeMetricFamily(
         "accumsync_waiting_accumulators",
         "Keys waiting for a flush (held keys excluded)",
         value=s["waiting_for_flush"],
