@@ -1,5 +1,6 @@
-"""``accumsync.ingest``: one message = a list of raw ClaimEvent dicts (or its JSON text), applied in
-one transaction.
+"""``accumsync.ingest``: one message = a list of raw ClaimEvent dicts (or its JSON text), recorded
+in one transaction, then folded into the totals with whatever else is committed
+(docs/design.md, "Record, then fold").
 
 Enqueued by ``worker.ingest.producer.publish``. The message is acknowledged only after the commit
 (``acks_late``); a lost database connection, or a batch past its soft time limit, re-queues the

@@ -20,6 +20,7 @@ from worker.ops.retention import prune
 from worker.schedule import beat_schedule
 from worker.settings import Settings, get_settings
 from worker.store import counters
+from worker.store.tables import T_BATCH
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,19 @@ def test_old_audit_rows_are_pruned_and_every_figure_stays(store: str) -> None:
     assert after["items"] == before["items"] == {"200": 60}
     assert after["last_success_age_s"] is not None and after["last_success_age_s"] < 120
     assert prune(Settings(audit_retention_days=0)) == {}  # off: nothing deleted
+
+
+def test_a_batch_not_folded_is_kept_whatever_its_age(store: str) -> None:
+    """A batch whose versions wait for the fold (worker/store/fold.py) is not an audit row yet:
+    deleting it would leave its versions to no fold. It stays past the retention."""
+    old = datetime.now(UTC) - timedelta(days=40)
+    with db.session_scope() as s:
+        audit(s, old, 3)
+        s.execute(T_BATCH.insert().values(at=old, received=1))  # folded_at NULL
+    assert prune(Settings(audit_retention_days=30))["ingest_batch"] == 3
+    with db.session_scope() as s:
+        kept = s.execute(select(T_BATCH.c.folded_at)).scalars().all()
+    assert kept == [None]
 
 
 def test_beat_prunes_hourly_unless_retention_is_off() -> None:

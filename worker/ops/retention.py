@@ -42,8 +42,12 @@ def prune(settings: Settings, chunk: int = CHUNK) -> dict[str, int]:
 
 
 def _prune(table: Table, column: str, seconds: float, chunk: int) -> int:
-    """Delete ``table``'s rows whose ``column`` is older than ``seconds``, ``chunk`` at a time."""
-    old = select(table.c.id).where(table.c[column] < db_after(-seconds)).limit(chunk)
+    """Delete ``table``'s rows whose ``column`` is older than ``seconds``, ``chunk`` at a time.
+    A batch not folded yet is kept whatever its age: its versions' fold names it."""
+    old = select(table.c.id).where(table.c[column] < db_after(-seconds))
+    if table is T_BATCH:
+        old = old.where(T_BATCH.c.folded_at.is_not(None))
+    old = old.limit(chunk)
     total = 0
     while True:
         with session_scope() as session:
