@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, func, select
-from sqlmodel import Session
 
 from models.buckets import BUCKETS, VBA_FIELDS
 from tests.services import migrated
 from worker.db import make_engine
 from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_argv
 from worker.demo.streams import Key
-from worker.ops.queries import outcomes
-from worker.store.tables import T_ACCUM, T_DEAD
+from worker.store.tables import T_ACCUM, T_BATCH, T_DEAD
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
 
@@ -89,10 +87,14 @@ class Stack:
             assert wait_for(done, 120, 0.1), f"{len(events)} events not received in 120s"
 
     def items_received(self) -> int:
-        """``status``'s ``received`` (every item of every message), read straight from the
-        store: no CLI start per poll."""
-        with self.store() as conn, Session(bind=conn) as session:
-            return outcomes(session)["received"]
+        """``status``'s ``received`` (every item of every message) of the batches already folded
+        into the totals, read straight from the store: no CLI start per poll. A wait on it ends
+        once what was received is in the totals too (a batch is folded just after its commit,
+        by its worker or by whoever holds the fold)."""
+        b = T_BATCH.c
+        query = select(func.coalesce(func.sum(b.received), 0)).where(b.folded_at.is_not(None))
+        with self.store() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def open_letters(self, source: str, containing: str = "") -> int:
         """Open dead letters of ``source`` (whose payload holds ``containing``), counted straight
