@@ -35,7 +35,7 @@ from worker.db import insert, is_postgres, utcnow
 from worker.store import counters
 from worker.store.bulk import as_json, recordset, rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
-from worker.store.fold import fold_batches
+from worker.store.fold import BY_INDEX, fold_batches
 from worker.store.tables import CENTS_OF, KEY_COLS, T_BATCH, T_EVENT
 
 
@@ -152,8 +152,10 @@ def lock_claims(session: Session, claim_ids: list[str]) -> None:
     looks for a claim's stored versions only once no other uncommitted batch can add one.
     SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only writer already.
     """
-    if is_postgres(session) and claim_ids:
-        session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
+    if is_postgres(session):
+        session.execute(BY_INDEX)  # the versions' insert and lookups: by index, whatever stats
+        if claim_ids:
+            session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
 
 
 CLAIM_LOCK_SPACE: Final = 0x41430001

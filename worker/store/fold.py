@@ -387,10 +387,18 @@ def fold_batches(session: Session, batches: Sequence[int]) -> FoldReport:
 TRY_LOCK: Final = text("SELECT pg_try_advisory_xact_lock(:space, 0)").bindparams(
     space=FOLD_LOCK_SPACE
 )
-SERIAL: Final = text("SET LOCAL max_parallel_workers_per_gather = 0")
-"""A fold reads a few hundred rows by index: never worth parallel workers. Without this, a table
-whose statistics lag (10 million events received, none analyzed yet) made Postgres start workers
-for every fold: 46 of a fold's 52 ms went to gathering them."""
+BY_INDEX: Final = text(
+    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),"
+    " set_config('enable_mergejoin', 'off', true),"
+    " set_config('max_parallel_workers_per_gather', '0', true)"
+)
+"""For the rest of the transaction: index lookups driven by the batch's rows, never a scan of a
+table, a hash of one or parallel workers. A batch's statements touch a few hundred rows of
+tables of millions, which the planner only knows when their statistics are fresh. With stale
+ones (a store autovacuum has not analyzed yet) it scanned and hashed whole tables, or started
+parallel workers per fold: at 600,000 events received the versions' insert took 270 ms a batch
+and ingest fell to 1,200 events/s; at 6 million a fold spent 46 of its 52 ms gathering workers
+(3.8 ms without)."""
 UNFOLDED: Final = select(T_BATCH.c.id).where(T_BATCH.c.folded_at.is_(None)).order_by(T_BATCH.c.id)
 
 
@@ -400,7 +408,7 @@ def fold_round(session: Session, limit: int = MAX_BATCHES) -> FoldReport | None:
     if is_postgres(session):
         if not session.execute(TRY_LOCK).scalar_one():
             return None
-        session.execute(SERIAL)
+        session.execute(BY_INDEX)
     batches = list(session.execute(UNFOLDED.limit(limit)).scalars())
     return fold_batches(session, batches)
 
