@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Executable, bindparam, exists, func, literal, select, text, union_all, update
+from sqlalchemy import Executable, bindparam, exists, literal, select, text, union_all, update
 from sqlalchemy.dialects import postgresql
 from sqlmodel import Session
 
@@ -33,7 +33,7 @@ from models.ledger import Kind, decide
 from models.tables import CLAIM_CENTS
 from worker.db import insert, is_postgres, utcnow
 from worker.store import counters
-from worker.store.bulk import as_json, recordset, rows_where_in, upsert
+from worker.store.bulk import as_json, filled, recordset, rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
 from worker.store.fold import BY_INDEX, fold_batches
 from worker.store.tables import CENTS_OF, KEY_COLS, T_BATCH, T_EVENT
@@ -152,10 +152,8 @@ def lock_claims(session: Session, claim_ids: list[str]) -> None:
     looks for a claim's stored versions only once no other uncommitted batch can add one.
     SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only writer already.
     """
-    if is_postgres(session):
-        session.execute(BY_INDEX)  # the versions' insert and lookups: by index, whatever stats
-        if claim_ids:
-            session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
+    if is_postgres(session) and claim_ids:
+        session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
 
 
 CLAIM_LOCK_SPACE: Final = 0x41430001
@@ -232,6 +230,8 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     only writer), so its first round is exact.
     """
     postgres = is_postgres(session)
+    if postgres:
+        session.execute(BY_INDEX)  # the insert and lookups below: by index, whatever statistics
     inserted: set[str] = set()
     clean: set[str] = set()  # ids inserted as new versions: no other row holds id or version
     looked = not postgres
@@ -355,11 +355,7 @@ def NEW_VERSIONS() -> Executable:
     """``INSERT INTO received_event ... SELECT`` the bound rows whose (claim_id, version) no row
     holds, ``ON CONFLICT (event_id) DO NOTHING RETURNING event_id``, in event_id order."""
     rows = recordset(T_EVENT)
-    fill = dict.fromkeys(CLAIM_CENTS, 0)
-    values = [
-        func.coalesce(rows.c[n], literal(fill[n], T_EVENT.c[n].type)) if n in fill else rows.c[n]
-        for n in VERSION_COLUMNS
-    ]
+    values = filled(rows, T_EVENT, VERSION_COLUMNS, dict.fromkeys(CLAIM_CENTS, 0))
     values += [
         bindparam("batch_id", type_=T_EVENT.c.batch_id.type),
         bindparam("received_at", type_=T_EVENT.c.received_at.type),
@@ -409,8 +405,6 @@ def refuse(session: Session, item: Any, reason: str, now: datetime | None = None
 
 
 def record_batch(session: Session, result: IngestCounts, now: datetime, started: float) -> None:
-    """The batch's audit row, and its outcomes added to the counters (same transaction)."""
-    row: dict[str, Any] = dict(result.summary()) | {"at": now, "folded_at": now}
-    row["duration_ms"] = int((time.perf_counter() - started) * 1000)
-    session.execute(insert(session, T_BATCH).values(row))
-    counters.add(session, {f"events.{k}": n for k, n in result.summary().items()})
+    """The audit row of a batch with nothing to fold, and its outcomes added to the counters
+    (same transaction)."""
+    close_batch(session, open_batch(session, now), result, now, started, folded=True)

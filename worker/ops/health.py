@@ -32,9 +32,10 @@ from sqlmodel import Session
 
 from models.sync import HOLDS
 from worker.db import age_seconds, as_utc, clock, session_scope, utcnow
-from worker.ops.queries import held, oldest_unfolded, open_dead_letters, waiting_for_flush
+from worker.ops.queries import held, open_dead_letters, waiting_for_flush
 from worker.settings import Settings, get_settings
 from worker.store import counters
+from worker.store.fold import oldest_unfolded
 from worker.store.tables import T_BEAT
 
 SUCCESS = ("ok", "partial", "recovered")

@@ -10,7 +10,8 @@ from sqlmodel import Session
 
 from models.ledger import Kind
 from worker.store import counters
-from worker.store.tables import T_ACCUM, T_BATCH, T_DEAD, awaits_flush
+from worker.store.fold import unfolded
+from worker.store.tables import T_ACCUM, T_DEAD, awaits_flush
 
 SOURCES = ("ingest", "flush", "plans", "broker")
 
@@ -32,15 +33,7 @@ def waiting_for_flush(session: Session) -> tuple[int, datetime | None]:
 
 def waiting_for_fold(session: Session) -> int:
     """Ingest batches committed and not folded into the totals yet (worker/store/fold.py)."""
-    return oldest_unfolded(session)[0]
-
-
-def oldest_unfolded(session: Session) -> tuple[int, datetime | None]:
-    """Ingest batches committed and not folded yet, and when the oldest of them began."""
-    b = T_BATCH.c
-    query = select(func.count(), func.min(b.at)).where(b.folded_at.is_(None))
-    count, oldest = session.execute(query).one()
-    return int(count), oldest
+    return unfolded(session)
 
 
 def open_dead_letters(session: Session) -> dict[str, int]:

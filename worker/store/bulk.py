@@ -55,6 +55,17 @@ def recordset(table: Table) -> TableValuedAlias:
     return func.json_populate_recordset(rowtype, rows).table_valued(*table.c.keys()).alias("rows")
 
 
+def filled(
+    rows: TableValuedAlias, table: Table, names: Sequence[str], fill: Mapping[str, Any]
+) -> list[ColumnElement[Any]]:
+    """The recordset's ``names`` columns, each in ``fill`` defaulting to its value there (so a
+    sparse row carries only what it sets)."""
+    return [
+        func.coalesce(rows.c[n], literal(fill[n], table.c[n].type)) if n in fill else rows.c[n]
+        for n in names
+    ]
+
+
 def as_json(rows: Rows) -> str:
     """The rows as one JSON array, timestamps and dates in ISO 8601 (pydantic-core's encoder,
     4x the standard library's here). Timestamps must be aware: every one written is either
@@ -158,10 +169,7 @@ def statement(shape: Shape) -> Executable:
     stmt = dialect_insert(table, shape.postgres)
     if shape.postgres:
         rows = recordset(table)
-        values = [
-            func.coalesce(rows.c[n], literal(fill[n], table.c[n].type)) if n in fill else rows.c[n]
-            for n in shape.names
-        ]
+        values = filled(rows, table, shape.names, fill)
         values += [bindparam(f"same_{n}", type_=table.c[n].type) for n in shape.same]
         query = select(*values).order_by(*[rows.c[n] for n in shape.order_by])
         stmt = stmt.from_select([*shape.names, *shape.same], query)

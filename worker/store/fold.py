@@ -32,6 +32,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Final, TypeVar
 
@@ -99,12 +100,11 @@ class Counted:
             self.quarantined[batch] = self.quarantined.get(batch, 0) + n
 
 
-def values_in(postgres: bool, param: str, cast: str = "") -> str:
-    """A subquery of the values of the JSON array bound as ``param`` (cast to ``cast``)."""
+def values_in(postgres: bool, param: str) -> str:
+    """A subquery of the values of the JSON array bound as ``param``."""
     if not postgres:
         return f"SELECT value FROM json_each(:{param})"
-    value = f"CAST(value AS {cast})" if cast else "value"
-    return f"SELECT {value} FROM json_array_elements_text(CAST(:{param} AS json))"
+    return f"SELECT value FROM json_array_elements_text(CAST(:{param} AS json))"
 
 
 def scope(postgres: bool, by_claim: bool) -> str:
@@ -413,10 +413,17 @@ def fold_round(session: Session, limit: int = MAX_BATCHES) -> FoldReport | None:
     return fold_batches(session, batches)
 
 
+def oldest_unfolded(session: Session) -> tuple[int, datetime | None]:
+    """Batches committed and not folded yet, and when the oldest of them began."""
+    b = T_BATCH.c
+    query = select(func.count(), func.min(b.at)).where(b.folded_at.is_(None))
+    count, oldest = session.execute(query).one()
+    return int(count), oldest
+
+
 def unfolded(session: Session) -> int:
     """Batches committed and not folded yet."""
-    query = select(func.count()).select_from(T_BATCH).where(T_BATCH.c.folded_at.is_(None))
-    return int(session.execute(query).scalar_one())
+    return oldest_unfolded(session)[0]
 
 
 def fold_committed(run: Callable[[Callable[[Session], Any]], Any] = in_transaction) -> FoldReport:
