@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from redis import Redis
 from sqlalchemy import Connection, func, select
 
 from models.buckets import BUCKETS, VBA_FIELDS
@@ -20,7 +21,9 @@ from tests.services import migrated
 from worker.db import make_engine
 from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_argv
 from worker.demo.streams import Key
+from worker.settings import Settings
 from worker.store.tables import T_ACCUM, T_BATCH, T_DEAD
+from worker.vba.auth import store_prefix
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
 
@@ -154,6 +157,19 @@ class Stack:
     def use_sandbox(self, env: dict[str, str]) -> None:
         """Point the stack's VBA settings at a sandbox (its ACCUMSYNC_VBA_* variables only)."""
         self.env.update({k: v for k, v in env.items() if k.startswith("ACCUMSYNC_VBA_")})
+        self.forget_vba_token()
+
+    def forget_vba_token(self) -> None:
+        """Delete the fleet's shared token for this VBA from Redis. A sandbox knows no token when
+        it starts, but one an earlier sandbox on the same port issued can still be in Redis
+        under the same key: a worker would send it, be refused, try a refresh and log in, and a
+        test counting VBA's calls would see calls it did not cause."""
+        prefix = "ACCUMSYNC_"
+        values = {k[len(prefix) :].lower(): v for k, v in self.env.items() if k.startswith(prefix)}
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        if url := settings.effective_redis_url:
+            with Redis.from_url(url) as redis:
+                redis.delete(f"{store_prefix(settings)}:token")
 
     def logs(self) -> str:
         return "\n".join(c.output() for c in self.children)

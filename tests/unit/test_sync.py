@@ -147,10 +147,13 @@ def test_a_protocol_run_against_a_simulated_vba_counts_every_share_once(
     landed = False  # whether the write of the intent still pending landed
     for n, (own, ledger, lands, how) in enumerate(rounds):
         vba_own = own or vba_own
-        # The rule takes VBA's row equal to our target as landed: a VBA write that makes it
-        # so, to the cent on all 30 fields, while ours did not land, is the one it can't see.
-        pending = item.intent
-        assume(pending is None or landed or plus(vba_own, vba_ours) != pending.target)
+        # The rule takes VBA's row equal to our target as landed, and equal to the row it was
+        # computed from as not landed: a VBA write that makes it so, to the cent on all 30
+        # fields, while ours did not land (or while ours landed: VBA took back exactly our
+        # change) is the coincidence it can't see.
+        pending, holds = item.intent, plus(vba_own, vba_ours)
+        assume(pending is None or landed or holds != pending.target)
+        assume(pending is None or not landed or holds != pending.before)
         item = Item(1, item.key, n + 1, ledger, item.pushed, item.intent)
         decided = plan(item, plus(vba_own, vba_ours), "shared")
         if decided.act is Act.HOLD:
