@@ -101,7 +101,12 @@ class Settings(BaseSettings):
         description="VBA calls/s of the fleet's token bucket (shared through Redis, or the "
         "store on the embedded defaults)",
     )
-    vba_burst: int = Field(default=50, ge=1, description="the token bucket's burst")
+    vba_burst: int = Field(
+        default=50,
+        ge=1,
+        description="VBA's burst; our bucket lets out a tenth less (at least 2 fewer), so calls "
+        "delayed on their way do not arrive beside later ones as more than VBA's bucket holds",
+    )
     vba_batch_max: int = Field(default=100, ge=1, le=10_000, description="items per batch PUT")
     vba_timeout: float = Field(
         default=30.0,
