@@ -17,6 +17,7 @@ import pytest
 from tests.stack import Stack, remote_totals, same_totals
 from worker.demo.sandboxes import SandboxHandle
 from worker.demo.streams import StreamSpec, expected_totals, generate
+from worker.vba.client import VbaClient
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +126,28 @@ def test_a_403_pauses_the_fleet_and_dead_letters_nothing(
     stack.flush_wait(timeout=120)
     assert same_totals(remote_totals(sandbox.admin.rows()), expected_totals(events)) == []
     assert "auth.refresh" not in sandbox.admin.counters()["by_route"]
+
+
+def test_a_stack_on_a_new_sandbox_holds_no_token_an_earlier_one_issued(
+    make_stack: Callable[..., Stack],
+    redis_url: str,
+    sandboxes: Callable[..., SandboxHandle],
+) -> None:
+    """A sandbox knows no token when it starts, but Redis can still hold the fleet's token that
+    an earlier sandbox on the same port issued. A stack pointed at the new one forgets it, so a
+    count of VBA's calls holds only the calls the test caused. (test_a_403_... above once saw
+    {'accumulators.list': {'401': 2}, 'auth.refresh': {'401': 1}, 'auth.login': {'200': 1}}
+    in CI: the stale token refused, its refresh refused, a login.)"""
+    sandbox = sandboxes(dialect="strict")
+    with VbaClient(sandbox.settings(redis_url=redis_url)) as client:
+        client.list_accumulators(SUB, GROUP)  # logs in: the token is in Redis
+    sandbox.stop()
+    sandbox.start()  # the same port, a VBA that issued no token
+    make_stack(broker_url=redis_url).use_sandbox(sandbox.env())
+    with VbaClient(sandbox.settings(redis_url=redis_url)) as client:
+        client.list_accumulators(SUB, GROUP)
+    routes = sandbox.admin.counters()["by_route"]
+    assert routes["auth.login"] == {"200": 1} and "auth.refresh" not in routes, routes
 
 
 def test_keys_vba_takes_as_one_row_are_one_ledger_key(
