@@ -125,7 +125,8 @@ def test_rabbitmq_connections_closed_and_app_stopped_lose_nothing(
     settings = Settings(broker_url=url, queue=stack.queue)
     backlog = queue_lengths(settings)  # health's backlog figure, read over AMQP
     assert set(backlog.values()) == {0}, backlog
-    assert all(w.alive() for w in workers), stack.logs()[-8000:]
+    dead = [w for w in workers if not w.alive()]
+    assert not dead, "\n".join(f"{w.name} exited:\n{w.output()[-6000:]}" for w in dead)
     chaos.finish(
         stack,
         valid,
