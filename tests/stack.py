@@ -23,7 +23,7 @@ from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_
 from worker.demo.streams import Key
 from worker.settings import Settings
 from worker.store.tables import T_ACCUM, T_BATCH, T_DEAD
-from worker.vba.auth import store_prefix
+from worker.vba.auth import RedisTokenStore, store_prefix
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
 
@@ -169,7 +169,7 @@ class Stack:
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
         if url := settings.effective_redis_url:
             with Redis.from_url(url) as redis:
-                redis.delete(f"{store_prefix(settings)}:token")
+                redis.delete(RedisTokenStore(redis, store_prefix(settings)).key)
 
     def logs(self) -> str:
         return "\n".join(c.output() for c in self.children)

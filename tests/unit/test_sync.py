@@ -155,7 +155,7 @@ def test_a_protocol_run_against_a_simulated_vba_counts_every_share_once(
         assume(pending is None or landed or holds != pending.target)
         assume(pending is None or not landed or holds != pending.before)
         item = Item(1, item.key, n + 1, ledger, item.pushed, item.intent)
-        decided = plan(item, plus(vba_own, vba_ours), "shared")
+        decided = plan(item, holds, "shared")
         if decided.act is Act.HOLD:
             return assert_truth_is_a_candidate(decided.detail, vba_own)
         item = applied(item, decided)
