@@ -229,6 +229,10 @@ class ChaosStack(Stack):
         """Distinct events the store has recorded (each event_id once, however delivered)."""
         return self.scalar("SELECT count(*) FROM received_event")
 
+    def unfolded(self) -> int:
+        """Batches recorded and not folded into the totals yet."""
+        return self.scalar("SELECT count(*) FROM ingest_batch WHERE folded_at IS NULL")
+
     def dead(self, source: str = "ingest") -> int:
         return self.scalar(f"SELECT count(*) FROM dead_letter WHERE source = '{source}'")
 
