@@ -7,10 +7,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from tests.chaos.conftest import PrivateRedis
 from tests.stack import Stack
 from worker import redisbroker, redisstock
+from worker.db import make_engine, upgrade
 from worker.demo.sandboxes import SandboxHandle, running_sandbox
 
 FAST_RETRIES = {"backoff_base": "0.1", "backoff_max": "1", "max_attempts": "200"}
@@ -30,6 +32,15 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 def redis_fetch(request: pytest.FixtureRequest) -> type:
     """Each Redis fetch a broker test holds to: the reliable one (the default) and kombu's."""
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """An engine on a fresh, migrated PostgreSQL database of the test's own."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ a way that makes the second wait for the first and then see it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,9 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from models.tables import DeadLetter, ReceivedEvent
-from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
-from worker.db import make_engine, upgrade
 from worker.ingest.store import IngestCounts, ingest
 from worker.store.fold import FoldReport, fold_committed, fold_round, in_session_of
 from worker.store.tables import T_ACCUM
@@ -28,24 +25,14 @@ from worker.store.tables import T_ACCUM
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def engine(postgres: str) -> Iterator[Engine]:
-    name, url = create_database()
-    upgrade(url)
-    eng = make_engine(url)
-    yield eng
-    eng.dispose()
-    drop_database(name)
-
-
 def event(claim_id: str, copay: str) -> dict[str, Any]:
     """The same event id on ``claim_id``, with its own copay (so different content)."""
     return {**BASE, "event_id": "evt-reused", "claim_id": claim_id, "amounts": {"copay": copay}}
 
 
-def blocked_on_a_lock(engine: Engine) -> bool:
+def blocked_on_a_lock(pg_engine: Engine) -> bool:
     """Some other backend of this database waits for a lock right now."""
-    with engine.connect() as conn:
+    with pg_engine.connect() as conn:
         waiting = conn.execute(
             text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -56,12 +43,12 @@ def blocked_on_a_lock(engine: Engine) -> bool:
 
 
 def concurrently(
-    engine: Engine, first_batch: list[dict[str, Any]], second_batch: list[dict[str, Any]]
+    pg_engine: Engine, first_batch: list[dict[str, Any]], second_batch: list[dict[str, Any]]
 ) -> tuple[IngestCounts, IngestCounts, bool, FoldReport]:
     """Ingest ``first_batch`` in one session and, before it commits, ``second_batch`` in another;
     the two outcomes, whether the second was waiting on a lock when the first committed, and
     what the fold of both then did."""
-    first, second = Session(engine), Session(engine)
+    first, second = Session(pg_engine), Session(pg_engine)
     outcome: dict[str, IngestCounts] = {}
 
     def ingest_second() -> None:
@@ -73,20 +60,20 @@ def concurrently(
         thread = threading.Thread(target=ingest_second)
         thread.start()
         thread.join(timeout=3)
-        waited = thread.is_alive() and blocked_on_a_lock(engine)
+        waited = thread.is_alive() and blocked_on_a_lock(pg_engine)
         first.commit()
         thread.join(timeout=30)
         assert not thread.is_alive()
     finally:
         first.close()
         second.close()
-    return outcome["first"], outcome["second"], waited, fold_committed(in_session_of(engine))
+    return outcome["first"], outcome["second"], waited, fold_committed(in_session_of(pg_engine))
 
 
-def stored(engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, int]]]:
+def stored(pg_engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, int]]]:
     """(copay totals, dead-letter reasons, received (event_id, claim_id, version)) of the
     store."""
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         copay = s.execute(select(T_ACCUM.c.copay_total)).scalars().all()
         letters = s.execute(select(DeadLetter.reason)).scalars().all()  # type: ignore[call-overload]
         received = s.execute(
@@ -95,12 +82,12 @@ def stored(engine: Engine) -> tuple[list[int], list[str], list[tuple[str, str, i
     return list(copay), list(letters), sorted(map(tuple, received))
 
 
-def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(engine: Engine) -> None:
+def test_one_event_id_on_two_claims_in_concurrent_batches_counts_once(pg_engine: Engine) -> None:
     """The second batch waits for the first, sees its event id and dead-letters a conflict."""
     first, second, waited, folded = concurrently(
-        engine, [event("claim-a", "10.00")], [event("claim-b", "20.00")]
+        pg_engine, [event("claim-a", "10.00")], [event("claim-b", "20.00")]
     )
-    copay, letters, received = stored(engine)
+    copay, letters, received = stored(pg_engine)
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
     assert (first.recorded, second.conflict, folded.applied) == (1, 1, 1)
     assert letters == ["event_id: already received with different content"]
@@ -115,14 +102,14 @@ def version(event_id: str, number: int, copay: str) -> dict[str, Any]:
 
 
 def test_one_version_of_a_new_claim_with_two_contents_in_concurrent_batches_counts_once(
-    engine: Engine,
+    pg_engine: Engine,
 ) -> None:
     """A claim with no row yet is locked all the same: the second batch waits on the claim,
     then finds its version received with other content (a conflict), not a new claim."""
     first, second, waited, folded = concurrently(
-        engine, [version("evt-1", 1, "10.00")], [version("evt-2", 1, "20.00")]
+        pg_engine, [version("evt-1", 1, "10.00")], [version("evt-2", 1, "20.00")]
     )
-    copay, letters, received = stored(engine)
+    copay, letters, received = stored(pg_engine)
     assert sum(copay) == 1000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 10.00"
     assert (first.recorded, second.conflict, folded.applied) == (1, 1, 1)
     assert letters == ["claim_id+version: version 1 already received with different content"]
@@ -131,13 +118,13 @@ def test_one_version_of_a_new_claim_with_two_contents_in_concurrent_batches_coun
 
 
 def test_two_versions_of_a_new_claim_in_concurrent_batches_leave_the_highest(
-    engine: Engine,
+    pg_engine: Engine,
 ) -> None:
     """The lower version, arriving second, is stale: the claim contributes version 2 only."""
     _, _, waited, folded = concurrently(
-        engine, [version("evt-2", 2, "20.00")], [version("evt-1", 1, "10.00")]
+        pg_engine, [version("evt-2", 2, "20.00")], [version("evt-1", 1, "10.00")]
     )
-    copay, letters, received = stored(engine)
+    copay, letters, received = stored(pg_engine)
     assert sum(copay) == 2000, f"copay counted {sum(copay) / 100:.2f}, the contract gives 20.00"
     assert (folded.applied, folded.stale, letters) == (1, 1, [])
     assert received == [("evt-1", "claim-new", 1), ("evt-2", "claim-new", 2)]
@@ -145,25 +132,25 @@ def test_two_versions_of_a_new_claim_in_concurrent_batches_leave_the_highest(
 
 
 def test_received_row_is_the_event_the_batch_applied_not_its_first_delivery(
-    engine: Engine,
+    pg_engine: Engine,
 ) -> None:
     """An id whose first delivery in a batch is refused keeps the row of the one applied."""
     stored = {**BASE, "event_id": "evt-0", "claim_id": "claim-c", "version": 1}
     clash = {**stored, "event_id": "evt-1", "amounts": {"copay": "99.00"}}  # version 1 again
     later = {**stored, "event_id": "evt-1", "version": 2, "amounts": {"copay": "5.00"}}
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         ingest(s, [stored])
         s.commit()
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         result = ingest(s, [clash, later])
         s.commit()
     assert (result.conflict, result.recorded) == (1, 1)
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         rows = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.version)).all()  # type: ignore[call-overload]
     assert sorted(map(tuple, rows)) == [("evt-0", 1), ("evt-1", 2)]
 
 
-def test_two_batches_making_one_new_pair_both_land_on_it(engine: Engine) -> None:
+def test_two_batches_making_one_new_pair_both_land_on_it(pg_engine: Engine) -> None:
     """Two batches on different claims of one new member: the second waits for the first's new
     (subscriber, group) pair, then finds it, and both keys' rows name that one pair."""
     same_member = {"subscriber_id": "S0000042", "group_id": "GRPNEW"}
@@ -171,9 +158,9 @@ def test_two_batches_making_one_new_pair_both_land_on_it(engine: Engine) -> None
     second_batch = [
         {**BASE, **same_member, "event_id": "evt-b", "claim_id": "claim-b", "benefit_code": "RX"}
     ]
-    first, second, waited, folded = concurrently(engine, first_batch, second_batch)
+    first, second, waited, folded = concurrently(pg_engine, first_batch, second_batch)
     assert (first.recorded, second.recorded, folded.applied) == (1, 1, 2)
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         pairs = s.execute(text("SELECT id FROM pair")).scalars().all()
         named = s.execute(text("SELECT pair_id FROM accumulator ORDER BY benefit_code")).all()
     assert len(pairs) == 1 and [p for (p,) in named] == [pairs[0], pairs[0]]
@@ -190,44 +177,46 @@ OLDER_RELEASE_LOCK = text(
 
 @pytest.mark.parametrize("claim", ["claim-stored", "claim-unseen"])
 def test_an_older_releases_worker_cannot_lock_a_claim_beside_this_one(
-    engine: Engine, claim: str
+    pg_engine: Engine, claim: str
 ) -> None:
     """During a rolling upgrade an older worker's lock (which this release's advisory locks
     would not see) is refused by the store, for a claim stored or not: its batch is retried
     until a worker of this release takes it, and never applied beside one."""
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         ingest(s, [{**BASE, "event_id": "evt-0", "claim_id": "claim-stored"}])
         s.commit()
-    with Session(engine) as s, pytest.raises(IntegrityError, match="ck_claim_applied"):
+    with Session(pg_engine) as s, pytest.raises(IntegrityError, match="ck_claim_applied"):
         s.execute(OLDER_RELEASE_LOCK, {"claim": claim})
 
 
-def test_a_redelivery_during_a_fold_counts_once(engine: Engine) -> None:
+def test_a_redelivery_during_a_fold_counts_once(pg_engine: Engine) -> None:
     """A batch is redelivered while a fold of its first delivery holds the fold (applied, not
     committed): the redelivery finds every event recorded (duplicates), a second folder finds
     the fold taken and leaves it, and once the fold commits the totals hold the batch once."""
     batch = [version("evt-1", 1, "10.00"), {**event("claim-b", "5.00"), "event_id": "evt-b"}]
-    with Session(engine) as s:
+    with Session(pg_engine) as s:
         ingest(s, batch)
         s.commit()
-    folding = Session(engine)
+    folding = Session(pg_engine)
     try:
         report = fold_round(folding)  # holds the fold lock, not committed
         assert report is not None and (report.batches, report.applied) == (1, 2)
-        with Session(engine) as s:
+        with Session(pg_engine) as s:
             again = ingest(s, batch)
             s.commit()
         assert (again.duplicate, again.recorded) == (2, 0)
-        assert fold_committed(in_session_of(engine)) == FoldReport()  # taken: left to the holder
+        assert fold_committed(in_session_of(pg_engine)) == FoldReport()  # taken: left to the holder
         folding.commit()
     finally:
         folding.close()
-    assert fold_committed(in_session_of(engine)) == FoldReport()  # nothing left
-    copay, letters, _ = stored(engine)
+    assert fold_committed(in_session_of(pg_engine)) == FoldReport()  # nothing left
+    copay, letters, _ = stored(pg_engine)
     assert (copay, letters) == ([1500], [])  # one key: 10.00 + 5.00, once
 
 
-def test_a_batch_committed_while_the_fold_is_held_is_folded_by_its_holder(engine: Engine) -> None:
+def test_a_batch_committed_while_the_fold_is_held_is_folded_by_its_holder(
+    pg_engine: Engine,
+) -> None:
     """No batch is left behind. A fold round takes the lock and finds nothing; before it
     commits, a batch commits and its own fold finds the lock taken and leaves. The holder looks
     again after its commit and folds that batch (a holder that stopped at "found nothing" would
@@ -235,18 +224,18 @@ def test_a_batch_committed_while_the_fold_is_held_is_folded_by_its_holder(engine
     others: list[FoldReport] = []
 
     def a_batch_lands_while_held(work: Any) -> Any:
-        with Session(engine) as session:
+        with Session(pg_engine) as session:
             out = work(session)
             if isinstance(out, FoldReport) and not others:
-                with Session(engine) as s:
+                with Session(pg_engine) as s:
                     ingest(s, [version("evt-1", 1, "10.00")])
                     s.commit()
-                others.append(fold_committed(in_session_of(engine)))
+                others.append(fold_committed(in_session_of(pg_engine)))
             session.commit()
             return out
 
     total = fold_committed(a_batch_lands_while_held)
     assert others == [FoldReport()], "the batch's own fold should have found the lock taken"
     assert (total.batches, total.applied) == (1, 1)
-    copay, _, _ = stored(engine)
+    copay, _, _ = stored(pg_engine)
     assert copay == [1000]
