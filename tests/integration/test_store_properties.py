@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
 from models.ledger import Kind, totals
+from tests.unit.test_events import BASE
 from tests.services import create_database, drop_database
 from tests.stack import Stack, same_totals
 from tests.unit.test_ledger_properties import (
@@ -98,6 +99,19 @@ def test_statements_are_built_once_per_shape(pg_store: tuple[str, Engine]) -> No
     cuts=st.lists(st.integers(1, 10), min_size=1, max_size=6),
     folds=st.lists(st.booleans(), min_size=1, max_size=4),
 )
+@example(
+    # Batch 2 repeats version 0 under a new id, after reusing its id for other content: the new
+    # id was recorded in the first round, then found a conflict too (recorded and refused).
+    delivered=[
+        {**BASE, "event_id": "c0-v0", "version": 0, "amounts": {}},
+        {**BASE, "event_id": "c0-v1", "version": 1, "amounts": {}},
+        {**BASE, "event_id": "c0-v0", "version": 0, "amounts": {"copay": "7777.77"}},
+        {**BASE, "event_id": "c0-v0-again0", "version": 0, "amounts": {"copay": "7777.77"}},
+        {**BASE, "event_id": "c0-v2", "version": 2, "amounts": {}},
+    ],
+    cuts=[2],
+    folds=[False],
+)
 def test_postgres_store_equals_the_sequential_law_with_conflicts(
     tmp_path_factory: pytest.TempPathFactory,
     pg_store: tuple[str, Engine],
@@ -160,3 +174,28 @@ def test_concurrent_batches_and_folds_equal_the_oracle(
     fold_committed(in_session_of(engine))
     stack = Stack(tmp_path_factory.mktemp("concurrent"), database_url=url)
     assert same_totals(stack.totals(), expected_totals(events)) == []
+
+
+def test_an_id_recorded_as_a_repeat_that_turns_out_the_version_is_folded(
+    pg_store: tuple[str, Engine],
+) -> None:
+    """A batch holds version 1 twice, under id "a" and then under id "b", with one content. The
+    store holds "a" already, for version 0: so "a" is a conflict and "b" is version 1 itself.
+    The optimistic first round decided "b" a repeat of "a"'s version and recorded it with no
+    batch; the second round, seeing "a" stored, decided "b" the version, and left it unfolded.
+    On that code the copay stayed at version 0's 1.00: ``assert [100] == [500]``."""
+    _, engine = pg_store
+    emptied(engine)
+    first = {**BASE, "event_id": "a", "version": 0, "amounts": {"copay": "1.00"}}
+    reused = {**BASE, "event_id": "a", "version": 1, "amounts": {"copay": "5.00"}}
+    repeat = {**BASE, "event_id": "b", "version": 1, "amounts": {"copay": "5.00"}}
+    ingest_in_batches(engine, [first, reused, repeat], [1, 2])
+    with engine.connect() as conn:
+        copay = conn.execute(text("SELECT copay_total FROM accumulator")).scalars().all()
+        unfolded = conn.execute(
+            text("SELECT event_id FROM received_event WHERE batch_id IS NULL")
+        ).scalars()
+        assert list(copay) == [500]
+        assert list(unfolded) == []
+    fold, received = sequential_law([first, reused, repeat])
+    assert recorded_and_conflicts(engine) == (received, fold.counts[Kind.CONFLICT])

@@ -132,14 +132,19 @@ CONFLICTING_COPAY = "7777.77"  # above every amount the strategies draw: always 
 
 @st.composite
 def with_conflicts(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """A delivery with conflicts among it: an event id delivered again with other content, and a
-    version delivered again under a new event id with other content, anywhere in the stream."""
+    """A delivery with conflicts among it, anywhere in the stream: an event id delivered again
+    with other content, a version delivered again under a new event id with other content, and
+    one event's content delivered under another's id (an id reused on another version)."""
     _, delivered = draw(deliveries())
     out = list(delivered)
     for n in range(draw(st.integers(1, 4))):
         base = draw(st.sampled_from(delivered))
-        changed = {**base, "amounts": {**base["amounts"], "copay": CONFLICTING_COPAY}}
-        if draw(st.booleans()):
+        kind = draw(st.sampled_from(["same id", "new id", "other id"]))
+        if kind == "other id":
+            changed = {**base, "event_id": draw(st.sampled_from(delivered))["event_id"]}
+        else:
+            changed = {**base, "amounts": {**base["amounts"], "copay": CONFLICTING_COPAY}}
+        if kind == "new id":
             changed["event_id"] = f"{base['event_id']}-again{n}"
         out.insert(draw(st.integers(0, len(out))), changed)
     return out

@@ -24,7 +24,17 @@ from functools import lru_cache
 from typing import Any, Final
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import Executable, bindparam, exists, literal, select, text, union_all, update
+from sqlalchemy import (
+    Executable,
+    bindparam,
+    delete,
+    exists,
+    literal,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlmodel import Session
 
@@ -226,30 +236,51 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     uncommitted row of the same id. When every row went in and the batch names nothing twice,
     that was exact (the common case: one statement). Otherwise the stored hashes of the batch's
     ids and claims are read and the batch decided again, and what is now received but not yet
-    inserted is inserted, until a round inserts all it meant to. SQLite reads first (it is the
-    only writer), so its first round is exact.
+    inserted is inserted, until a round inserts all it meant to; a row an earlier round inserted
+    that the batch, decided again, no longer records as it was inserted is taken out first
+    (:func:`undo`). SQLite reads first (it is the only writer), so its first round is exact.
     """
     postgres = is_postgres(session)
     if postgres:
         session.execute(BY_INDEX)  # the insert and lookups below: by index, whatever statistics
-    inserted: set[str] = set()
+    inserted: dict[str, bool] = {}  # event id -> inserted as a version for the fold
     clean: set[str] = set()  # ids inserted as new versions: no other row holds id or version
     looked = not postgres
-    by_event, by_version = ({}, {}) if postgres else look_up(session, good, inserted)
+    by_event, by_version = ({}, {}) if postgres else look_up(session, good, set(inserted))
     for _ in range(ROUNDS):
         plan = classify(good, by_event, by_version)
+        undo(session, inserted, plan)
+        clean &= set(inserted)
         wanted = [r for r in plan.received if r[0].event_id not in inserted]
         made = insert_versions(session, wanted, batch_id, now)
-        inserted |= made
+        inserted |= {e.event_id: fold for e, _, fold in wanted if e.event_id in made}
         clean |= made & {e.event_id for e, _, fold in wanted if fold}
         if len(made) == len(wanted) and (looked or not plan.repeats):
             return plan
         # Only the events whose id or version may be stored are looked up: a redelivered
         # batch's, or the few a batch repeats (a batch of 500 read all 500 for one repeat).
         unsure = [g for g in good if g[0].event_id not in clean]
-        by_event, by_version = look_up(session, unsure, inserted)
+        by_event, by_version = look_up(session, unsure, set(inserted))
         looked = True
     raise RuntimeError(f"ingest: the batch's events were still contended after {ROUNDS} rounds")
+
+
+def undo(session: Session, inserted: dict[str, bool], plan: Plan) -> None:
+    """Delete the rows this transaction inserted that ``plan`` does not record as they were
+    inserted, and forget them as inserted (the round then inserts them again, if received).
+
+    An earlier round decided with less of the store in view. One more event id for a version
+    (inserted with no batch) can turn out to be the version itself: the event before it in the
+    batch, the one it repeated, reuses an event id the store holds for other content, so that
+    one is a conflict. Left with no batch, that version was never folded (its money lost, and
+    every redelivery of it a duplicate). Or the extra id turns out a conflict itself, and was
+    both dead-lettered and recorded."""
+    wanted = {e.event_id: fold for e, _, fold in plan.received}
+    stray = sorted(eid for eid, fold in inserted.items() if wanted.get(eid) != fold)
+    if stray:
+        session.execute(delete(T_EVENT).where(T_EVENT.c.event_id.in_(stray)))
+        for eid in stray:
+            del inserted[eid]
 
 
 def look_up(
