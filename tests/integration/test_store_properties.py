@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
 from models.ledger import Kind, totals
-from tests.unit.test_events import BASE
 from tests.services import create_database, drop_database
 from tests.stack import Stack, same_totals
+from tests.unit.test_events import BASE
 from tests.unit.test_ledger_properties import (
     as_vba,
     deliveries,
