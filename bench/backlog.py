@@ -2,18 +2,19 @@
 
 ``python -m bench.backlog [--events 40000] [--members 40000] [--batch 500]`` records a
 realistic stream of mostly new members (a backfill: nearly every key and pair is new) into a
-fresh Postgres database from this process, one transaction per batch, as a worker does, in two
-ways:
+fresh Postgres database from this process, one transaction per batch, as a worker does, in
+several ways:
 
 - steady: each batch folded after its commit (a fold keeping up, one batch at a time);
 - backlog: every batch recorded first, then folded by ``fold_committed`` as a worker catching up
   does (folds of up to ``MAX_BATCHES`` batches, each its own transaction).
 
-It reports the fold's time per event in both and their ratio: a fold whose cost grows with the
-versions it takes, and not with their square, folds a backlog at about the steady cost or less
-(bench/README.md, finding 16: the accumulators' insert once rescanned the new pairs per row, and
-a backlog fold of 19,000 versions took 17.5 s). Both stores' totals are checked to the cent
-against the independent oracle. Baseline: the steady fold in the same run.
+With ``--every`` (default 4) it also folds after every N-th batch, a cadence between the two.
+It reports the fold's time per event in each, and the backlog's ratio to steady: a fold whose
+cost grows with the versions it takes, and not with their square, folds a backlog at about the
+steady cost or less (bench/README.md, finding 16: the accumulators' insert once rescanned the
+new pairs per row, and a backlog fold of 19,000 versions took 17.5 s). Every store's totals are
+checked to the cent against the independent oracle. Baseline: the steady fold in the same run.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from worker.ingest.store import ingest
 from worker.store.fold import fold_committed, in_session_of
 
 
-def record_and_fold(url: str, events: list[Any], batch: int, steady: bool) -> tuple[float, int]:
-    """Record ``events`` in batches (folding each one after its commit when ``steady``, else
-    all of them at the end); the fold's seconds in all and the folds' batch counts' maximum."""
+def record_and_fold(url: str, events: list[Any], batch: int, every: int) -> tuple[float, int]:
+    """Record ``events`` in batches, folding after every ``every``-th batch's commit (0: all of
+    them at the end); the fold's seconds in all and the folds' batch counts' maximum."""
     engine = make_engine(url)
     folding, largest = 0.0, 0
 
@@ -45,14 +46,13 @@ def record_and_fold(url: str, events: list[Any], batch: int, steady: bool) -> tu
         folding += time.perf_counter() - started
         largest = max(largest, report.batches)
 
-    for start in range(0, len(events), batch):
+    for n, start in enumerate(range(0, len(events), batch), start=1):
         with Session(engine) as session:
             ingest(session, events[start : start + batch])
             session.commit()
-        if steady:
+        if every and n % every == 0:
             fold()
-    if not steady:
-        fold()
+    fold()
     engine.dispose()
     return folding, largest
 
@@ -62,6 +62,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--members", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument(
+        "--every",
+        type=int,
+        nargs="*",
+        default=[4],
+        help="also fold after every N-th batch, for each N given (the fold's cadence)",
+    )
     args = parser.parse_args()
     report = Report("backlog", vars(args))
     events = generate(StreamSpec(events=args.events, members=args.members, groups=5, seed=1))
@@ -69,9 +76,10 @@ def main() -> None:
     n = len(events)
     figures: dict[str, float] = {}
     with Run("backlog") as run:
-        for name, steady in (("steady", True), ("backlog", False)):
+        cadences = {"steady": 1} | {f"every {k} batches": k for k in args.every if k > 1}
+        for name, every in (cadences | {"backlog": 0}).items():
             url = run.database()
-            seconds, largest = record_and_fold(url, events, args.batch, steady)
+            seconds, largest = record_and_fold(url, events, args.batch, every)
             exact = not same_totals(Stack(run.tmp, database_url=url).totals(), oracle)
             figures[name] = seconds * 1e6 / n
             report.row(

@@ -10,10 +10,11 @@ shows them, so no member data. The work lives in worker/ingest/.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown
 from sqlalchemy.exc import DBAPIError
 
 from worker import failpoints
@@ -25,7 +26,7 @@ from worker.ingest.store import IngestCounts
 from worker.ingest.undeliverable import undeliverable
 from worker.logs import Log
 from worker.settings import get_settings
-from worker.store.fold import fold_committed
+from worker.store.fold import Soon
 
 log = Log("ingest")
 
@@ -71,19 +72,26 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
         raise self.retry(exc=exc, countdown=delay, argsrepr=argsrepr(batch)) from None  # type: ignore[call-arg]
     failpoints.hit("ingest.after_commit")
     log.info("ingest.batch", **result.summary(), recorded=result.recorded)
-    return result.summary() | {"recorded": result.recorded} | fold_after(result)
+    fold_after(result)
+    return result.summary() | {"recorded": result.recorded}
 
 
-def fold_after(result: IngestCounts) -> dict[str, int]:
-    """Fold what this batch recorded, with whatever else is committed (worker/store/fold.py),
-    unless another process is folding already: that one takes it. The batch is committed
-    whatever happens here: a fold that fails leaves it to the next one (the dispatcher's round,
-    beat's sweep, the next batch's), so the message is not retried for it."""
-    if not result.recorded:
-        return {}
-    try:
-        report = fold_committed()
-    except DBAPIError as exc:
-        log.warning("fold.failed", error=type(exc.orig).__name__)
-        return {}
-    return {"folded": report.versions}
+FOLD: Final = Soon()
+"""This process's fold: one for the batches it records within ``ACCUMSYNC_FOLD_DELAY`` of each
+other."""
+
+
+def fold_after(result: IngestCounts) -> None:
+    """Have what this batch recorded folded soon, with whatever else is committed by then
+    (worker/store/fold.py, :class:`Soon`). The batch is committed whatever happens to the fold:
+    a fold that fails leaves it to the next one (the dispatcher's round, beat's sweep, the next
+    batch's), so the message is not retried for it."""
+    if result.recorded:
+        FOLD.ask()
+
+
+@worker_process_shutdown.connect
+def _fold_before_exit(**_: Any) -> None:
+    """A pool process that stops folds what it was about to, so a stopped worker leaves no
+    batch of its own waiting (for a downgrade, say: migration 0014 refuses while one waits)."""
+    FOLD.now()

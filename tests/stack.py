@@ -93,7 +93,7 @@ class Stack:
         """``status``'s ``received`` (every item of every message) of the batches already folded
         into the totals, read straight from the store: no CLI start per poll. A wait on it ends
         once what was received is in the totals too (a batch is folded just after its commit,
-        by its worker or by whoever holds the fold)."""
+        by its worker's process within ``ACCUMSYNC_FOLD_DELAY``, or by whoever holds the fold)."""
         b = T_BATCH.c
         query = select(func.coalesce(func.sum(b.received), 0)).where(b.folded_at.is_not(None))
         with self.store() as conn:

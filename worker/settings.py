@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         le=5,
         description="`accumsync dispatch`: seconds between two rounds of admission",
     )
+    fold_delay: float = Field(
+        default=0.2,
+        ge=0,
+        le=60,
+        description="Postgres: seconds an ingest worker's process waits before it folds the "
+        "batches it recorded, with every other one committed by then (one fold for many "
+        "batches costs less than one each; a change waits at most this for its totals)",
+    )
     broker_visibility_timeout: float = Field(
         default=300.0,
         ge=2,

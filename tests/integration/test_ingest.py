@@ -51,6 +51,28 @@ def test_publish_to_worker_on_redis_and_postgres(
     assert same_totals(stack.totals(), expected_totals(events)) == []
 
 
+def test_a_worker_stopped_folds_what_it_recorded_before_it_exits(
+    make_stack: Callable[..., Stack], redis_url: str, pg_url: str
+) -> None:
+    """A pool process folds the batches it recorded after ``ACCUMSYNC_FOLD_DELAY``, a minute
+    here, so the batch is recorded and waits for its fold; the worker is stopped (SIGTERM, a
+    warm shutdown) and its process folds it before it exits: a stopped worker leaves no batch
+    of its own waiting. Without the fold at exit the batch was still waiting: ``assert 1 == 0``."""
+    events = generate(StreamSpec(events=300, members=50, seed=21))
+    stack = make_stack(database_url=pg_url, broker_url=redis_url, fold_delay="60")
+    stack.cli("db", "upgrade")
+    worker = stack.worker("w1", concurrency=1)
+    stack.publish(events, wait=False)
+    batches = "SELECT count(*), count(*) FILTER (WHERE folded_at IS NULL) FROM ingest_batch"
+    with stack.store() as conn:
+        recorded = lambda: tuple(conn.execute(text(batches)).one())  # noqa: E731
+        assert wait_for(lambda: recorded()[0] >= 1, 60, 0.1), stack.logs()[-4000:]
+        assert recorded() == (1, 1)  # one message, recorded, its fold held for a minute
+        worker.stop()
+        assert recorded() == (1, 0), worker.output()[-4000:]
+    assert same_totals(stack.totals(), expected_totals(events)) == []
+
+
 def test_publish_on_embedded_defaults(make_stack: Callable[..., Stack], tmp_path: Path) -> None:
     """With no server configured (SQLite store and broker) the same stream gives the same totals."""
     events = generate(StreamSpec(events=1_500, members=100, seed=12))

@@ -134,8 +134,8 @@ def fold_check(session: Session, limits: Limits, now: datetime) -> Check:
     age = _age(oldest, now) or 0.0
     reason = (
         f"{count} ingest batches wait for the fold, the oldest for {age:.0f}s: every worker "
-        "folds after its batches, the dispatcher every round and beat every tick; their logs "
-        "name a fold that fails (fold.failed)"
+        "folds its batches within ACCUMSYNC_FOLD_DELAY, the dispatcher every round and beat "
+        "every tick; their logs name a fold that fails (fold.failed, fold.crashed)"
         if count
         else "every batch received is in the totals"
     )

@@ -29,6 +29,7 @@ become dead letters (and are forgotten as received, so a replay can bring them b
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -37,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import BindParameter, TextClause, bindparam, delete, func, select, text, update
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from models.buckets import BUCKETS, COLUMNS
@@ -45,6 +46,7 @@ from models.tables import CLAIM_CENTS
 from worker import failpoints
 from worker.db import in_transaction, is_postgres, utcnow
 from worker.logs import Log
+from worker.settings import get_settings
 from worker.store import counters
 from worker.store.bulk import update_rows
 from worker.store.dead_letters import dead_letter
@@ -460,6 +462,62 @@ def fold_committed(run: Callable[[Callable[[Session], Any]], Any] = in_transacti
         total.add(report)
         if not run(unfolded):
             return total
+
+
+class Soon:
+    """Fold what is committed ``delay`` seconds (``ACCUMSYNC_FOLD_DELAY``) after a batch asked
+    for it: one fold per process for every batch that asks meanwhile.
+
+    A fold has a fixed cost whatever it takes (its statements, their plans, the batches' rows
+    and the counters written, a commit), so one fold of four batches costs less than four of
+    one (``python -m bench.backlog``: 45.8 against 59.4 us/event). An ingest task asks and goes
+    on to its next message; the fold runs on a timer thread, beside the next batch's ingest.
+    A batch that asks while a fold runs arms the next one, so none waits longer than a fold
+    and a delay; a process that dies with its fold pending leaves the batches to the next fold
+    anyone runs (the next batch's, the dispatcher's round, beat's sweep, ``accumsync flush``),
+    as :func:`fold_committed` leaves nothing behind. ``run`` folds (tests pass their own)."""
+
+    def __init__(
+        self, delay: float | None = None, run: Callable[[], FoldReport] = lambda: fold_committed()
+    ) -> None:
+        self._delay = delay
+        self.run = run
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def ask(self) -> None:
+        """A batch is committed: fold within ``delay``, with whatever else is committed by then."""
+        with self._lock:
+            if self._timer is None:
+                delay = get_settings().fold_delay if self._delay is None else self._delay
+                self._timer = threading.Timer(delay, self._fire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def now(self) -> None:
+        """Fold now what a pending fold would have (a process about to exit)."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            self._fold()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._timer = None
+        self._fold()
+
+    def _fold(self) -> None:
+        started = time.perf_counter()
+        try:
+            report = self.run()
+        except DBAPIError as exc:  # the batches stay committed: the next fold takes them
+            log.warning("fold.failed", error=error_name(exc))
+        except Exception as exc:  # on a timer's thread an error would reach no one: said here
+            log.error("fold.crashed", error=type(exc).__name__)
+        else:
+            ms = int((time.perf_counter() - started) * 1000)
+            log.debug("fold.soon", ms=ms, batches=report.batches, versions=report.versions)
 
 
 def in_session_of(engine: Any) -> Callable[[Callable[[Session], T]], T]:
