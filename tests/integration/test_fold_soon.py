@@ -1,11 +1,14 @@
 """A worker process's fold, soon after its batches (worker/store/fold.py, ``Soon``), on Postgres.
 
 Batches that ask within the delay are folded by one fold; a batch committed while that fold
-runs, after it looked, is folded by the next one, never left waiting.
+runs, after it looked, is folded by the next one, never left waiting; a process about to exit
+folds what it holds, after a fold under way has ended.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -71,4 +74,26 @@ def test_a_batch_committed_during_a_fold_is_folded_by_the_next(pg_engine: Engine
     soon.ask()
     assert wait_for(lambda: len(folds) == 2, 30, 0.02), folds
     assert [f.batches for f in folds] == [1, 1]
+    assert waiting(pg_engine) == 0
+
+
+def test_now_waits_for_a_fold_under_way(pg_engine: Engine) -> None:
+    """A process about to exit calls ``now`` while its timer's fold runs: ``now`` returns once
+    that fold has committed, not before (the thread would die with the process, its fold rolled
+    back). When ``now`` left a fold under way to itself this printed ``assert [] == [1]``."""
+    started, done = threading.Event(), []
+
+    def run() -> FoldReport:
+        started.set()
+        time.sleep(0.5)  # the fold is under way when the process is told to stop
+        report = fold_committed(in_session_of(pg_engine))
+        done.append(report.batches)
+        return report
+
+    soon = Soon(delay=0, run=run)
+    record(pg_engine, EVENTS[:100])
+    soon.ask()
+    assert started.wait(30)
+    soon.now()
+    assert done == [1]
     assert waiting(pg_engine) == 0

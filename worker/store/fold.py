@@ -483,23 +483,29 @@ class Soon:
         self._delay = delay
         self.run = run
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
+        self._timer: threading.Timer | None = None  # armed, not fired yet
+        self._last: threading.Timer | None = None  # the latest armed, maybe folding now
 
     def ask(self) -> None:
         """A batch is committed: fold within ``delay``, with whatever else is committed by then."""
         with self._lock:
             if self._timer is None:
                 delay = get_settings().fold_delay if self._delay is None else self._delay
-                self._timer = threading.Timer(delay, self._fire)
+                self._timer = self._last = threading.Timer(delay, self._fire)
                 self._timer.daemon = True
                 self._timer.start()
 
     def now(self) -> None:
-        """Fold now what a pending fold would have (a process about to exit)."""
+        """Fold now what a pending fold would have, after a fold under way ends (a process
+        about to exit: its timer's thread would die with it, the fold rolled back)."""
         with self._lock:
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+            pending, self._timer = self._timer, None
+            last = self._last
+        if pending is not None:
+            pending.cancel()
+        if last is not None:
+            last.join()
+        if pending is not None:
             self._fold()
 
     def _fire(self) -> None:
