@@ -10,11 +10,10 @@ shows them, so no member data. The work lives in worker/ingest/.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_shutdown
 from sqlalchemy.exc import DBAPIError
 
 from worker import failpoints
@@ -26,7 +25,7 @@ from worker.ingest.store import IngestCounts
 from worker.ingest.undeliverable import undeliverable
 from worker.logs import Log
 from worker.settings import get_settings
-from worker.store.fold import Soon
+from worker.store.fold import PROCESS_FOLD
 
 log = Log("ingest")
 
@@ -76,22 +75,10 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
     return result.summary() | {"recorded": result.recorded}
 
 
-FOLD: Final = Soon()
-"""This process's fold: one for the batches it records within ``ACCUMSYNC_FOLD_DELAY`` of each
-other."""
-
-
 def fold_after(result: IngestCounts) -> None:
     """Have what this batch recorded folded soon, with whatever else is committed by then
     (worker/store/fold.py, :class:`Soon`). The batch is committed whatever happens to the fold:
     a fold that fails leaves it to the next one (the dispatcher's round, beat's sweep, the next
     batch's), so the message is not retried for it."""
     if result.recorded:
-        FOLD.ask()
-
-
-@worker_process_shutdown.connect
-def _fold_before_exit(**_: Any) -> None:
-    """A pool process that stops folds what it was about to, so a stopped worker leaves no
-    batch of its own waiting (for a downgrade, say: migration 0014 refuses while one waits)."""
-    FOLD.now()
+        PROCESS_FOLD.ask()

@@ -25,6 +25,7 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
 )
 from kombu import Queue
 
@@ -219,3 +220,13 @@ def _fresh_pool(**_: Any) -> None:
     from worker.db import reset_engine
 
     reset_engine()
+
+
+@worker_process_shutdown.connect
+def _fold_before_exit(**_: Any) -> None:
+    """A pool process that stops folds what it was about to (worker/store/fold.py, ``Soon``),
+    so a stopped worker leaves no batch of its own waiting (for a downgrade, say: migration 0014
+    refuses while one waits)."""
+    from worker.store.fold import PROCESS_FOLD
+
+    PROCESS_FOLD.now()

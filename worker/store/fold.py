@@ -526,6 +526,12 @@ class Soon:
             log.debug("fold.soon", ms=ms, batches=report.batches, versions=report.versions)
 
 
+PROCESS_FOLD: Final = Soon()
+"""This process's fold: one for the batches it records within ``ACCUMSYNC_FOLD_DELAY`` of each
+other (an ingest task asks; a pool process about to exit folds what it holds,
+``worker.celery``'s ``worker_process_shutdown``)."""
+
+
 def in_session_of(engine: Any) -> Callable[[Callable[[Session], T]], T]:
     """A ``run`` for :func:`fold_committed` on ``engine``: one transaction per call."""
 
