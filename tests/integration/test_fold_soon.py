@@ -12,13 +12,13 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from worker.demo.procs import wait_for
 from worker.demo.streams import StreamSpec, generate
 from worker.ingest.store import ingest
-from worker.store.fold import FoldReport, Soon, fold_committed, in_session_of
+from worker.store.fold import FoldReport, Soon, fold_committed, in_session_of, unfolded
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +33,8 @@ def record(engine: Engine, events: list[Any]) -> None:
 
 def waiting(engine: Engine) -> int:
     """Batches recorded and not folded yet."""
-    with engine.connect() as conn:
-        query = text("SELECT count(*) FROM ingest_batch WHERE folded_at IS NULL")
-        return int(conn.execute(query).scalar_one())
+    with Session(engine) as session:
+        return unfolded(session)
 
 
 def test_batches_asking_within_the_delay_are_folded_by_one_fold(pg_engine: Engine) -> None:

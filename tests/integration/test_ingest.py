@@ -57,7 +57,8 @@ def test_a_worker_stopped_folds_what_it_recorded_before_it_exits(
     """A pool process folds the batches it recorded after ``ACCUMSYNC_FOLD_DELAY``, a minute
     here, so the batch is recorded and waits for its fold; the worker is stopped (SIGTERM, a
     warm shutdown) and its process folds it before it exits: a stopped worker leaves no batch
-    of its own waiting. Without the fold at exit the batch was still waiting: ``assert 1 == 0``."""
+    of its own waiting. Without the fold at exit the batch was still waiting:
+    ``assert (1, 1) == (1, 0)``."""
     events = generate(StreamSpec(events=300, members=50, seed=21))
     stack = make_stack(database_url=pg_url, broker_url=redis_url, fold_delay="60")
     stack.cli("db", "upgrade")

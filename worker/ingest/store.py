@@ -243,23 +243,22 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     postgres = is_postgres(session)
     if postgres:
         session.execute(BY_INDEX)  # the insert and lookups below: by index, whatever statistics
-    inserted: dict[str, bool] = {}  # event id -> inserted as a version for the fold
-    clean: set[str] = set()  # ids inserted as new versions: no other row holds id or version
+    # Event id -> inserted as a version for the fold (True: a new version, so no other row
+    # holds its id or its version).
+    inserted: dict[str, bool] = {}
     looked = not postgres
-    by_event, by_version = ({}, {}) if postgres else look_up(session, good, set(inserted))
+    by_event, by_version = ({}, {}) if postgres else look_up(session, good, set())
     for _ in range(ROUNDS):
         plan = classify(good, by_event, by_version)
         undo(session, inserted, plan)
-        clean &= set(inserted)
         wanted = [r for r in plan.received if r[0].event_id not in inserted]
         made = insert_versions(session, wanted, batch_id, now)
         inserted |= {e.event_id: fold for e, _, fold in wanted if e.event_id in made}
-        clean |= made & {e.event_id for e, _, fold in wanted if fold}
         if len(made) == len(wanted) and (looked or not plan.repeats):
             return plan
         # Only the events whose id or version may be stored are looked up: a redelivered
         # batch's, or the few a batch repeats (a batch of 500 read all 500 for one repeat).
-        unsure = [g for g in good if g[0].event_id not in clean]
+        unsure = [g for g in good if not inserted.get(g[0].event_id)]
         by_event, by_version = look_up(session, unsure, set(inserted))
         looked = True
     raise RuntimeError(f"ingest: the batch's events were still contended after {ROUNDS} rounds")
