@@ -1,8 +1,8 @@
 """The fold: the claim versions of committed batches, applied to claims and totals in sets.
 
 Ingest records each event once (a ``received_event`` row holding the version it carries and the
-batch it came in) and commits. A fold then takes batches committed and not folded yet and, in a
-handful of statements whatever their size:
+batch it came in) and commits. A fold then takes batches committed and not folded yet and, in
+one statement on Postgres (a handful on SQLite) whatever their size:
 
 1. picks each claim's highest version among them (``newest``) and keeps those above the claim's
    stored version (``moved``): the ledger law, a claim contributes its highest version;
@@ -126,9 +126,10 @@ def scope(postgres: bool, by_claim: bool) -> str:
     return where
 
 
-def ctes(postgres: bool, by_claim: bool) -> str:
-    """``newest``, ``moved``, ``parts`` and ``deltas`` over the versions in :func:`scope`."""
-    old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
+def summed() -> str:
+    """``parts`` and ``deltas`` over ``moved``: each moved claim's new contribution to its key
+    and its old one taken out of its old key, summed by key (the 30 columns spread by network,
+    as models.buckets says)."""
     cents = ", ".join(CLAIM_CENTS)
     old_cents = ", ".join(f"old_{c}" for c in CLAIM_CENTS)
     old_keys = ", ".join(f"old_{k}" for k in KEY_COLS)
@@ -138,22 +139,28 @@ def ctes(postgres: bool, by_claim: bool) -> str:
         sums.append(f"SUM(sign * {c}) AS {total}")
         sums.append(f"SUM(CASE WHEN network = 'in' THEN sign * {c} ELSE 0 END) AS {net}")
         sums.append(f"SUM(CASE WHEN network = 'out' THEN sign * {c} ELSE 0 END) AS {oon}")
-    return f"""WITH newest AS (
-  SELECT * FROM (
-    SELECT r.*, ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
-    FROM received_event r WHERE {scope(postgres, by_claim)}
-  ) AS ranked WHERE pick = 1
-), moved AS (
-  SELECT n.*, c.version AS old_version, {old}
-  FROM newest n LEFT JOIN claim c ON c.claim_id = n.claim_id
-  WHERE c.claim_id IS NULL OR c.version < n.version
-), parts AS (
+    return f"""parts AS (
   SELECT {KEYS}, network, 1 AS sign, {cents} FROM moved WHERE status <> 'reversed'
   UNION ALL
   SELECT {old_keys}, old_network, -1, {old_cents} FROM moved WHERE old_subscriber_id IS NOT NULL
 ), deltas AS (
   SELECT {KEYS}, {", ".join(sums)} FROM parts GROUP BY {KEYS}
-)
+)"""
+
+
+def ctes(by_claim: bool) -> str:
+    """``newest``, ``moved``, ``parts`` and ``deltas`` over the versions in :func:`scope`."""
+    old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
+    return f"""WITH newest AS (
+  SELECT * FROM (
+    SELECT r.*, ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
+    FROM received_event r WHERE {scope(False, by_claim)}
+  ) AS ranked WHERE pick = 1
+), moved AS (
+  SELECT n.*, c.version AS old_version, {old}
+  FROM newest n LEFT JOIN claim c ON c.claim_id = n.claim_id
+  WHERE c.claim_id IS NULL OR c.version < n.version
+), {summed()}
 """
 
 
@@ -178,17 +185,17 @@ CLAIM_COLS: Final = (
 """A claim row as the fold writes it."""
 
 
-def new_pairs(postgres: bool, by_claim: bool) -> str:
-    """Make the pairs of the keys that gain a contribution, before the accumulators that name
-    them (a key that loses one has its accumulator, so its pair, already): the key of each
-    claim's newest version in scope, unless it reverses the claim or the claim holds that
-    version or a later one already. ``moved``'s rule over five columns: ``newest`` over whole
-    rows cost 9.3 us/event again in this statement."""
+def new_pairs(by_claim: bool) -> str:
+    """SQLite: make the pairs of the keys that gain a contribution, before the accumulators
+    that name them (a key that loses one has its accumulator, so its pair, already): the key of
+    each claim's newest version in scope, unless it reverses the claim or the claim holds that
+    version or a later one already (``moved``'s rule, over five columns). Postgres draws them
+    in its one statement (:func:`pg_fold`)."""
     return f"""INSERT INTO pair (subscriber_id, group_id, attempts, lease_gen)
 SELECT DISTINCT n.subscriber_id, n.group_id, 0, 0 FROM (
   SELECT r.claim_id, r.version, r.status, r.subscriber_id, r.group_id,
     ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
-  FROM received_event r WHERE {scope(postgres, by_claim)}
+  FROM received_event r WHERE {scope(False, by_claim)}
 ) AS n
 WHERE n.pick = 1 AND n.status <> 'reversed'
 AND NOT EXISTS (SELECT 1 FROM claim c WHERE c.claim_id = n.claim_id AND c.version >= n.version)
@@ -197,22 +204,30 @@ AND NOT EXISTS (
 ON CONFLICT DO NOTHING"""
 
 
-def parts(postgres: bool, by_claim: bool) -> dict[str, str]:
-    """The fold's steps as SQL over the ``ctes`` after :func:`new_pairs` (each one a statement
-    of its own on SQLite, a common table expression of one statement on Postgres), in the order
-    they run."""
-    keys_of_d = ", ".join(f"d.{k}" for k in KEY_COLS)
+def claimed() -> str:
+    """Write each moved claim's new state (a reversal's: no key, no money)."""
     unless_reversed = ", ".join(
         f"CASE WHEN status = 'reversed' THEN NULL ELSE {c} END" for c in (*KEY_COLS, "network")
     )
     zero_if_reversed = ", ".join(
         f"CASE WHEN status = 'reversed' THEN 0 ELSE {c} END" for c in CLAIM_CENTS
     )
+    return f"""INSERT INTO claim ({", ".join(CLAIM_COLS)})
+SELECT claim_id, version, content_hash, {unless_reversed}, member_seq, service_date,
+  adjudicated_at, {zero_if_reversed}
+FROM moved WHERE true
+ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in CLAIM_COLS[1:])}"""
+
+
+def parts(by_claim: bool) -> dict[str, str]:
+    """SQLite: the fold's steps after :func:`new_pairs`, each a statement of its own over the
+    ``ctes``, in the order they run (Postgres: :func:`pg_fold`)."""
+    keys_of_d = ", ".join(f"d.{k}" for k in KEY_COLS)
     added = ", ".join(f"{c} = accumulator.{c} + deltas.{c}" for c in COLUMNS)
     return {
         # Applied: above the claim's stored version and above every version of it before, in
         # the order the batches began (within a batch, in version order); stale otherwise. The
-        # stored version is a lookup per version (a join let the planner scan every claim).
+        # stored version is a lookup per version.
         "counted": f"""SELECT batch_id, COUNT(*) AS versions,
   SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)
       THEN 1 ELSE 0 END) AS applied
@@ -221,7 +236,7 @@ FROM (
     (SELECT c.version FROM claim c WHERE c.claim_id = r.claim_id) AS stored,
     MAX(r.version) OVER (PARTITION BY r.claim_id ORDER BY r.batch_id, r.version
       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier
-  FROM received_event r WHERE {scope(postgres, by_claim)}
+  FROM received_event r WHERE {scope(False, by_claim)}
 ) AS versions
 GROUP BY batch_id""",
         "updated": f"""UPDATE accumulator SET {added},
@@ -235,12 +250,76 @@ FROM deltas AS d
 LEFT JOIN pair p ON p.subscriber_id = d.subscriber_id AND p.group_id = d.group_id
 WHERE NOT EXISTS (SELECT 1 FROM accumulator a WHERE {same_key("a", "d")})
 ORDER BY {keys_of_d}""",
-        "claimed": f"""INSERT INTO claim ({", ".join(CLAIM_COLS)})
-SELECT claim_id, version, content_hash, {unless_reversed}, member_seq, service_date,
-  adjudicated_at, {zero_if_reversed}
-FROM moved WHERE true
-ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in CLAIM_COLS[1:])}""",
+        "claimed": claimed(),
     }
+
+
+def pg_fold(by_claim: bool) -> str:
+    """The whole fold on Postgres, one statement. The versions in scope are read once, each
+    with its claim's stored row (one lookup per version), and every step is a common table
+    expression over them:
+
+    - ``scoped``: each version with its claim's stored version and state, its rank among its
+      claim's versions in scope (``pick``), and the highest version before it in batch order
+      (``earlier``);
+    - ``moved``: each claim's highest version in scope, above the stored one;
+    - ``counted``: per batch, its versions and those applied;
+    - ``parts`` and ``deltas`` (:func:`summed`);
+    - ``keyed``: each key of ``deltas`` with its pair's id: the stored pair's, or, for a pair
+      not stored yet, one id drawn from the pairs' sequence for all of its keys, in the same
+      rows. So the accumulators name a new pair without a join to the pairs' insert: that join
+      of two common table expressions, which no index serves, was finding 16's quadratic fold;
+    - the new pairs inserted, each key's accumulator inserted or added to (one lookup per key,
+      ``ON CONFLICT`` on its key), the moved claims' rows written.
+
+    Only the fold writes pairs, one fold at a time (the fold lock), so a pair drawn here is not
+    stored by anyone else meanwhile; if one were, the insert fails and the fold is split
+    (:func:`isolating`), never pointed at a pair that does not exist."""
+    version_cols = ("content_hash", *KEY_COLS, "network", "member_seq", "service_date")
+    picked = ", ".join(f"r.{c}" for c in (*version_cols, "adjudicated_at", *CLAIM_CENTS))
+    old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
+    keys_of_k = ", ".join(f"k.{k}" for k in KEY_COLS)
+    added = ", ".join(f"{c} = accumulator.{c} + excluded.{c}" for c in COLUMNS)
+    return f"""WITH scoped AS MATERIALIZED (
+  SELECT r.claim_id, r.version, r.batch_id, r.status, {picked},
+    c.version AS stored, {old},
+    ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick,
+    MAX(r.version) OVER (PARTITION BY r.claim_id ORDER BY r.batch_id, r.version
+      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier
+  FROM received_event r LEFT JOIN claim c ON c.claim_id = r.claim_id
+  WHERE {scope(True, by_claim)}
+), moved AS MATERIALIZED (
+  SELECT * FROM scoped WHERE pick = 1 AND (stored IS NULL OR stored < version)
+), counted AS (
+  SELECT batch_id, COUNT(*) AS versions,
+    SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)
+        THEN 1 ELSE 0 END) AS applied
+  FROM scoped GROUP BY batch_id
+), {summed()}, keyed AS MATERIALIZED (
+  SELECT k.*, COALESCE(k.stored_pair,
+      MAX(k.drawn) OVER (PARTITION BY k.subscriber_id, k.group_id)) AS pair_id
+  FROM (
+    SELECT d.*, p.id AS stored_pair,
+      CASE WHEN p.id IS NULL
+        AND ROW_NUMBER() OVER (PARTITION BY d.subscriber_id, d.group_id) = 1
+        THEN nextval(pg_get_serial_sequence('pair', 'id')) END AS drawn
+    FROM deltas d
+    LEFT JOIN pair p ON p.subscriber_id = d.subscriber_id AND p.group_id = d.group_id
+  ) AS k
+), paired AS (
+  INSERT INTO pair (id, subscriber_id, group_id, attempts, lease_gen)
+  SELECT DISTINCT pair_id, subscriber_id, group_id, 0, 0 FROM keyed WHERE stored_pair IS NULL
+), summed AS (
+  INSERT INTO accumulator ({KEYS}, pair_id, {", ".join(COLUMNS)},
+    change_seq, pushed_seq, attempts, held, dirty_since, updated_at)
+  SELECT {keys_of_k}, k.pair_id, {", ".join(f"k.{c}" for c in COLUMNS)}, 1, 0, 0, :held, :now, :now
+  FROM keyed AS k ORDER BY {keys_of_k}
+  ON CONFLICT ({KEYS}) DO UPDATE SET {added},
+    change_seq = accumulator.change_seq + 1,
+    dirty_since = COALESCE(accumulator.dirty_since, excluded.dirty_since),
+    updated_at = excluded.updated_at
+), claimed AS ({claimed()})
+SELECT batch_id, versions, applied, (SELECT count(*) FROM moved) FROM counted"""
 
 
 PARAMS: Final[tuple[BindParameter[Any], ...]] = (NOW, bindparam("held", False))
@@ -253,28 +332,18 @@ def bound(sql: str) -> TextClause:
 
 @lru_cache(maxsize=8)
 def statements(postgres: bool, by_claim: bool) -> list[TextClause]:
-    """The fold's statements (built once per dialect and scope), in the order they run. Each
-    returns nothing but the second, which returns (batch_id, versions, applied, claims moved)
-    per batch.
+    """The fold's statements (built once per dialect and scope), in the order they run.
 
-    The first makes the pairs the new accumulators name. Postgres: then one statement, every
-    other step a data-modifying common table expression over the same ``moved`` and ``deltas``
-    (computed once). SQLite has no data-modifying CTE: a statement per step. Each statement
-    computes the ``ctes`` again from the same rows (only the last one writes claims).
-
-    The pairs are a statement of their own on Postgres too: the accumulators' insert took the
-    new ones' ids from the ``RETURNING`` of a common table expression, a join no index serves.
-    With hash joins off it was a nested loop, new keys times new pairs: a fold of 19,000
-    versions and 10,860 new pairs spent 17 of its 17.5 s there (bench/README.md, finding 16)."""
-    with_, steps = ctes(postgres, by_claim), parts(postgres, by_claim)
-    first = "SELECT batch_id, versions, applied, (SELECT count(*) FROM moved) FROM counted"
-    pairs = new_pairs(postgres, by_claim)
+    Postgres: one statement (:func:`pg_fold`), returning (batch_id, versions, applied, claims
+    moved) per batch. SQLite has no data-modifying common table expression: a statement per
+    step, each computing the ``ctes`` again from the same rows (only the last one writes
+    claims); the first makes the pairs the new accumulators name, the second returns the
+    counts."""
     if postgres:
-        modifying = ",\n".join(
-            f"{name} AS ({sql})" for name, sql in steps.items() if name != "counted"
-        )
-        one = f"{with_}, counted AS ({steps['counted']}),\n{modifying}\n{first}"
-        return [bound(pairs), bound(one)]
+        return [bound(pg_fold(by_claim))]
+    with_, steps = ctes(by_claim), parts(by_claim)
+    first = "SELECT batch_id, versions, applied, (SELECT count(*) FROM moved) FROM counted"
+    pairs = new_pairs(by_claim)
     counting = f"{with_}, counted AS ({steps['counted']})\n{first}"
     rest = [f"{with_}{steps[name]}" for name in ("updated", "inserted", "claimed")]
     return [bound(sql) for sql in (pairs, counting, *rest)]
@@ -284,14 +353,16 @@ def apply(session: Session, batches: Sequence[int], claims: Sequence[str] | None
     """Fold the versions of ``batches`` (of ``claims`` only, when given) into claims and totals;
     their batches are not marked (the caller does, once every part of them is folded)."""
     postgres = is_postgres(session)
-    pairs, counting, *rest = statements(postgres, claims is not None)
+    first, *rest = statements(postgres, claims is not None)
     ids = f"{{{','.join(map(str, batches))}}}" if postgres else json.dumps(list(batches))
     params: dict[str, Any] = {"batches": ids, "now": utcnow()}
     if claims is not None:
         params["claims"] = json.dumps(list(claims))
-    session.execute(pairs, params)
+    if not postgres:  # the pairs first, then the count (Postgres: one statement does all)
+        session.execute(first, params)
+        first, *rest = rest
     counted = Counted()
-    for batch, versions, applied, moved in session.execute(counting, params):
+    for batch, versions, applied, moved in session.execute(first, params):
         counted.by_batch[int(batch)] = (int(versions), int(applied or 0))
         counted.claims = int(moved)
     for stmt in rest:
