@@ -272,6 +272,28 @@ def any_event(draw: st.DrawFn) -> ClaimEvent:
     return ClaimEvent.model_validate(raw)
 
 
+@pytest.mark.parametrize("zero", ["0", "-0", "-0.00", "0E+3", "0.0", 0])
+def test_a_zero_amount_hashes_as_quantize_writes_it(zero: Any) -> None:
+    """Zeros skip the quantize in the content hash: each spelling hashes the bytes
+    ``canonical_json`` writes (a negative zero is ``-0.00`` there, and stays so)."""
+    event = ClaimEvent.model_validate(
+        {
+            "event_id": "e",
+            "claim_id": "c",
+            "version": 1,
+            "status": "adjudicated",
+            "subscriber_id": "S1",
+            "group_id": "G",
+            "plan_year": "2026",
+            "plan_type": "MED",
+            "benefit_code": "B",
+            "network": "in",
+            "amounts": {"copay": zero, "deductible": "1.5"},
+        }
+    )
+    assert event.content_hash() == hashlib.sha256(event.canonical_json().encode()).hexdigest()
+
+
 @given(any_event())
 def test_content_hash_is_the_canonical_json_for_any_event(event: ClaimEvent) -> None:
     """The fast path (pydantic-core) hashes the same bytes as the encoder did, for any event;
