@@ -13,8 +13,9 @@ consumes both; compose runs one worker per queue.
 
 from __future__ import annotations
 
+import gc
 import logging
-from typing import Any
+from typing import Any, Final
 
 from celery import Celery
 from celery.signals import (
@@ -214,12 +215,23 @@ def _refuse_unmigrated(**_: Any) -> None:
         raise SystemExit(f"accumsync: {exc}") from None
 
 
+GC_YOUNG: Final = 20_000
+"""Allocations between two collections of the youngest generation in a pool process (Python's
+default: 700)."""
+
+
 @worker_process_init.connect
 def _fresh_pool(**_: Any) -> None:
-    """A forked pool process must not share its parent's database connections."""
+    """A forked pool process must not share its parent's database connections; and it collects
+    cycles less often, never rescanning what it inherited. A batch allocates a few objects per
+    event, nearly all freed by their reference counts, yet at Python's default threshold the
+    collector ran every 700 allocations and now and then walked the whole heap of Celery,
+    SQLAlchemy and pydantic: a fifth of a batch's Python time (bench/README.md, finding 19)."""
     from worker.db import reset_engine
 
     reset_engine()
+    gc.freeze()  # what the process inherited is never garbage: out of every collection
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 @worker_process_shutdown.connect
