@@ -126,6 +126,22 @@ def scope(postgres: bool, by_claim: bool) -> str:
     return where
 
 
+PICK: Final = "ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick"
+"""A version's rank among its claim's versions in scope: 1 for the highest."""
+EARLIER: Final = (
+    "MAX(r.version) OVER (PARTITION BY r.claim_id ORDER BY r.batch_id, r.version"
+    " ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier"
+)
+"""The highest version of the same claim before this one in scope, in the order the batches
+began (within a batch, in version order)."""
+APPLIED: Final = (
+    "SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)"
+    " THEN 1 ELSE 0 END) AS applied"
+)
+"""Versions applied: above the claim's stored version and above every ``earlier`` one; the rest
+are stale."""
+
+
 def summed() -> str:
     """``parts`` and ``deltas`` over ``moved``: each moved claim's new contribution to its key
     and its old one taken out of its old key, summed by key (the 30 columns spread by network,
@@ -153,7 +169,7 @@ def ctes(by_claim: bool) -> str:
     old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
     return f"""WITH newest AS (
   SELECT * FROM (
-    SELECT r.*, ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
+    SELECT r.*, {PICK}
     FROM received_event r WHERE {scope(False, by_claim)}
   ) AS ranked WHERE pick = 1
 ), moved AS (
@@ -194,7 +210,7 @@ def new_pairs(by_claim: bool) -> str:
     return f"""INSERT INTO pair (subscriber_id, group_id, attempts, lease_gen)
 SELECT DISTINCT n.subscriber_id, n.group_id, 0, 0 FROM (
   SELECT r.claim_id, r.version, r.status, r.subscriber_id, r.group_id,
-    ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick
+    {PICK}
   FROM received_event r WHERE {scope(False, by_claim)}
 ) AS n
 WHERE n.pick = 1 AND n.status <> 'reversed'
@@ -229,13 +245,11 @@ def parts(by_claim: bool) -> dict[str, str]:
         # the order the batches began (within a batch, in version order); stale otherwise. The
         # stored version is a lookup per version.
         "counted": f"""SELECT batch_id, COUNT(*) AS versions,
-  SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)
-      THEN 1 ELSE 0 END) AS applied
+  {APPLIED}
 FROM (
   SELECT r.batch_id, r.version,
     (SELECT c.version FROM claim c WHERE c.claim_id = r.claim_id) AS stored,
-    MAX(r.version) OVER (PARTITION BY r.claim_id ORDER BY r.batch_id, r.version
-      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier
+    {EARLIER}
   FROM received_event r WHERE {scope(False, by_claim)}
 ) AS versions
 GROUP BY batch_id""",
@@ -275,25 +289,22 @@ def pg_fold(by_claim: bool) -> str:
     Only the fold writes pairs, one fold at a time (the fold lock), so a pair drawn here is not
     stored by anyone else meanwhile; if one were, the insert fails and the fold is split
     (:func:`isolating`), never pointed at a pair that does not exist."""
-    version_cols = ("content_hash", *KEY_COLS, "network", "member_seq", "service_date")
-    picked = ", ".join(f"r.{c}" for c in (*version_cols, "adjudicated_at", *CLAIM_CENTS))
+    picked = ", ".join(f"r.{c}" for c in (*CLAIM_COLS, "batch_id", "status"))
     old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
     keys_of_k = ", ".join(f"k.{k}" for k in KEY_COLS)
     added = ", ".join(f"{c} = accumulator.{c} + excluded.{c}" for c in COLUMNS)
     return f"""WITH scoped AS MATERIALIZED (
-  SELECT r.claim_id, r.version, r.batch_id, r.status, {picked},
+  SELECT {picked},
     c.version AS stored, {old},
-    ROW_NUMBER() OVER (PARTITION BY r.claim_id ORDER BY r.version DESC) AS pick,
-    MAX(r.version) OVER (PARTITION BY r.claim_id ORDER BY r.batch_id, r.version
-      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier
+    {PICK},
+    {EARLIER}
   FROM received_event r LEFT JOIN claim c ON c.claim_id = r.claim_id
   WHERE {scope(True, by_claim)}
 ), moved AS MATERIALIZED (
   SELECT * FROM scoped WHERE pick = 1 AND (stored IS NULL OR stored < version)
 ), counted AS (
   SELECT batch_id, COUNT(*) AS versions,
-    SUM(CASE WHEN version > COALESCE(stored, -1) AND version > COALESCE(earlier, -1)
-        THEN 1 ELSE 0 END) AS applied
+    {APPLIED}
   FROM scoped GROUP BY batch_id
 ), {summed()}, keyed AS MATERIALIZED (
   SELECT k.*, COALESCE(k.stored_pair,
@@ -309,7 +320,7 @@ def pg_fold(by_claim: bool) -> str:
 ), paired AS (
   INSERT INTO pair (id, subscriber_id, group_id, attempts, lease_gen)
   SELECT DISTINCT pair_id, subscriber_id, group_id, 0, 0 FROM keyed WHERE stored_pair IS NULL
-), summed AS (
+), accumulated AS (
   INSERT INTO accumulator ({KEYS}, pair_id, {", ".join(COLUMNS)},
     change_seq, pushed_seq, attempts, held, dirty_since, updated_at)
   SELECT {keys_of_k}, k.pair_id, {", ".join(f"k.{c}" for c in COLUMNS)}, 1, 0, 0, :held, :now, :now
