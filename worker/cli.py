@@ -490,6 +490,7 @@ def reconcile(
     """
     from worker.db import session_scope
     from worker.ops.reconcile import Reconcile, ScopeError, findings, scope_of, summary
+    from worker.problems import interrupted
     from worker.settings import get_settings
     from worker.vba import VbaError
     from worker.vba.fleet import client
@@ -521,14 +522,15 @@ def reconcile(
         progress.update(bar, completed=len(scope.pair_ids) - len(left))
         try:
             runner.run(run_id, left)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as exc:
             progress.stop()
-            err.print("interrupted: run the same command again to go on where this stopped")
-            raise typer.Exit(Code.INTERRUPTED) from None
-        except VbaError as exc:
-            progress.stop()
-            err.print(f"[red]VBA: {exc}[/red]; run the same command again to go on from here")
-            raise typer.Exit(Code.ENVIRONMENT) from None
+            if interrupted(exc):
+                err.print("interrupted: run the same command again to go on where this stopped")
+                raise typer.Exit(Code.INTERRUPTED) from None
+            if isinstance(exc, VbaError):
+                err.print(f"[red]VBA: {exc}[/red]; run the same command again to go on from here")
+                raise typer.Exit(Code.ENVIRONMENT) from None
+            raise
     report = summary(run_id, scope, resumed)
     rows = findings(run_id)
     if csv_file is not None:
@@ -720,23 +722,26 @@ def demo(
     import signal
 
     from worker.demo.demo import Demo, Options
+    from worker.problems import interrupted
 
-    def interrupted(signum: int, _frame: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     opts = Options(events, members, broker_url, database_url, home, keep, timeout=timeout)
     try:
         code = Demo(opts, out).run()
-    except KeyboardInterrupt:
-        err.print("interrupted: every child process was stopped")
-        raise typer.Exit(Code.INTERRUPTED) from None
-    except (TimeoutError, RuntimeError) as exc:
-        err.print(f"[red]demo failed: {exc}[/red]")
-        raise typer.Exit(Code.FOUND) from None
+    except (KeyboardInterrupt, Exception) as exc:
+        if interrupted(exc):
+            err.print("interrupted: every child process was stopped")
+            raise typer.Exit(Code.INTERRUPTED) from None
+        if isinstance(exc, (TimeoutError, RuntimeError)):
+            err.print(f"[red]demo failed: {exc}[/red]")
+            raise typer.Exit(Code.FOUND) from None
+        raise
     raise typer.Exit(code)
 
 
@@ -832,11 +837,14 @@ def main() -> None:
     """Console-script entry point: a configuration or connection problem prints the line or two
     that name it and its fix, and exits 4; ``--debug`` (ACCUMSYNC_DEBUG=1) shows the traceback.
     A file the system refuses (the store's folder not writable, say) gets one line too."""
-    from worker.problems import problem_of
+    from worker.problems import interrupted, problem_of
 
     try:
         app()
     except Exception as exc:
+        if interrupted(exc) and not _debug["on"]:
+            sys.stderr.write("accumsync: interrupted\n")
+            sys.exit(Code.INTERRUPTED)
         problem = problem_of(exc)
         if problem is None and isinstance(exc, OSError) and exc.filename is not None:
             problem = f"accumsync: {exc.filename}: {exc.strerror or exc}"

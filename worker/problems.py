@@ -23,6 +23,8 @@ def problem_of(exc: BaseException) -> str | None:
     from worker.db import SchemaMismatch
     from worker.settings import NotConfigured
 
+    if interrupted(exc):
+        return None
     if isinstance(exc, ValidationError) and exc.title == "Settings":
         return _setting(exc)
     if isinstance(exc, NotConfigured):
@@ -34,6 +36,27 @@ def problem_of(exc: BaseException) -> str | None:
     if _is_broker(exc):
         return _broker(exc)
     return None
+
+
+def interrupted(exc: BaseException) -> bool:
+    """``exc`` is Ctrl-C (or a SIGTERM turned into it), or an error raised while one was being
+    handled. A signal that lands in the middle of a driver's round trip (SQLAlchemy's pre-ping
+    of a pooled connection, say) leaves the connection busy, and the driver's cleanup raises its
+    own error ("can't change 'autocommit' now") over the interruption: that is not a store
+    problem, and saying "cannot reach the store" would send an operator to the wrong place."""
+    return _in_chain(exc, KeyboardInterrupt)
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    """``exc`` or an exception it was raised from or while handling is a ``kind``."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, kind):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _setting(exc: ValidationError) -> str:
@@ -117,12 +140,7 @@ def _nacked(exc: BaseException) -> bool:
     py-amqp's MessageNacked)."""
     from amqp.exceptions import MessageNacked
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, MessageNacked):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return _in_chain(exc, MessageNacked)
 
 
 def _is_redis_error(exc: BaseException) -> bool:
