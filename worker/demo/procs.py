@@ -65,15 +65,24 @@ class Child:
         raise ChildFailed(f"{self.name} not ready after {timeout}s:\n{self.output()[-3000:]}")
 
     def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds; returns the exit code."""
+        """SIGTERM the process, then SIGKILL what is left of its group (after ``grace`` seconds
+        at most); returns the exit code.
+
+        Only the process itself gets the SIGTERM, as ``docker stop`` and systemd's
+        ``KillMode=mixed`` do. A Celery worker then shuts down warm: its pool processes finish
+        their tasks and fold what they recorded. A SIGTERM to the whole group reached the pool
+        processes too, and one in the middle of its task died there (``WorkerLostError``): its
+        message came back and its batch waited for another process's fold."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self._signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(grace)
+            code = self.proc.wait(grace)
         except subprocess.TimeoutExpired:
-            self.kill()
-            return self.proc.wait(10)
+            code = None
+        self.kill()
+        return self.proc.returncode if code is None else code
 
     def kill(self) -> None:
         """SIGKILL the whole process group (pool children included): a crash, not a shutdown."""
