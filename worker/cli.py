@@ -136,6 +136,16 @@ def _require_store() -> None:
     check_migrated()
 
 
+def _exit_if_interrupted(exc: BaseException, then: str) -> None:
+    """Exit 130 with ``interrupted: <then>`` when ``exc`` is Ctrl-C, or carries it in its chain
+    (a store round trip cut short by it); return otherwise, for the caller's own handling."""
+    from worker.problems import interrupted
+
+    if interrupted(exc):
+        err.print(f"interrupted: {then}")
+        raise typer.Exit(Code.INTERRUPTED) from None
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the store's tables to the latest schema."""
@@ -488,9 +498,9 @@ def reconcile(
     Resumable: after Ctrl-C or a crash, the same command goes on after the last pair it
     finished. Reads take a share (--rate) of the fleet's VBA budget, so flushing goes on.
     """
+    from worker import failpoints
     from worker.db import session_scope
     from worker.ops.reconcile import Reconcile, ScopeError, findings, scope_of, summary
-    from worker.problems import interrupted
     from worker.settings import get_settings
     from worker.vba import VbaError
     from worker.vba.fleet import client
@@ -517,16 +527,15 @@ def reconcile(
             repair,
             on_pair=lambda: progress.advance(bar),
         )
-        run_id, resumed = runner.start(scope, restart)
-        left = runner.left(run_id, scope)
-        progress.update(bar, completed=len(scope.pair_ids) - len(left))
         try:
+            run_id, resumed = runner.start(scope, restart)
+            left = runner.left(run_id, scope)
+            progress.update(bar, completed=len(scope.pair_ids) - len(left))
+            failpoints.hit("reconcile.before_run")
             runner.run(run_id, left)
         except (KeyboardInterrupt, Exception) as exc:
             progress.stop()
-            if interrupted(exc):
-                err.print("interrupted: run the same command again to go on where this stopped")
-                raise typer.Exit(Code.INTERRUPTED) from None
+            _exit_if_interrupted(exc, "run the same command again to go on where this stopped")
             if isinstance(exc, VbaError):
                 err.print(f"[red]VBA: {exc}[/red]; run the same command again to go on from here")
                 raise typer.Exit(Code.ENVIRONMENT) from None
@@ -722,7 +731,6 @@ def demo(
     import signal
 
     from worker.demo.demo import Demo, Options
-    from worker.problems import interrupted
 
     def on_signal(signum: int, _frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
@@ -735,9 +743,7 @@ def demo(
     try:
         code = Demo(opts, out).run()
     except (KeyboardInterrupt, Exception) as exc:
-        if interrupted(exc):
-            err.print("interrupted: every child process was stopped")
-            raise typer.Exit(Code.INTERRUPTED) from None
+        _exit_if_interrupted(exc, "every child process was stopped")
         if isinstance(exc, (TimeoutError, RuntimeError)):
             err.print(f"[red]demo failed: {exc}[/red]")
             raise typer.Exit(Code.FOUND) from None

@@ -15,7 +15,8 @@ Points: ``ingest.before_commit`` (batch applied, transaction not committed),
 SQLite inside the ingest's transaction), ``broker.after_take`` (a worker's main process has
 taken a message from Redis and not yet recorded it as unacknowledged), ``broker.restore``
 (inside the restore of an unacknowledged message, its record read, the message not yet back on
-its queue).
+its queue), ``reconcile.before_run`` (``accumsync reconcile`` has begun or resumed its run and
+checked no pair yet).
 """
 
 from __future__ import annotations

@@ -248,6 +248,32 @@ def test_interrupted_it_resumes_without_reading_again_within_its_rate(
     assert sandbox.admin.counters()["by_status"].get("429", 0) == 0
 
 
+def test_ctrl_c_before_the_first_pair_is_an_interruption_too(
+    flushed: Callable[[str, int], tuple[Stack, SandboxHandle]], tmp_path: Path
+) -> None:
+    """Ctrl-C after the run is begun and before its first pair is checked says how to go on, as
+    it does mid-run (it exited 130 without a word: only the progress bar)."""
+    stack, _ = flushed("exclusive", 2)
+    env = stack.env | {"ACCUMSYNC_FAILPOINT": "reconcile.before_run:sleep=60"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        first = subprocess.Popen(
+            [ACCUMSYNC, "reconcile", "--all", "--json"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        assert wait_for(lambda: "failpoint.sleep" in log.read_text(), 30, 0.05), log.read_text()
+        first.send_signal(signal.SIGINT)
+        first.wait(30)
+    said = log.read_text()
+    assert first.returncode == 130, said
+    assert "interrupted: run the same command again" in said
+    code, report = reconcile(stack)
+    assert code == 0 and report["resumed"] and report["keys_checked"] == 2
+
+
 def list_reads(sandbox: SandboxHandle) -> int:
     """GETs of a subscriber's accumulator list the sandbox has answered."""
     by_status = sandbox.admin.counters()["by_route"].get("accumulators.list", {})

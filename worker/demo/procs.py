@@ -77,12 +77,10 @@ class Child:
             return None if self.proc is None else self.proc.returncode
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            code = None
-        self.kill()
-        return self.proc.returncode if code is None else code
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(grace)
+        self.kill()  # waits for the process: its exit code is known either way
+        return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL the whole process group (pool children included): a crash, not a shutdown."""
