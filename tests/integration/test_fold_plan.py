@@ -15,16 +15,18 @@ statements over a backlog of new keys, as a worker runs them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, insert, text, update
 from sqlmodel import Session
 
-from worker.db import utcnow
+from worker.db import make_engine, upgrade, utcnow
 from worker.demo.streams import StreamSpec, generate
 from worker.ingest.store import ingest
-from worker.store.fold import BY_INDEX, UNFOLDED, statements
+from worker.store.fold import BY_INDEX, oldest_batches, statements
+from worker.store.tables import T_BATCH
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +53,7 @@ def test_a_backlog_fold_rescans_no_common_table_expression_per_row(pg_engine: En
             session.commit()
     with Session(pg_engine) as session:
         session.execute(BY_INDEX)
-        batches = list(session.execute(UNFOLDED).scalars())
+        batches = list(session.execute(oldest_batches()).scalars())
         params = {"batches": f"{{{','.join(map(str, batches))}}}", "now": utcnow(), "held": False}
         plans = []
         for stmt in statements(True, False):
@@ -62,3 +64,47 @@ def test_a_backlog_fold_rescans_no_common_table_expression_per_row(pg_engine: En
     assert len(batches) == 10
     rescanned = [rescans(plan["Plan"]) for plan in plans]
     assert rescanned == [[] for _ in plans], f"a nested loop rescans {rescanned}"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_fold_takes_whole_batches_up_to_its_events(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A fold's batches are bounded in events as well as in number, so a backlog of messages
+    of any size folds in transactions of bounded length; a batch larger than the bound alone
+    is still taken, alone. (Counted in batches only, 200 messages of 2,000 made one fold of
+    400,000 versions.)"""
+    url = (
+        f"sqlite:///{tmp_path / 'store.db'}"
+        if kind == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            received = [40_000, 50_000, 9_999, 2, 300_000, 1, 1]
+            ids = [
+                session.execute(
+                    insert(T_BATCH).values(at=utcnow(), received=n).returning(T_BATCH.c.id)
+                ).scalar_one()
+                for n in received
+            ]
+            session.commit()
+
+            def taken(**bound: int) -> list[int]:
+                return list(session.execute(oldest_batches(**bound)).scalars())
+
+            assert taken() == ids[:4]  # 99,999 events before the fourth; 100,001 before the fifth
+            assert taken(limit=2) == ids[:2]
+            assert taken(events=40_000) == ids[:1]
+            session.execute(
+                update(T_BATCH).where(T_BATCH.c.id.in_(ids[:4])).values(folded_at=utcnow())
+            )
+            assert taken() == ids[4:5]  # the large one alone: 300,000 events before the next
+            session.execute(
+                update(T_BATCH).where(T_BATCH.c.id == ids[4]).values(folded_at=utcnow())
+            )
+            assert taken(events=1) == ids[5:6]
+    finally:
+        engine.dispose()

@@ -37,7 +37,17 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Final, TypeVar
 
-from sqlalchemy import BindParameter, TextClause, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    Select,
+    TextClause,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlmodel import Session
 
@@ -59,8 +69,12 @@ T = TypeVar("T")
 FOLD_LOCK_SPACE: Final = 0x41430002
 """The first key of the fold's advisory lock (claims' locks use 0x41430001)."""
 MAX_BATCHES: Final = 200
-"""Batches one fold takes at most (100,000 events at 500 a message): a backlog is folded in
-transactions of bounded length, each committed as it goes."""
+MAX_EVENTS: Final = 100_000
+"""A fold takes whole batches, the oldest first, up to ``MAX_BATCHES`` of them and as long as
+the events they received before the last one stay under ``MAX_EVENTS`` (at least one batch):
+a backlog is folded in transactions of bounded length, each committed as it goes, whatever
+size of message its producers send (a fold of 400,000 versions would hold its accumulators'
+rows from the flush for seconds)."""
 
 KEYS: Final = ", ".join(KEY_COLS)
 STATE: Final = (*KEY_COLS, "network", *CLAIM_CENTS)
@@ -498,17 +512,33 @@ ones (a store autovacuum has not analyzed yet) it scanned and hashed whole table
 parallel workers per fold: at 600,000 events received the versions' insert took 270 ms a batch
 and ingest fell to 1,200 events/s; at 6 million a fold spent 46 of its 52 ms gathering workers
 (3.8 ms without)."""
-UNFOLDED: Final = select(T_BATCH.c.id).where(T_BATCH.c.folded_at.is_(None)).order_by(T_BATCH.c.id)
 
 
-def fold_round(session: Session, limit: int = MAX_BATCHES) -> FoldReport | None:
-    """One fold of the oldest unfolded committed batches; None when another process holds the
-    fold (Postgres)."""
+def oldest_batches(limit: int = MAX_BATCHES, events: int = MAX_EVENTS) -> Select[tuple[int]]:
+    """The oldest unfolded batches one fold takes: at most ``limit``, and each only while the
+    events received by the ones before it stay under ``events`` (so at least one)."""
+    b = T_BATCH.c
+    before = func.sum(b.received).over(order_by=b.id) - b.received
+    ranked = (
+        select(b.id, before.label("before"))
+        .where(b.folded_at.is_(None))
+        .order_by(b.id)
+        .limit(limit)
+        .subquery()
+    )
+    return select(ranked.c.id).where(ranked.c.before < events).order_by(ranked.c.id)
+
+
+def fold_round(
+    session: Session, limit: int = MAX_BATCHES, events: int = MAX_EVENTS
+) -> FoldReport | None:
+    """One fold of the oldest unfolded committed batches (:func:`oldest_batches`); None when
+    another process holds the fold (Postgres)."""
     if is_postgres(session):
         if not session.execute(TRY_LOCK).scalar_one():
             return None
         session.execute(BY_INDEX)
-    batches = list(session.execute(UNFOLDED.limit(limit)).scalars())
+    batches = list(session.execute(oldest_batches(limit, events)).scalars())
     return fold_batches(session, batches)
 
 
