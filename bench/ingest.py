@@ -295,6 +295,7 @@ VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "dispatcher": [("without", {}), ("with", {"dispatcher": True})],
     "fetch": [("kombu", {"broker_fetch": "kombu"}), ("reliable", {"broker_fetch": "reliable"})],
     "batch": [("500", {"batch": 500}), ("2000", {"batch": 2000})],
+    "batch-large": [("2000", {"batch": 2000}), ("5000", {"batch": 5000})],
 }
 
 

@@ -38,7 +38,7 @@ def retry_delay(retries: int) -> float:
     return min(60.0, 2.0 ** min(retries, 6), get_settings().broker_visibility_timeout / 2)
 
 
-# A batch of 500 takes tenths of a second; the limits only catch a stuck one (a lock held by a
+# A batch of 2,000 takes tenths of a second; the limits only catch a stuck one (a lock held by a
 # dead session, say), which is retried: its transaction rolled back, nothing of it landed.
 @app.task(
     name="accumsync.ingest",

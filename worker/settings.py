@@ -219,7 +219,7 @@ class Settings(BaseSettings):
         default=3, ge=1, description="consecutive VBA failures that pause every worker's calls"
     )
     ingest_batch_size: int = Field(
-        default=500,
+        default=2000,
         ge=1,
         le=50_000,
         description="events per ingest message that `accumsync publish` and "
