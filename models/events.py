@@ -223,8 +223,13 @@ _ASCII_UPPER: Final = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLM
 def canon(value: str) -> str:
     """A key value as VBA's SQL Server collation compares it (case-insensitive, trailing spaces
     ignored): trailing spaces removed, ASCII letters upper-cased. Key values are printable ASCII
-    (:data:`KEY_PRINTABLE`), so that is the whole of the collation's folding for them."""
-    return value.rstrip(" ").translate(_ASCII_UPPER)
+    (:data:`KEY_PRINTABLE`), so that is the whole of the collation's folding for them. Other
+    text (a VBA row, an operator's argument) has only its ASCII letters upper-cased too.
+
+    ``str.upper`` is that fold for ASCII text and takes a fifth of ``translate``'s time (the
+    key's five calls were a third of a received row's building)."""
+    value = value.rstrip(" ")
+    return value.upper() if value.isascii() else value.translate(_ASCII_UPPER)
 
 
 SCHEMA_ID: Final = "urn:accumsync:schema:claim-event:v1"

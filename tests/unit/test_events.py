@@ -111,6 +111,15 @@ def test_keys_vba_takes_as_one_row_are_one_ledger_key() -> None:
     assert canon("ded ") == "DED"
 
 
+@given(st.text())
+def test_canon_folds_ascii_letters_only(value: str) -> None:
+    """Whatever the text, only trailing spaces go and only ASCII letters change case (``ß``,
+    ``é`` and ``ﬁ`` stay as they are, which ``str.upper`` alone would not leave)."""
+    ascii_upper = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert canon(value) == value.rstrip(" ").translate(ascii_upper)
+    assert canon("straße é ﬁ ") == "STRAßE é ﬁ"
+
+
 def test_adjudicated_at_needs_an_offset() -> None:
     """A timestamp without an offset is ambiguous (and was refused by the store, batch and all)."""
     assert reason(adjudicated_at="2026-03-05T10:11:12") == (

@@ -332,7 +332,9 @@ def version_row(event: ClaimEvent, content_hash: str) -> dict[str, Any]:
         "adjudicated_at": event.adjudicated_at,
     }
     row.update(zip(KEY_COLS, event.key, strict=True))
-    row.update({CENTS_OF[a]: int(v * 100) for a, v in event.amounts.__dict__.items() if v})
+    for amount, value in event.amounts.__dict__.items():
+        if value:
+            row[CENTS_OF[amount]] = int(value * 100)
     return row
 
 
