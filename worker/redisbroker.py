@@ -142,6 +142,21 @@ class Taken:
     item: bytes
 
 
+def unacked_record(message: Any, taken: Taken | None) -> str | bytes:
+    """What kombu records for an unacknowledged message: the JSON of ``[payload, exchange,
+    routing key]``. With the taken bytes at hand, the payload's own JSON text is spliced in
+    instead of the parsed payload encoded again: for a message of 2,000 events (a megabyte of
+    base64 body) that encoding was a tenth of the worker's main process's time. kombu leaves
+    the payload it parsed as it was (``Message`` reads it, never writes it), so both are the
+    same record."""
+    delivery = message.delivery_info
+    route = [delivery["exchange"], delivery["routing_key"]]
+    if taken is None:
+        return str(dumps([message._raw, *route]))
+    item = taken.item if isinstance(taken.item, bytes) else str(taken.item).encode()
+    return b"[" + item + b"," + str(dumps(route))[1:].encode()
+
+
 class ReliableQoS(SkipRestoreWhenFull, redis.QoS):
     """kombu's Redis QoS recording from, and acknowledging into, the consumer's own keys."""
 
@@ -156,8 +171,7 @@ class ReliableQoS(SkipRestoreWhenFull, redis.QoS):
         failpoints.hit("broker.after_take")
         channel: Channel = self.channel  # type: ignore[assignment]
         taken = channel.hand_over()
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        record = unacked_record(message, taken)
         try:
             with channel.conn_or_acquire() as client:
                 pipe = client.pipeline()

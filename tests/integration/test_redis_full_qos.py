@@ -3,8 +3,10 @@ taken while full is delivered, acknowledged, and put back by a stopping consumer
 
 from __future__ import annotations
 
+import json
 import subprocess
 
+import redis
 from kombu import Connection, Exchange, Queue
 
 from tests.chaos.conftest import PrivateRedis
@@ -60,3 +62,27 @@ def test_taken_while_full_is_delivered_acked_and_put_back(
         while (message := QUEUE(channel).get(no_ack=True)) is not None:
             payloads.append(message.payload)
         assert sorted(p["n"] for p in payloads) == [1, 2]
+
+
+def test_the_unacked_record_is_the_message_as_taken(private_redis: PrivateRedis) -> None:
+    """The record of a taken message (its own JSON text spliced in, not encoded again) reads
+    back as kombu's ``[payload, exchange, routing key]``, and a restore puts that payload back:
+    same body, same headers, marked redelivered."""
+    body = {"events": [{"event_id": f'é-{n}\\u2028"', "amount": "1.05"} for n in range(2_000)]}
+    with Connection(private_redis.url, transport=Transport) as conn:
+        conn.Producer().publish(
+            body, exchange=QUEUE.exchange, routing_key="full-test", declare=[QUEUE]
+        )
+        channel = conn.channel()
+        taken = QUEUE(channel).get(no_ack=False)
+        assert taken is not None
+        client = redis.Redis(port=private_redis.port)
+        record = client.hget(channel.qos.unacked_key, taken.delivery_tag)
+        assert record is not None
+        assert json.loads(record) == [taken._raw, "full-test", "full-test"]
+        channel.qos.restore_unacked()
+        again = QUEUE(channel).get(no_ack=False)
+        assert again is not None and again.payload == body
+        assert again.headers == taken.headers | {"redelivered": True}
+        assert again.delivery_info["redelivered"] is True
+        again.ack()
