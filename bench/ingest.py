@@ -2,7 +2,8 @@
 
 ``python -m bench.ingest`` runs three phases, one after the other, each on a fresh store:
 
-1. batched: N events (default 200,000) published through Redis in messages of 500 to
+1. batched: N events (default 200,000) published through Redis in messages of the product's
+   default size (``ACCUMSYNC_INGEST_BATCH_SIZE``) to
    ``celery -A worker worker -c 2``, into Postgres (accumsync as shipped); then the same N
    through kombu's own Redis transport (``ACCUMSYNC_BROKER_FETCH=kombu``), the cost of the
    reliable fetch (worker/redisbroker.py) being the ratio of the two; then the same N with
