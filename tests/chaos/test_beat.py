@@ -114,7 +114,10 @@ def test_beat_killed_and_restarted_catches_up_within_an_interval(chaos: Chaos) -
     beat = stack.beat()
     stack.send(events[:200], batch=50)
     chaos.drain(stack, len({e["event_id"] for e in events[:200]}), timeout=90)
-    assert ticking(beat_now(stack)), beat_now(stack)  # nothing left queued: all waits on beat
+    # Nothing left queued: all waits on beat. Its tick is written after it queued the flush, in
+    # a transaction of its own, so a flush done first (the suite's first test, the machine
+    # busiest) can drain the stack before beat's own note lands: wait for it.
+    assert wait_for(lambda: ticking(beat_now(stack)), 15, 0.1), beat_now(stack)
 
     beat.kill()
     killed = time.monotonic()
