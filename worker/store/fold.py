@@ -165,16 +165,16 @@ def summed(postgres: bool) -> str:
     """``parts`` and ``deltas`` over ``moved``: each moved claim's new contribution to its key
     and its old one taken out of its old key, summed by key (the 30 columns spread by network,
     as models.buckets says)."""
-    total = SUM_CENTS if postgres else "SUM"
+    add = SUM_CENTS if postgres else "SUM"
     cents = ", ".join(CLAIM_CENTS)
     old_cents = ", ".join(f"old_{c}" for c in CLAIM_CENTS)
     old_keys = ", ".join(f"old_{k}" for k in KEY_COLS)
     sums = []
     for bucket, c in zip(BUCKETS, CLAIM_CENTS, strict=True):
-        all_, net, oon = bucket.columns
-        sums.append(f"{total}(sign * {c}) AS {all_}")
-        sums.append(f"{total}(CASE WHEN network = 'in' THEN sign * {c} ELSE 0 END) AS {net}")
-        sums.append(f"{total}(CASE WHEN network = 'out' THEN sign * {c} ELSE 0 END) AS {oon}")
+        total, net, oon = bucket.columns
+        sums.append(f"{add}(sign * {c}) AS {total}")
+        sums.append(f"{add}(CASE WHEN network = 'in' THEN sign * {c} ELSE 0 END) AS {net}")
+        sums.append(f"{add}(CASE WHEN network = 'out' THEN sign * {c} ELSE 0 END) AS {oon}")
     return f"""parts AS (
   SELECT {KEYS}, network, 1 AS sign, {cents} FROM moved WHERE status <> 'reversed'
   UNION ALL
