@@ -75,14 +75,25 @@ def test_every_ctrl_c_during_store_work_reads_as_an_interruption(store: str) -> 
 
 
 def _interrupted_transactions() -> BaseException:
-    """What short transactions, one after another, raise when a SIGINT lands among them."""
+    """What short transactions, one after another, raise when a SIGINT lands among them.
+
+    The one signal lands inside the outer ``try`` whenever it comes: the timer starts inside
+    it, and it is joined inside it. (Started before it and joined in a ``finally``, a signal
+    that came early on a busy machine, or after an error of another kind ended the loop, was
+    raised outside and stopped the whole test process: pytest-xdist's "node down:
+    keyboard-interrupt" in a fresh-clone CI.)"""
     timer = threading.Timer(random.uniform(0.001, 0.02), os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    outcome: BaseException | None = None
     try:
-        while True:
-            with db.session_scope() as session:
-                session.execute(text("select 1"))
-    except (KeyboardInterrupt, Exception) as exc:
-        return exc
-    finally:
+        try:
+            timer.start()
+            while True:
+                with db.session_scope() as session:
+                    session.execute(text("select 1"))
+        except (KeyboardInterrupt, Exception) as exc:
+            outcome = exc
         timer.join()
+    except KeyboardInterrupt as late:  # the signal after the loop ended another way
+        outcome = outcome or late
+    assert outcome is not None
+    return outcome
