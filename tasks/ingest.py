@@ -47,6 +47,7 @@ def retry_delay(retries: int) -> float:
     max_retries=None,
     soft_time_limit=300,
     time_limit=330,
+    Request="worker.ingest.handoff:IngestRequest",
 )
 def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
     """Validate, dedupe and apply the events of ``args[0]``; invalid ones become dead letters."""
