@@ -92,7 +92,7 @@ def event(n: int) -> dict[str, Any]:
 def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
     make_stack: Callable[..., Stack], broker: tuple[str, Push], pg_url: str
 ) -> None:
-    """Four poison messages, pushed raw: four dead letters of source broker; the next batch is
+    """Five poison messages, pushed raw: five dead letters of source broker; the next batch is
     applied."""
     broker_url, push = broker
     stack = make_stack(database_url=pg_url, broker_url=broker_url)
@@ -116,6 +116,11 @@ def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
             "application/json",
             task_headers("accumsync.ingest"),
         ),
+        (  # compressed, says its header (as publish's are), but it is not
+            b"not zstd " + secret_event,
+            "application/json",
+            task_headers("accumsync.ingest") | {"compression": "application/zstd"},
+        ),
     ]
     for body, content_type, headers in poison:
         push(stack.queue, body, content_type, headers)
@@ -125,18 +130,24 @@ def test_each_undeliverable_message_is_a_dead_letter_and_the_worker_goes_on(
         proc = stack.cli("dead-letters", "list", "--source", "broker", "--json", "--show-payload")
         return list(json.loads(proc.stdout))
 
-    assert wait_for(lambda: len(letters()) == 4, 60, 0.5), worker.output()[-3000:]
+    assert wait_for(lambda: len(letters()) == 5, 60, 0.5), worker.output()[-3000:]
     assert stack.status()["applied"] == 2
+    kinds = sorted(row["kind"] for row in letters())
+    assert kinds == ["bad_arguments", "invalid_task", "undecodable", "undecodable", "unknown_task"]
     found = {row["kind"]: row for row in letters()}
-    assert sorted(found) == ["bad_arguments", "invalid_task", "undecodable", "unknown_task"]
     for row in letters():
         payload = json.loads(row["payload"])
         assert payload["size"] > 0 and len(payload["sha256"]) == 64 and MEMBER in payload["body"]
     assert "accumsync.no_such_task" in found["unknown_task"]["reason"]
     assert "'application/x-python-serialize' is not accepted" in found["invalid_task"]["reason"]
-    assert "can't be decoded" in found["undecodable"]["reason"]
+    undecodable = sorted(row["reason"] for row in letters() if row["kind"] == "undecodable")
+    assert all("can't be decoded" in reason for reason in undecodable), undecodable
+    assert [", compression 'application/zstd'" in reason for reason in undecodable] == [
+        False,
+        True,
+    ], undecodable
     assert "one argument, a list of events" in found["bad_arguments"]["reason"]
     assert MEMBER not in stack.logs(), "a message body reached the logs"
     assert "broker.undeliverable" in worker.output()
     replay = stack.cli("dead-letters", "replay", "--source", "broker")
-    assert "not replayed" in replay.stderr and len(letters()) == 4
+    assert "not replayed" in replay.stderr and len(letters()) == 5

@@ -82,10 +82,13 @@ class Consumer(CeleryConsumer):
         return True
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
+        codec = _header(message, "compression")
         why = (
             f"the body can't be decoded ({type(exc).__name__}): content type "
-            f"{message.content_type!r}, encoding {message.content_encoding!r}; accumsync "
-            "takes JSON task messages (application/json, utf-8)"
+            f"{message.content_type!r}, encoding {message.content_encoding!r}"
+            + (f", compression {codec!r}" if codec else "")
+            + "; accumsync takes JSON task messages (application/json, utf-8), compressed or"
+            " not (a codec kombu knows: application/zstd, application/x-gzip)"
         )
         if self._keep(message, message.body, "undecodable", why):
             message.ack()
