@@ -73,15 +73,18 @@ def test_python_values_travel_as_the_text_a_foreign_producer_sends() -> None:
     assert decoded["event_id"] == "00000000-0000-0000-0000-000000000007"
     assert (decoded["service_date"], decoded["adjudicated_at"]) == (
         "2026-03-02",
-        "2026-03-02T09:30:00+00:00",
+        "2026-03-02T09:30:00Z",
     )
     assert decoded["amounts"] == {"copay": "10.50"}
     assert (
         validate([decoded])[0][0][1]
         == validate([event | {"event_id": str(event["event_id"])}])[0][0][1]
     )
-    with pytest.raises(TypeError, match="an event holds a set, which JSON cannot carry"):
-        wire.encode([{**BASE, "amounts": {1, 2}}])
+    with pytest.raises(TypeError, match="an event holds a object, which JSON cannot carry"):
+        wire.encode([{**BASE, "amounts": {"copay": object()}}])
+    # A set travels as a list (JSON has no sets): validation then names what is wrong.
+    (as_list,) = wire.decode(wire.encode([{**BASE, "amounts": {1}}]))
+    assert validate([as_list])[1][0][1].startswith("amounts: Input should be"), validate([as_list])
 
 
 @pytest.mark.parametrize(
