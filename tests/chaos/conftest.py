@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from sqlalchemy import Engine, text
 from sqlmodel import Session
@@ -197,6 +198,14 @@ class EventCapture:
         return sum(str(e.get("type", "")).startswith("task-") for e in self.events)
 
 
+def sized(client: redis.Redis, key: bytes) -> int:
+    """A Redis key's length, whatever its type (0 for a plain value)."""
+    raw = client.type(key)
+    kind = raw.decode() if isinstance(raw, bytes) else str(raw)
+    lengths = {"list": client.llen, "hash": client.hlen, "zset": client.zcard, "set": client.scard}
+    return int(lengths[kind](key)) if kind in lengths else 0
+
+
 class ChaosStack(Stack):
     """A Stack that keeps every CLI output and reads the store directly (no CLI round trips)."""
 
@@ -241,6 +250,33 @@ class ChaosStack(Stack):
         the store (the same queries as ``flush --wait``)."""
         with Session(self.engine) as session:
             return pending(session)
+
+    def diagnosis(self, tail: int = 2500) -> str:
+        """Where the events wait, for a failed wait's message: every process's last lines (the
+        logs joined and cut at their end show only the last process started, beat), the store's
+        batches not folded, and on Redis the queue's keys with their lengths and the
+        unacknowledged messages."""
+        parts = [
+            f"--- {c.name} ({'alive' if c.alive() else 'exited'})\n{c.output()[-tail:]}"
+            for c in self.children
+        ]
+        parts.append(f"--- store: {self.received()} events, {self.unfolded()} batches unfolded")
+        parts.append(f"--- broker: {self.broker_state()}")
+        return "\n".join(parts)
+
+    def broker_state(self) -> str:
+        """The queue's keys on Redis (waiting, taken, per priority) and the unacked hash."""
+        url = self.producer_url or self.env["ACCUMSYNC_BROKER_URL"]
+        if not url.startswith("redis"):
+            return "not Redis"
+        try:
+            with redis.Redis.from_url(url, socket_timeout=2) as client:
+                keys = sorted(client.scan_iter(match=f"*{self.queue}*", count=1000))
+                sizes = {k.decode(): sized(client, k) for k in keys}
+                sizes["unacked"] = client.hlen("unacked")
+                return ", ".join(f"{k}={n}" for k, n in sizes.items())
+        except redis.RedisError as exc:
+            return f"unreadable ({type(exc).__name__})"
 
     def figures(self) -> dict[str, int]:
         """Every ingest outcome's count, read straight from the store (the one query)."""
@@ -397,10 +433,10 @@ class Chaos:
     def drain(self, stack: ChaosStack, unique: int, timeout: float = 120) -> None:
         """Wait until every distinct event is recorded and nothing is left to flush."""
         assert wait_for(lambda: stack.received() >= unique, timeout, 0.5), (
-            f"{stack.received()} of {unique} events recorded\n{stack.logs()[-3000:]}"
+            f"{stack.received()} of {unique} events recorded\n{stack.diagnosis()}"
         )
         assert wait_for(lambda: stack.pending() == 0, timeout, 0.5), (
-            f"{stack.pending()} accumulators still pending\n{stack.logs()[-3000:]}"
+            f"{stack.pending()} accumulators still pending\n{stack.diagnosis()}"
         )
 
     def finish(
