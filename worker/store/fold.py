@@ -240,17 +240,19 @@ AND NOT EXISTS (
 ON CONFLICT DO NOTHING"""
 
 
+CLAIM_STATE: Final = ", ".join(
+    [f"CASE WHEN status = 'reversed' THEN NULL ELSE {c} END AS {c}" for c in (*KEY_COLS, "network")]
+    + ["member_seq", "service_date", "adjudicated_at"]
+    + [f"CASE WHEN status = 'reversed' THEN 0 ELSE {c} END AS {c}" for c in CLAIM_CENTS]
+)
+"""A moved claim's new state, after its id, version and hash, in :data:`CLAIM_COLS`' order: a
+reversal's has no key and no money."""
+
+
 def claimed() -> str:
-    """Write each moved claim's new state (a reversal's: no key, no money)."""
-    unless_reversed = ", ".join(
-        f"CASE WHEN status = 'reversed' THEN NULL ELSE {c} END" for c in (*KEY_COLS, "network")
-    )
-    zero_if_reversed = ", ".join(
-        f"CASE WHEN status = 'reversed' THEN 0 ELSE {c} END" for c in CLAIM_CENTS
-    )
+    """SQLite: write each moved claim's new state."""
     return f"""INSERT INTO claim ({", ".join(CLAIM_COLS)})
-SELECT claim_id, version, content_hash, {unless_reversed}, member_seq, service_date,
-  adjudicated_at, {zero_if_reversed}
+SELECT claim_id, version, content_hash, {CLAIM_STATE}
 FROM moved WHERE true
 ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in CLAIM_COLS[1:])}"""
 
@@ -299,20 +301,29 @@ def pg_fold(by_claim: bool) -> str:
     - ``moved``: each claim's highest version in scope, above the stored one;
     - ``counted``: per batch, its versions and those applied;
     - ``parts`` and ``deltas`` (:func:`summed`);
-    - ``keyed``: each key of ``deltas`` with its pair's id: the stored pair's, or, for a pair
-      not stored yet, one id drawn from the pairs' sequence for all of its keys, in the same
-      rows. So the accumulators name a new pair without a join to the pairs' insert: that join
-      of two common table expressions, which no index serves, was finding 16's quadratic fold;
-    - the new pairs inserted, each key's accumulator inserted or added to (one lookup per key,
-      ``ON CONFLICT`` on its key), the moved claims' rows written.
+    - ``found``: each key of ``deltas`` with its accumulator's id, if it has one (one lookup
+      per key); ``added`` adds to those, by id;
+    - ``keyed``: each key without an accumulator, with its pair's id: the stored pair's, or,
+      for a pair not stored yet, one id drawn from the pairs' sequence for all of its keys, in
+      the same rows. So the accumulators name a new pair without a join to the pairs' insert:
+      that join of two common table expressions, which no index serves, was finding 16's
+      quadratic fold;
+    - the new pairs and accumulators inserted; the moved claims' rows updated (a claim stored)
+      or inserted (a new one).
 
-    Only the fold writes pairs, one fold at a time (the fold lock), so a pair drawn here is not
-    stored by anyone else meanwhile; if one were, the insert fails and the fold is split
-    (:func:`isolating`), never pointed at a pair that does not exist."""
+    Plain updates and inserts, never ``INSERT .. ON CONFLICT``: the lookups that decide between
+    them are done already (``found``, the claim's row in ``scoped``), and an upsert pays for its
+    own again, with a speculative insertion and a row lock written to the WAL per row. Only the
+    fold inserts accumulators, pairs and claims, one fold at a time (the fold lock), so none of
+    them is stored by anyone else meanwhile; if one were, the insert fails and the fold is split
+    (:func:`isolating`), never pointed at a row that does not exist. A flush updating an
+    accumulator meanwhile is waited for, and the addition applies to its row as it left it."""
     picked = ", ".join(f"r.{c}" for c in (*CLAIM_COLS, "batch_id", "status"))
     old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
     keys_of_k = ", ".join(f"k.{k}" for k in KEY_COLS)
-    added = ", ".join(f"{c} = accumulator.{c} + excluded.{c}" for c in COLUMNS)
+    added = ", ".join(f"{c} = accumulator.{c} + f.{c}" for c in COLUMNS)
+    states = f"""SELECT claim_id, version, content_hash, {CLAIM_STATE}
+  FROM moved WHERE"""
     return f"""WITH scoped AS MATERIALIZED (
   SELECT {picked},
     c.version AS stored, {old},
@@ -326,16 +337,25 @@ def pg_fold(by_claim: bool) -> str:
   SELECT batch_id, COUNT(*) AS versions,
     {APPLIED}
   FROM scoped GROUP BY batch_id
-), {summed(True)}, keyed AS MATERIALIZED (
+), {summed(True)}, found AS MATERIALIZED (
+  SELECT d.*, a.id AS accumulator_id
+  FROM deltas d LEFT JOIN accumulator a ON {same_key("a", "d")}
+), added AS (
+  UPDATE accumulator SET {added},
+    change_seq = accumulator.change_seq + 1,
+    dirty_since = COALESCE(accumulator.dirty_since, :now), updated_at = :now
+  FROM found f WHERE accumulator.id = f.accumulator_id
+), keyed AS MATERIALIZED (
   SELECT k.*, COALESCE(k.stored_pair,
       MAX(k.drawn) OVER (PARTITION BY k.subscriber_id, k.group_id)) AS pair_id
   FROM (
-    SELECT d.*, p.id AS stored_pair,
+    SELECT f.*, p.id AS stored_pair,
       CASE WHEN p.id IS NULL
-        AND ROW_NUMBER() OVER (PARTITION BY d.subscriber_id, d.group_id) = 1
+        AND ROW_NUMBER() OVER (PARTITION BY f.subscriber_id, f.group_id) = 1
         THEN nextval(pg_get_serial_sequence('pair', 'id')) END AS drawn
-    FROM deltas d
-    LEFT JOIN pair p ON p.subscriber_id = d.subscriber_id AND p.group_id = d.group_id
+    FROM found f
+    LEFT JOIN pair p ON p.subscriber_id = f.subscriber_id AND p.group_id = f.group_id
+    WHERE f.accumulator_id IS NULL
   ) AS k
 ), paired AS (
   INSERT INTO pair (id, subscriber_id, group_id, attempts, lease_gen)
@@ -345,11 +365,14 @@ def pg_fold(by_claim: bool) -> str:
     change_seq, pushed_seq, attempts, held, dirty_since, updated_at)
   SELECT {keys_of_k}, k.pair_id, {", ".join(f"k.{c}" for c in COLUMNS)}, 1, 0, 0, :held, :now, :now
   FROM keyed AS k ORDER BY {keys_of_k}
-  ON CONFLICT ({KEYS}) DO UPDATE SET {added},
-    change_seq = accumulator.change_seq + 1,
-    dirty_since = COALESCE(accumulator.dirty_since, excluded.dirty_since),
-    updated_at = excluded.updated_at
-), claimed AS ({claimed()})
+), restated AS (
+  UPDATE claim SET {", ".join(f"{c} = m.{c}" for c in CLAIM_COLS[1:])}
+  FROM ({states} stored IS NOT NULL) AS m
+  WHERE claim.claim_id = m.claim_id
+), claimed AS (
+  INSERT INTO claim ({", ".join(CLAIM_COLS)})
+  {states} stored IS NULL
+)
 SELECT batch_id, versions, applied, (SELECT count(*) FROM moved) FROM counted"""
 
 
