@@ -18,6 +18,7 @@ from tests.services import (
     ensure_redis,
 )
 from tests.stack import Stack
+from worker.db import upgrade
 
 # No hypothesis deadline: its 200 ms default is a timed assertion, and it fails pure-logic tests
 # at random on a loaded 2-core machine (two test lanes, worker processes) without finding a bug.
@@ -118,6 +119,16 @@ def pg_url(postgres: str) -> Iterator[str]:
     name, url = create_database()
     yield url
     drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store of each kind, migrated: a SQLite file, or a Postgres database of its own
+    (``pg_url``: dropped afterwards)."""
+    sqlite = request.param == "sqlite"
+    url = f"sqlite:///{tmp_path / 'store.db'}" if sqlite else request.getfixturevalue("pg_url")
+    upgrade(url)
+    return url
 
 
 @pytest.fixture

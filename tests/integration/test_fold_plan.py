@@ -15,14 +15,13 @@ statements over a backlog of new keys, as a worker runs them.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, insert, text, update
 from sqlmodel import Session
 
-from worker.db import make_engine, upgrade, utcnow
+from worker.db import make_engine, utcnow
 from worker.demo.streams import StreamSpec, generate
 from worker.ingest.store import ingest
 from worker.store.fold import BY_INDEX, oldest_batches, statements
@@ -66,21 +65,12 @@ def test_a_backlog_fold_rescans_no_common_table_expression_per_row(pg_engine: En
     assert rescanned == [[] for _ in plans], f"a nested loop rescans {rescanned}"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_a_fold_takes_whole_batches_up_to_its_events(
-    kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
+def test_a_fold_takes_whole_batches_up_to_its_events(store_url: str) -> None:
     """A fold's batches are bounded in events as well as in number, so a backlog of messages
     of any size folds in transactions of bounded length; a batch larger than the bound alone
     is still taken, alone. (Counted in batches only, 200 messages of 2,000 made one fold of
     400,000 versions.)"""
-    url = (
-        f"sqlite:///{tmp_path / 'store.db'}"
-        if kind == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    upgrade(url)
-    engine = make_engine(url)
+    engine = make_engine(store_url)
     try:
         with Session(engine) as session:
             received = [40_000, 50_000, 9_999, 2, 300_000, 1, 1]

@@ -25,22 +25,14 @@ from worker.store.tables import T_BATCH
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
+@pytest.fixture
+def store(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A migrated store of each kind that ``worker.db`` and the settings point at."""
-    url = (
-        f"sqlite:///{tmp_path / 'store.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", url)
+    monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", store_url)
     monkeypatch.setenv("ACCUMSYNC_HOME", str(tmp_path))
     get_settings.cache_clear()
     db.reset_engine()
-    db.upgrade(url)
-    yield url
+    yield store_url
     db.engine().dispose()
     db.reset_engine()
     get_settings.cache_clear()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +14,8 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from models.tables import DeadLetter
-from tests.services import create_database, drop_database
 from tests.unit.test_events import BASE
-from worker.db import make_engine, upgrade
+from worker.db import make_engine
 from worker.ingest.store import ingest
 from worker.store.dead_letters import storable
 from worker.store.fold import fold_committed, in_session_of
@@ -33,20 +31,10 @@ POISON: dict[str, Any] = {
 }
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-        upgrade(url)
-        yield (eng := make_engine(url))
-        eng.dispose()
-        return
-    request.getfixturevalue("postgres")
-    name, url = create_database()
-    upgrade(url)
-    yield (eng := make_engine(url))
+@pytest.fixture
+def engine(store_url: str) -> Iterator[Engine]:
+    yield (eng := make_engine(store_url))
     eng.dispose()
-    drop_database(name)
 
 
 @pytest.mark.parametrize("kind", list(POISON))
