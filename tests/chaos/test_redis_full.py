@@ -51,6 +51,12 @@ def memory(redis: PrivateRedis) -> dict[str, int]:
     return {k: int(fields[k]) for k in ("used_memory", "maxmemory")}
 
 
+def fill(redis: PrivateRedis) -> None:
+    """Redis full: its limit 16 KB below the memory it uses now."""
+    used = memory(redis)["used_memory"]
+    redis_cli(redis, "config", "set", "maxmemory", str(used - 16 * 1024))
+
+
 def redis_cli(redis: PrivateRedis, *args: str) -> str:
     argv = ["redis-cli", "-p", str(redis.port), *args]
     return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10).stdout
@@ -78,8 +84,7 @@ def test_full_redis_refuses_publishes_loudly_loses_nothing_and_recovers(
     # Full: the limit below what is used now. (4 KB above it, as before, relied on the next
     # client's buffers to cross it: a key expiring meanwhile, the reliable fetch's heartbeat,
     # let a publish in, 2 runs in 9.)
-    before = memory(redis)["used_memory"]
-    redis_cli(redis, "config", "set", "maxmemory", str(before - 16 * 1024))
+    fill(redis)
 
     refused = api_publish(stack, rest, 50)
     assert refused["error"] == "worker.ingest.producer.BrokerFull", refused
@@ -87,6 +92,9 @@ def test_full_redis_refuses_publishes_loudly_loses_nothing_and_recovers(
     accepted = rest[: refused["sent"]]
     cli_file = tmp_path / "refused.jsonl"
     cli_file.write_text("".join(json.dumps(e) + "\n" for e in rest[len(accepted) :]))
+    # Full again: the publisher that just exited freed its client's buffers, room enough for a
+    # few compressed messages of 50 events (3 KB each; 30 KB uncompressed, which never fit).
+    fill(redis)
     cli = stack.cli("publish", str(cli_file), "--batch-size", "50", check=False)
     cli_line = cli.stderr.strip().splitlines()[-1]
     assert cli.returncode == 4, cli.stdout + cli.stderr
