@@ -83,19 +83,19 @@ def test_full_redis_refuses_publishes_loudly_loses_nothing_and_recovers(
     stack.send(backlog, batch=50)
     # Full: the limit below what is used now. (4 KB above it, as before, relied on the next
     # client's buffers to cross it: a key expiring meanwhile, the reliable fetch's heartbeat,
-    # let a publish in, 2 runs in 9.)
+    # let a publish in, 2 runs in 9.) A client's exit frees its buffers, tens of KB, room for
+    # a few compressed messages (3 KB for 50 events, 30 before compression): the producers
+    # publish one event a message, so they go on until Redis is full, whatever room they found.
     fill(redis)
 
-    refused = api_publish(stack, rest, 50)
+    refused = api_publish(stack, rest, 1)
     assert refused["error"] == "worker.ingest.producer.BrokerFull", refused
     assert "is full" in refused["message"] and "maxmemory" in refused["message"]
     accepted = rest[: refused["sent"]]
     cli_file = tmp_path / "refused.jsonl"
     cli_file.write_text("".join(json.dumps(e) + "\n" for e in rest[len(accepted) :]))
-    # Full again: the publisher that just exited freed its client's buffers, room enough for a
-    # few compressed messages of 50 events (3 KB each; 30 KB uncompressed, which never fit).
-    fill(redis)
-    cli = stack.cli("publish", str(cli_file), "--batch-size", "50", check=False)
+    fill(redis)  # again: the publisher that just exited freed its client's buffers
+    cli = stack.cli("publish", str(cli_file), "--batch-size", "1", check=False)
     cli_line = cli.stderr.strip().splitlines()[-1]
     assert cli.returncode == 4, cli.stdout + cli.stderr
     assert "is full" in cli_line and "Traceback" not in cli.stderr, cli.stderr
