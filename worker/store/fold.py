@@ -247,13 +247,14 @@ CLAIM_STATE: Final = ", ".join(
 )
 """A moved claim's new state, after its id, version and hash, in :data:`CLAIM_COLS`' order: a
 reversal's has no key and no money."""
+MOVED_STATES: Final = f"SELECT claim_id, version, content_hash, {CLAIM_STATE} FROM moved WHERE"
+"""Each moved claim's row as written, for a condition to end (SQLite's upsert takes them all)."""
 
 
 def claimed() -> str:
     """SQLite: write each moved claim's new state."""
     return f"""INSERT INTO claim ({", ".join(CLAIM_COLS)})
-SELECT claim_id, version, content_hash, {CLAIM_STATE}
-FROM moved WHERE true
+{MOVED_STATES} true
 ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in CLAIM_COLS[1:])}"""
 
 
@@ -322,8 +323,6 @@ def pg_fold(by_claim: bool) -> str:
     old = ", ".join(f"c.{col} AS old_{col}" for col in STATE)
     keys_of_k = ", ".join(f"k.{k}" for k in KEY_COLS)
     added = ", ".join(f"{c} = accumulator.{c} + f.{c}" for c in COLUMNS)
-    states = f"""SELECT claim_id, version, content_hash, {CLAIM_STATE}
-  FROM moved WHERE"""
     return f"""WITH scoped AS MATERIALIZED (
   SELECT {picked},
     c.version AS stored, {old},
@@ -367,11 +366,11 @@ def pg_fold(by_claim: bool) -> str:
   FROM keyed AS k ORDER BY {keys_of_k}
 ), restated AS (
   UPDATE claim SET {", ".join(f"{c} = m.{c}" for c in CLAIM_COLS[1:])}
-  FROM ({states} stored IS NOT NULL) AS m
+  FROM ({MOVED_STATES} stored IS NOT NULL) AS m
   WHERE claim.claim_id = m.claim_id
 ), claimed AS (
   INSERT INTO claim ({", ".join(CLAIM_COLS)})
-  {states} stored IS NULL
+  {MOVED_STATES} stored IS NULL
 )
 SELECT batch_id, versions, applied, (SELECT count(*) FROM moved) FROM counted"""
 
