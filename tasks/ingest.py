@@ -54,7 +54,7 @@ def ingest(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, int]:
     # args[0] is the JSON text of the list (``publish``'s form) or the list itself (another
     # language's producer). One object, or anything else, is applied or dead-lettered as one
     # item, not iterated key by key (or character by character).
-    batch = wire.decode(args[0] if len(args) == 1 and not kwargs else None)
+    batch = wire.batch(args[0] if len(args) == 1 and not kwargs else None)
     try:
         if len(args) != 1 or kwargs:  # a foreign producer's message of the wrong shape
             why = (

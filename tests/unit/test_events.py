@@ -255,12 +255,19 @@ printable = st.text(
 )
 key_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
 money = st.decimals(min_value=0, max_value=Decimal("999999999999.99"), places=2)
-spelled = st.one_of(money, money.map(str), money.map(lambda d: f"{d:.2f}"), st.integers(0, 10**6))
+spelled = st.one_of(
+    money,
+    money.map(str),
+    money.map(lambda d: f"{d:.2f}"),
+    st.integers(0, 10**6),
+    money.map(float),
+)
 
 
 @st.composite
-def any_event(draw: st.DrawFn) -> ClaimEvent:
-    """Any valid event: text beyond ASCII where the contract allows it, any date and offset."""
+def raw_event(draw: st.DrawFn) -> dict[str, Any]:
+    """Any valid event as a producer sends it: text beyond ASCII where the contract allows it,
+    any date and offset, amounts spelled as decimals, strings, integers or floats."""
     stamp = st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]))
     raw: dict[str, Any] = {
         "event_id": draw(printable.map(lambda t: t[:128])),
@@ -278,7 +285,12 @@ def any_event(draw: st.DrawFn) -> ClaimEvent:
         "adjudicated_at": draw(st.none() | stamp.map(lambda d: d.isoformat())),
         "amounts": draw(st.dictionaries(st.sampled_from(sorted(AMOUNTS)), spelled, max_size=10)),
     }
-    return ClaimEvent.model_validate(raw)
+    return raw
+
+
+def any_event() -> st.SearchStrategy[ClaimEvent]:
+    """Any valid event (:func:`raw_event`), validated."""
+    return raw_event().map(ClaimEvent.model_validate)
 
 
 @pytest.mark.parametrize("zero", ["0", "-0", "-0.00", "0E+3", "0.0", 0])

@@ -4,6 +4,7 @@ Either way every item gets what it would get alone."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -11,12 +12,14 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlmodel import select
 
-from tests.unit.test_events import BASE
+from models.tables import DeadLetter
+from tests.unit.test_events import BASE, raw_event
 from worker import db
 from worker.db import utcnow
 from worker.ingest import wire
-from worker.ingest.store import validate
+from worker.ingest.store import ingest, validate
 from worker.ops.replay import replay
 from worker.store.dead_letters import dead_letter
 
@@ -43,7 +46,8 @@ def test_a_batch_validates_as_its_items_alone(plan: list[int | None]) -> None:
     assert [(e.event_id, h) for e, h, _ in good] == [
         (e.event_id, h) for g, _ in alone for e, h, _ in g
     ]
-    assert [id(raw) for _, _, raw in good] == [id(raw) for g, _ in alone for _, _, raw in g]
+    valid_alone = [id(x) for x, (g, _) in zip(batch, alone, strict=True) for _ in g]
+    assert [id(batch[i]) for _, _, i in good] == valid_alone
     assert bad == [r for _, b in alone for r in b]
     assert len(good) + len(bad) == len(batch)
 
@@ -51,12 +55,25 @@ def test_a_batch_validates_as_its_items_alone(plan: list[int | None]) -> None:
 @given(st.lists(st.one_of(st.none(), st.integers(0, len(INVALID) - 1)), max_size=30))
 def test_a_batch_sent_as_json_text_validates_as_the_list(plan: list[int | None]) -> None:
     """``publish``'s form (one JSON text of the list) gives every item what the list gives it:
-    the same events, content hashes, raw items and reasons."""
+    the same events, content hashes, positions and reasons, whether the text is validated as
+    it is (the task's form) or parsed first."""
     batch = [item(i, bad) for i, bad in enumerate(plan)]
     good, bad = validate(batch)
-    good_text, bad_text = validate(wire.decode(wire.encode(batch)))
-    assert [(e, h, raw) for e, h, raw in good_text] == good
-    assert bad_text == bad
+    text = wire.encode(batch)
+    for received in (wire.batch(text), wire.decode(text)):
+        assert validate(received) == (good, bad)
+
+
+@given(st.lists(raw_event(), max_size=5))
+def test_any_valid_text_validates_as_its_parsed_items(batch: list[dict[str, Any]]) -> None:
+    """pydantic-core validating the JSON text as it is gives what ``json`` parsing it and the
+    model validating its objects give, for any valid events: amounts as JSON numbers (floats
+    included) or strings, any text the contract allows, any date and offset. The text is never
+    parsed when it validates whole."""
+    text = json.dumps(batch, default=str)
+    received = wire.batch(text)
+    assert validate(received) == validate(json.loads(text))
+    assert isinstance(received, wire.Text) and not received.parsed
 
 
 def test_python_values_travel_as_the_text_a_foreign_producer_sends() -> None:
@@ -100,6 +117,23 @@ def test_python_values_travel_as_the_text_a_foreign_producer_sends() -> None:
 )
 def test_any_first_argument_is_a_batch(arg: Any, batch: list[Any]) -> None:
     assert wire.decode(arg) == batch
+    assert list(wire.batch(arg)) == batch
+
+
+def test_a_conflict_in_a_text_batch_is_dead_lettered_as_it_was_sent(store: str) -> None:
+    """A batch validated from its text whole still dead-letters a conflict as the item that
+    was sent (the text is parsed for it), with the rest of the batch recorded."""
+    first = item(0, None)
+    other = {**first, "event_id": "e-other", "amounts": {"copay": "1.50"}}  # same version
+    batch = [first, item(1, None), other]
+    text = wire.encode(batch)
+    with db.session_scope() as session:
+        counts = ingest(session, wire.batch(text))
+    assert (counts.received, counts.conflict, counts.applied) == (3, 1, 2)
+    with db.session_scope() as session:
+        (letter,) = session.exec(select(DeadLetter)).all()
+    assert json.loads(letter.payload) == wire.decode(text)[2]
+    assert letter.reason == "claim_id+version: version 0 already received with different content"
 
 
 def test_a_text_batch_an_earlier_worker_refused_replays_as_its_events(store: str) -> None:

@@ -4,6 +4,7 @@ reason; the rest of the batch lands. Nothing loops for ever as "database unavail
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.exc import DataError, DBAPIError, StatementError
@@ -19,7 +20,7 @@ from worker.store.dead_letters import storable
 log = Log("ingest")
 
 
-def isolating(batch: list[Any]) -> IngestCounts:
+def isolating(batch: Sequence[Any]) -> IngestCounts:
     """Apply ``batch`` in one transaction; if the store refuses an event's data, find it.
 
     Validation should leave the store nothing to refuse, but if a value still gets past it (a
@@ -58,7 +59,7 @@ def first_line(exc: StatementError | UnicodeError) -> str:
     return storable((str(exc.orig).strip().splitlines() or ["no message"])[0][:200])
 
 
-def applied(session: Session, events: list[Any]) -> IngestCounts:
+def applied(session: Session, events: Sequence[Any]) -> IngestCounts:
     """The batch applied in ``session`` (committed by the caller)."""
     result = ingest_batch(session, events)
     failpoints.hit("ingest.before_commit")

@@ -10,7 +10,7 @@ A broker out of memory (Redis at ``maxmemory`` with ``noeviction``) refuses a me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,7 +60,7 @@ def _where() -> str:
     return f"{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme
 
 
-def argsrepr(batch: list[Any]) -> str:
+def argsrepr(batch: Sequence[Any]) -> str:
     """Monitoring's view of a batch: its size and first/last event ids."""
     ids = [str(e.get("event_id"))[:128] for e in batch if isinstance(e, dict)]
     span = f" {ids[0]}..{ids[-1]}" if ids else ""

@@ -42,6 +42,7 @@ from models.events import ClaimEvent, describe
 from models.ledger import Kind, decide
 from models.tables import CLAIM_CENTS
 from worker.db import insert, is_postgres, utcnow
+from worker.ingest import wire
 from worker.store import counters
 from worker.store.bulk import as_json, filled, recordset, rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
@@ -77,7 +78,8 @@ class IngestCounts:
         return {kind.value: getattr(self, kind.value) for kind in Kind}
 
 
-Valid = list[tuple[ClaimEvent, str, dict[str, Any]]]
+Valid = list[tuple[ClaimEvent, str, int]]
+"""(event, content hash, its position in the batch)."""
 Rejects = list[tuple[Any, str]]
 
 
@@ -86,20 +88,17 @@ EVENTS: Final = TypeAdapter(list[ClaimEvent])
 
 
 def validate(raw: Sequence[Any]) -> tuple[Valid, Rejects]:
-    """Split raw items into (event, content hash, raw) triples and (raw item, reason) rejects.
+    """Split raw items into (event, content hash, position) triples and (raw item, reason)
+    rejects.
 
     The batch is validated in one call; a batch with an invalid item is validated item by item
     instead, so each reject gets its own reason and the rest of the batch goes on."""
-    if all(isinstance(item, dict) for item in raw):
-        try:
-            events = EVENTS.validate_python(raw)
-        except ValidationError:
-            pass
-        else:
-            return [(e, e.content_hash(), item) for e, item in zip(events, raw, strict=True)], []
+    events = whole(raw)
+    if events is not None:
+        return [(e, e.content_hash(), i) for i, e in enumerate(events)], []
     good: Valid = []
     bad: Rejects = []
-    for item in raw:
+    for i, item in enumerate(raw):
         if not isinstance(item, dict):
             bad.append((item, not_an_object(item)))
             continue
@@ -108,8 +107,23 @@ def validate(raw: Sequence[Any]) -> tuple[Valid, Rejects]:
         except ValidationError as exc:
             bad.append((item, describe(exc)))
             continue
-        good.append((event, event.content_hash(), item))
+        good.append((event, event.content_hash(), i))
     return good, bad
+
+
+def whole(raw: Sequence[Any]) -> list[ClaimEvent] | None:
+    """The batch's events, validated in one call; None if an item is invalid (or not an
+    object). ``publish``'s JSON text is validated as it is (:class:`worker.ingest.wire.Text`):
+    pydantic-core parses it as it validates, and gives the same events as the parsed items
+    would (tests/unit/test_ingest_validate.py), or refuses it, and the items decide."""
+    try:
+        if isinstance(raw, wire.Text) and not raw.parsed:
+            return EVENTS.validate_json(raw.text)
+        if all(isinstance(item, dict) for item in raw):
+            return EVENTS.validate_python(raw)
+    except ValidationError:
+        pass
+    return None
 
 
 def not_an_object(item: Any) -> str:
@@ -133,13 +147,13 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     """
     started, now = time.perf_counter(), now or utcnow()
     good, bad = validate(raw)
-    result = IngestCounts(received=len(raw), invalid=len(bad))
+    result = IngestCounts(received=len(good) + len(bad), invalid=len(bad))
     batch_id = open_batch(session, now)
     lock_claims(session, sorted({e.claim_id for e, _, _ in good}))
     plan = record(session, good, batch_id, now)
-    raw_of = {id(e): item for e, _, item in good}
-    for event, reason in plan.conflicts:
-        bad.append((raw_of[id(event)], reason))
+    if plan.conflicts:  # dead-lettered as sent (a text batch is parsed for them only)
+        position = {id(e): i for e, _, i in good}
+        bad += [(raw[position[id(event)]], reason) for event, reason in plan.conflicts]
     for item, reason in bad:
         dead_letter(session, "ingest", item, reason, now)
     result.duplicate, result.conflict = plan.duplicates, len(plan.conflicts)
