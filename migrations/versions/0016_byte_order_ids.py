@@ -16,7 +16,9 @@ order of ASCII text; text beyond ASCII (an event or claim id) now sorts by code 
 Postgres only: SQLite compares bytes already. The type stays ``VARCHAR(n)``, so no table is
 rewritten, but each index on these columns is rebuilt under an exclusive lock: the upgrade
 takes as long as building those indexes (15 s for 10 million received events on a 2-core
-machine), and the workers wait for it meanwhile (docs/operations.md, "Upgrading").
+machine), and the workers wait for it meanwhile (docs/operations.md, "Upgrading"). Behind a
+transaction that holds one of the tables longer than ``LOCK_TIMEOUT`` the migration gives up
+and changes nothing.
 """
 
 from collections.abc import Sequence
@@ -38,9 +40,17 @@ COLUMNS: dict[str, dict[str, int]] = {
 """Each table's id and key columns, with their lengths."""
 
 
+LOCK_TIMEOUT = "10s"
+"""How long each ``ALTER`` waits for its table's lock. Behind a long transaction (a reconcile,
+an operator's open ``psql``) an ``ALTER`` waiting for its exclusive lock would queue every
+ingest, fold and flush behind it; it gives up instead, the whole migration rolls back, and
+``accumsync db upgrade`` can run again once that transaction ends."""
+
+
 def collate(collation: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    op.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     for table, columns in COLUMNS.items():
         changes = ", ".join(
             f'ALTER COLUMN {name} TYPE VARCHAR({length}) COLLATE "{collation}"'

@@ -7,6 +7,7 @@ migrations also go down to nothing and back up on Postgres.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.dialects import postgresql
 from sqlmodel import SQLModel
 
@@ -84,6 +86,28 @@ def test_the_ids_and_keys_are_declared_byte_ordered() -> None:
         ("pair", "subscriber_id"),
         ("pair", "group_id"),
     }
+
+
+def test_the_collation_migration_gives_up_behind_a_long_transaction(pg_url: str) -> None:
+    """0016 rebuilds indexes under exclusive locks: behind a transaction reading ``claim``
+    it gives up after its lock timeout and changes nothing (instead of queueing every worker
+    behind its wait), and runs once that transaction has ended."""
+    command.upgrade(alembic_config(pg_url), "0015")
+    reader = make_engine(pg_url)
+    try:
+        with reader.connect() as conn:
+            conn.execute(text("SELECT count(*) FROM claim"))  # holds its lock until rollback
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="lock timeout"):
+                command.upgrade(alembic_config(pg_url), "head")
+            waited = time.monotonic() - started
+            conn.rollback()
+    finally:
+        reader.dispose()
+    assert 9 < waited < 30, waited
+    assert collated_c(pg_url) == set()
+    upgrade(pg_url)
+    assert collated_c(pg_url) == declared_c()
 
 
 def test_sqlite_schema_matches_the_models(tmp_path: Path) -> None:
