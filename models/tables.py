@@ -22,7 +22,6 @@ from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, UniqueConstraint, text
-from sqlalchemy.types import TypeEngine
 from sqlmodel import Field, SQLModel
 
 from models.buckets import AMOUNTS, COLUMNS
@@ -38,15 +37,17 @@ BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
 """A 64-bit id; on SQLite plain INTEGER, which is 64-bit there and keeps the rowid alias."""
 
 
-def ident(length: int) -> TypeEngine[str]:
-    """An id or key column (event, claim, subscriber, group, plan year and type, benefit
-    code): on Postgres ``COLLATE "C"``, compared and sorted byte by byte (migration 0016).
+def ident(length: int, **field: Any) -> Any:
+    """An id or key field of ``length`` characters (event, claim, subscriber, group, plan year
+    and type, benefit code): on Postgres ``COLLATE "C"``, compared and sorted byte by byte
+    (migration 0016).
 
     These columns are only matched, grouped and ordered for locks, never shown in a language's
     order, and keys are canonical ASCII. Under the database's collation every comparison in
     their indexes, the fold's sorts and its joins called the C library's ``strcoll``; byte
     order takes no call (bench/README.md, finding 22). SQLite compares bytes already."""
-    return String(length).with_variant(String(length, collation="C"), "postgresql")
+    column = String(length).with_variant(String(length, collation="C"), "postgresql")
+    return Field(max_length=length, sa_type=column, **field)
 
 
 def _cents_columns(names: tuple[str, ...], ns: dict[str, Any]) -> None:
@@ -61,11 +62,11 @@ class VersionColumns(SQLModel):
     """What a claim version carries, and a claim's state keeps of its highest one: the key, the
     network, the details stored, the ten amounts in cents (a reversed claim's state: no key)."""
 
-    subscriber_id: str | None = Field(default=None, max_length=9, sa_type=ident(9))
-    group_id: str | None = Field(default=None, max_length=20, sa_type=ident(20))
-    plan_year: str | None = Field(default=None, max_length=8, sa_type=ident(8))
-    plan_type: str | None = Field(default=None, max_length=6, sa_type=ident(6))
-    benefit_code: str | None = Field(default=None, max_length=10, sa_type=ident(10))
+    subscriber_id: str | None = ident(9, default=None)
+    group_id: str | None = ident(20, default=None)
+    plan_year: str | None = ident(8, default=None)
+    plan_type: str | None = ident(6, default=None)
+    benefit_code: str | None = ident(10, default=None)
     network: str | None = Field(default=None, max_length=3)
     member_seq: str | None = Field(default=None, max_length=2)
     service_date: date | None = None
@@ -88,8 +89,8 @@ class ReceivedEvent(VersionColumns, table=True):
         Index("ix_received_event_batch", "batch_id"),
     )
 
-    event_id: str = Field(primary_key=True, max_length=128, sa_type=ident(128))
-    claim_id: str = Field(max_length=64, sa_type=ident(64))
+    event_id: str = ident(128, primary_key=True)
+    claim_id: str = ident(64)
     version: int
     content_hash: str = Field(max_length=64)
     received_at: datetime
@@ -100,7 +101,7 @@ class ReceivedEvent(VersionColumns, table=True):
 class Claim(VersionColumns, table=True):
     __tablename__ = "claim"
 
-    claim_id: str = Field(primary_key=True, max_length=64, sa_type=ident(64))
+    claim_id: str = ident(64, primary_key=True)
     version: int = Field(default=-1, description="-1: nothing applied (older lock placeholders)")
     content_hash: str = Field(default="", max_length=64)
 
@@ -110,8 +111,8 @@ class Pair(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("subscriber_id", "group_id", name="uq_pair"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    subscriber_id: str = Field(max_length=9, sa_type=ident(9))
-    group_id: str = Field(max_length=20, sa_type=ident(20))
+    subscriber_id: str = ident(9)
+    group_id: str = ident(20)
     next_attempt_at: datetime | None = Field(default=None, index=True)
     attempts: int = 0
     lease_owner: str | None = Field(default=None, max_length=64)
@@ -137,11 +138,11 @@ class Accumulator(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BIGINT_ID)
     pair_id: int = Field(foreign_key="pair.id", index=True)
-    subscriber_id: str = Field(max_length=9, sa_type=ident(9))
-    group_id: str = Field(max_length=20, sa_type=ident(20))
-    plan_year: str = Field(max_length=8, sa_type=ident(8))
-    plan_type: str = Field(max_length=6, sa_type=ident(6))
-    benefit_code: str = Field(max_length=10, sa_type=ident(10))
+    subscriber_id: str = ident(9)
+    group_id: str = ident(20)
+    plan_year: str = ident(8)
+    plan_type: str = ident(6)
+    benefit_code: str = ident(10)
     change_seq: int = Field(default=0, sa_type=BigInteger)
     pushed_seq: int = Field(
         default=0,
