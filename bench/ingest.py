@@ -34,6 +34,8 @@ from bench.naive import TASK as NAIVE_TASK
 from tests.stack import Stack, same_totals
 from worker.demo.streams import StreamSpec, expected_totals, generate
 
+WAL = "(WAL written)"
+
 
 @dataclass
 class Phase:
@@ -123,19 +125,30 @@ def run_phase(
     return Phase(name, setup, len(events), seconds, ok == [], cpu, disk)
 
 
-#: Each table's size with its indexes and TOAST, and the whole database's.
+#: Each table's size with its indexes and TOAST, the whole database's, and the server's WAL
+#: position (what lies between two readings is the WAL written meanwhile: nothing else writes
+#: during a run, and the figure does not depend on how fast the machine is, as CPU and events/s
+#: do).
 DISK_SQL = text(
     "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE n.nspname = 'public' AND c.relkind = 'r' "
-    "UNION ALL SELECT '(database)', pg_database_size(current_database())"
+    "UNION ALL SELECT '(database)', pg_database_size(current_database()) "
+    f"UNION ALL SELECT '{WAL}', CAST(pg_current_wal_lsn() - '0/0' AS BIGINT)"
 )
 
 
 def disk_bytes(engine: Any) -> dict[str, int]:
-    """Bytes on disk by table (indexes and TOAST included), and the database's."""
+    """Bytes on disk by table (indexes and TOAST included), the database's, and the WAL's
+    position."""
     with engine.connect() as conn:
         return {name: int(size) for name, size in conn.execute(DISK_SQL)}
+
+
+def wal_note(phase: Phase) -> str:
+    """The WAL a phase wrote per event (ingest, folds and their checkpoints' full pages)."""
+    assert phase.disk is not None
+    return f"WAL written per event: {phase.disk.get(WAL, 0) / phase.events:,.0f} bytes"
 
 
 def grown(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -245,10 +258,11 @@ def main() -> None:
     for p in phases:
         if p.disk:
             per = {k: round(v / p.events) for k, v in p.disk.items()}
-            tables = ", ".join(f"{k} {v:,}" for k, v in per.items() if k != "(database)")
+            whole = ("(database)", WAL)
+            tables = ", ".join(f"{k} {v:,}" for k, v in per.items() if k not in whole)
             report.note(
                 f"{p.name}: bytes on disk per event: {per['(database)']:,} for the database "
-                f"(WAL not counted); by table with its indexes: {tables}"
+                f"(WAL not counted); by table with its indexes: {tables}; {wal_note(p)}"
             )
     batched = phases[0]
     report.target("batched events/s", round(batched.rate), ">= 20,000", batched.rate >= 20_000)
@@ -287,6 +301,7 @@ def only_batched(args: argparse.Namespace) -> None:
     )
     if phase.disk:
         report.note(f"bytes on disk per event: {phase.disk['(database)'] / phase.events:,.0f}")
+        report.note(wal_note(phase))
     report.note(f"load average at the end: {os.getloadavg()}")
     report.save()
 
