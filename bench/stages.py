@@ -2,8 +2,8 @@
 
 ``python -m bench.stages [--events 40000] [--batch 500]`` ingests a realistic stream into a fresh
 Postgres database from this process (no broker, no Celery), one transaction per batch, and times
-each stage of ``worker.ingest.store.ingest`` per event (validation, the batch row, the claim lock,
-the versions' insert, the stored-hash lookup), then the fold after each batch's commit
+each stage of ``worker.ingest.store.ingest`` per event (validation, the batch row, the versions'
+insert, the stored-hash lookup), then the fold after each batch's commit
 (``worker.store.fold``, its own transaction, as a worker runs it). Then the content hash alone,
 as shipped against its reference encoder, in the same process. It is the profile
 bench/README.md's findings quote as "in-process"; the end-to-end figure is ``bench.ingest``'s.
@@ -31,7 +31,6 @@ from worker.store.fold import fold_committed, in_session_of
 STAGES = (
     "validate",
     "open_batch",
-    "lock_claims",
     "insert_versions",
     "look_up",
     "close_batch",

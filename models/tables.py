@@ -74,18 +74,30 @@ class VersionColumns(SQLModel):
     _cents_columns(CLAIM_CENTS, locals())
 
 
+HOLDS_A_VERSION = text("batch_id IS NOT NULL")
+
+
 class ReceivedEvent(VersionColumns, table=True):
     """One event received: the idempotency record and, since 0014, the claim version it carries.
 
     Ingest only records (one row per event); the fold (worker/store/fold.py) turns the versions
     of committed batches into claim states and totals. ``batch_id`` names the ``ingest_batch``
-    whose fold applies this version; it is NULL for a row with nothing to fold (received before
-    0014, or a second event id for a version already received).
+    whose fold applies this version; it is NULL for a second event id of a version already
+    received, which has nothing to fold. So one row with a batch holds each version, and
+    ``ux_received_event_version`` says so: two batches inserting one version at once meet on it
+    (migration 0017, which gave the rows received before 0014 a batch, folded already).
     """
 
     __tablename__ = "received_event"
     __table_args__ = (
-        Index("ix_received_event_claim_version", "claim_id", "version"),
+        Index(
+            "ux_received_event_version",
+            "claim_id",
+            "version",
+            unique=True,
+            postgresql_where=HOLDS_A_VERSION,
+            sqlite_where=HOLDS_A_VERSION,
+        ),
         Index("ix_received_event_batch", "batch_id"),
     )
 

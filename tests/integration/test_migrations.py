@@ -18,10 +18,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import OperationalError
-from sqlmodel import SQLModel
+from sqlmodel import Session, SQLModel
 
 import models.tables  # noqa: F401  (registers every table on SQLModel.metadata)
+from tests.unit.test_events import BASE
 from worker.db import alembic_config, make_engine, upgrade
+from worker.ingest.store import ingest
 
 VERSIONS = "alembic_version"
 
@@ -129,18 +131,24 @@ def test_postgres_migrations_go_down_and_up_again(pg_url: str) -> None:
     assert collated_c(pg_url) == declared_c()
 
 
+def store_at(store: str, revision: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh ``store`` ("postgres" or "sqlite") migrated up to ``revision``."""
+    url = (
+        request.getfixturevalue("pg_url")
+        if store == "postgres"
+        else f"sqlite:///{tmp_path / 's.db'}"
+    )
+    command.upgrade(alembic_config(url), revision)
+    return url
+
+
 @pytest.mark.parametrize("store", ["postgres", "sqlite"])
 def test_keys_that_differ_only_in_case_are_merged_on_upgrade(
     store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Rows written before keys were canonical: `ded` and `DED ` of one member become one
     accumulator (ours and pushed summed, marked dirty), pairs too; claims are rewritten."""
-    url = (
-        request.getfixturevalue("pg_url")
-        if store == "postgres"
-        else f"sqlite:///{tmp_path / 's.db'}"
-    )
-    command.upgrade(alembic_config(url), "0005")
+    url = store_at(store, "0005", request, tmp_path)
     engine = make_engine(url)
     with engine.begin() as conn:
         for pid, group in ((1, "grp"), (2, "GRP ")):
@@ -190,3 +198,63 @@ def test_keys_that_differ_only_in_case_are_merged_on_upgrade(
     assert dirty is not None
     assert [tuple(p) for p in pairs] == [(1, "S1", "GRP")]
     assert [tuple(c) for c in claims] == [("S1", "MED", "DED")]
+
+
+@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+def test_versions_received_before_0014_are_held_after_0017(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Rows received before 0014 hold their versions with no batch. 0017 gives the first row of
+    each such version a batch of its own, folded, and leaves every other row as it was; a later
+    event of such a version with other content is then a conflict, as it was before, and not a
+    new version for the fold."""
+    url = store_at(store, "0016", request, tmp_path)
+    engine = make_engine(url)
+    received = text(
+        "INSERT INTO received_event (event_id, claim_id, version, content_hash, received_at,"
+        " batch_id) VALUES (:e, :c, :v, :h, CURRENT_TIMESTAMP, :b)"
+    )
+    with engine.begin() as conn:
+        batch = conn.execute(
+            text(
+                "INSERT INTO ingest_batch (at, received, applied, duplicate, stale, conflict,"
+                " invalid, duration_ms, folded_at)"
+                " VALUES (CURRENT_TIMESTAMP, 2, 1, 1, 0, 0, 0, 3, CURRENT_TIMESTAMP) RETURNING id"
+            )
+        ).scalar_one()
+        for row in (
+            ("old-2", "c-old", 1, "h1", None),  # before 0014: two ids of one version
+            ("old-1", "c-old", 1, "h1", None),
+            ("old-3", "c-old", 2, "h2", None),
+            ("new-1", "c-new", 1, "h3", batch),  # since 0014: a version and a second id of it
+            ("new-2", "c-new", 1, "h3", None),
+        ):
+            conn.execute(received, dict(zip("ecvhb", row, strict=True)))
+    engine.dispose()
+    upgrade(url)
+    assert drift(url) == []
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT event_id, batch_id FROM received_event")).all()
+            made = conn.execute(
+                text("SELECT id, received, folded_at IS NOT NULL FROM ingest_batch WHERE id <> :b"),
+                {"b": batch},
+            ).all()
+        with Session(engine) as session:
+            clash = {**BASE, "event_id": "late", "claim_id": "c-old", "version": 1}
+            result = ingest(session, [clash])
+            session.commit()
+    finally:
+        engine.dispose()
+    assert len(made) == 1, f"batches made for the versions received before 0014: {made}"
+    ((held, nothing, folded),) = made
+    assert (nothing, folded) == (0, True)
+    assert sorted(map(tuple, rows)) == [
+        ("new-1", batch),
+        ("new-2", None),
+        ("old-1", held),
+        ("old-2", None),
+        ("old-3", held),
+    ]
+    assert (result.conflict, result.recorded) == (1, 0), result

@@ -7,10 +7,13 @@ the version it carries, under the message's ``ingest_batch`` row. It writes no c
 accumulator: the fold (worker/store/fold.py) applies committed batches to those in sets, so
 whether a version is applied or stale is decided there, against the claim's highest version.
 
-Two batches on overlapping claims serialize on the claims' locks, so a version's check is exact;
-batches on different claims run side by side, and the one thing they can share, an event id
-reused on another claim, is claimed by the insert itself, which waits on the unique index for a
-concurrent batch holding the same id and then skips it (see :func:`record`).
+Batches run side by side, on the same claims or not. The two things they can share, an event id
+and a claim version, are each held by one row (the event id's primary key; the version's unique
+index, ``ux_received_event_version``, over the rows with a batch). So each is claimed by the
+insert itself, which waits on the index for a concurrent batch holding the same id or version
+and then skips it; the batch then decides that event against the row committed (see
+:func:`record`). A batch waits only on what it shares, never on a whole claim: two versions of
+one claim in concurrent batches are both recorded, and the fold applies the highest.
 """
 
 from __future__ import annotations
@@ -28,10 +31,8 @@ from sqlalchemy import (
     Executable,
     bindparam,
     delete,
-    exists,
     literal,
     select,
-    text,
     union_all,
     update,
 )
@@ -147,7 +148,6 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
     good, bad = validate(raw)
     result = IngestCounts(received=len(good) + len(bad), invalid=len(bad))
     batch_id = open_batch(session, now)
-    lock_claims(session, sorted({e.claim_id for e, _, _ in good}))
     plan = record(session, good, batch_id, now)
     if plan.conflicts:  # dead-lettered as sent (a text batch is parsed for them only)
         position = {id(e): i for e, _, i in good}
@@ -162,34 +162,6 @@ def ingest(session: Session, raw: Sequence[Any], now: datetime | None = None) ->
         folded = fold_batches(session, [batch_id])
         result.applied, result.stale, result.recorded = folded.applied, folded.stale, 0
     return result
-
-
-def lock_claims(session: Session, claim_ids: list[str]) -> None:
-    """Take every claim of the batch for this transaction (Postgres).
-
-    A transaction-scoped advisory lock per claim (``CLAIM_LOCKS``), taken in the order of the
-    lock keys, so two batches on overlapping claims queue behind each other and never wait on
-    each other in a circle. The lock holds a claim that has no row yet as well as one that has,
-    and writes nothing. It is what makes the version check of :func:`record` exact: a batch
-    looks for a claim's stored versions only once no other uncommitted batch can add one.
-    SQLite: the transaction began with ``BEGIN IMMEDIATE``, so it is the only writer already.
-    """
-    if is_postgres(session) and claim_ids:
-        session.execute(CLAIM_LOCKS, {"ids": json.dumps(claim_ids)})
-
-
-CLAIM_LOCK_SPACE: Final = 0x41430001
-"""The first key of every claim's advisory lock: the two-key form's locks are a space apart
-from the one-key form's, and this key keeps them apart from any other user of the two-key
-form."""
-
-CLAIM_LOCKS: Final = text(
-    "SELECT count(pg_advisory_xact_lock(:space, k)) FROM "
-    "(SELECT DISTINCT hashtext(v) AS k FROM json_array_elements_text(CAST(:ids AS json)) AS v "
-    "ORDER BY k) AS keys"
-).bindparams(space=CLAIM_LOCK_SPACE)
-"""Lock each claim id, in the order of the lock keys (two ids with one hash share a lock:
-a batch then waits a little longer, never forever)."""
 
 
 @dataclass
@@ -243,14 +215,21 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     """Record the batch's received events; the plan they were decided by comes back.
 
     Postgres, optimistic: the batch is decided as if nothing were stored and inserted with
-    ``ON CONFLICT (event_id) DO NOTHING`` and a check that no row holds its (claim_id, version)
-    yet. The insert waits on the unique index while a concurrent transaction holds an
-    uncommitted row of the same id. When every row went in and the batch names nothing twice,
-    that was exact (the common case: one statement). Otherwise the stored hashes of the batch's
-    ids and claims are read and the batch decided again, and what is now received but not yet
-    inserted is inserted, until a round inserts all it meant to; a row an earlier round inserted
-    that the batch, decided again, no longer records as it was inserted is taken out first
-    (:func:`undo`). SQLite reads first (it is the only writer), so its first round is exact.
+    ``ON CONFLICT DO NOTHING``, which skips a row whose event id, or whose version, a row holds
+    already. The insert waits on the unique index while a concurrent transaction holds an
+    uncommitted row of the same id or version, and skips it once that commits. When every row
+    went in and the batch names nothing twice, that was exact (the common case: one
+    statement). Otherwise the stored hashes of the batch's ids and claims are read and the batch
+    decided again, and what is now received but not yet inserted is inserted, until a round
+    inserts all it meant to; a row an earlier round inserted that the batch, decided again, no
+    longer records as it was inserted is taken out first (:func:`undo`). SQLite reads first (it
+    is the only writer), so its first round is exact.
+
+    Rows go in in event id order, so two batches sharing only event ids wait in one direction.
+    Two that share versions under other event ids, in crossed orders, can wait on each other:
+    Postgres then ends one of them (``DeadlockDetected``, after ``deadlock_timeout``), its
+    transaction rolls back whole, and its message is retried (tasks/ingest.py) and finds the
+    other's rows committed.
     """
     postgres = is_postgres(session)
     if postgres:
@@ -309,7 +288,8 @@ def load_seen(
 ) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
     """Content hashes already recorded by earlier batches, by event_id and by (claim_id,
     version): one query, none when both lists are empty. Rows this batch inserted itself
-    (``mine``) are not "already seen"."""
+    (``mine``) are not "already seen". A version's hash is its holder's (the row with a batch:
+    a second event id of it has the same hash, or it would be a conflict and not stored)."""
     by_event: dict[str, str] = {}
     by_version: dict[tuple[str, int], str] = {}
     if not event_ids and not claim_ids:
@@ -318,7 +298,8 @@ def load_seen(
     tagged = [literal(True).label("by_id"), *cols]
     same_event = rows_where_in(session, tagged, T_EVENT.c.event_id, event_ids)
     tagged[0] = literal(False).label("by_id")
-    same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids)
+    holds = T_EVENT.c.batch_id.is_not(None)
+    same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids, holds)
     for by_id, eid, cid, version, h in session.execute(union_all(same_event, same_claim)):
         if eid in mine:
             continue
@@ -362,7 +343,8 @@ def insert_versions(
     """Insert the ``wanted`` rows (in event_id order); the event ids inserted come back.
 
     A version for the fold is inserted under ``batch_id`` and, on Postgres, only if no row holds
-    its (claim_id, version) yet; one more event id for a version is inserted with no batch."""
+    its (claim_id, version) yet (the index decides); one more event id for a version is inserted
+    with no batch."""
     if not wanted:
         return set()
     fold = [version_row(e, h) for e, h, f in wanted if f]
@@ -396,21 +378,20 @@ def recorded(
 
 @lru_cache(maxsize=1)
 def NEW_VERSIONS() -> Executable:
-    """``INSERT INTO received_event ... SELECT`` the bound rows whose (claim_id, version) no row
-    holds, ``ON CONFLICT (event_id) DO NOTHING RETURNING event_id``, in event_id order."""
+    """``INSERT INTO received_event ... SELECT`` the bound rows, in event_id order, ``ON
+    CONFLICT DO NOTHING RETURNING event_id``: no conflict target, so a row is skipped for its
+    event id (the primary key) or its version (``ux_received_event_version``) alike."""
     rows = recordset(T_EVENT)
     values = filled(rows, T_EVENT, VERSION_COLUMNS, dict.fromkeys(CLAIM_CENTS, 0))
     values += [
         bindparam("batch_id", type_=T_EVENT.c.batch_id.type),
         bindparam("received_at", type_=T_EVENT.c.received_at.type),
     ]
-    stored = T_EVENT.alias("stored")
-    taken = exists().where(stored.c.claim_id == rows.c.claim_id, stored.c.version == rows.c.version)
-    query = select(*values).where(~taken).order_by(rows.c.event_id)
+    query = select(*values).order_by(rows.c.event_id)
     stmt = postgresql.insert(T_EVENT).from_select(
         [*VERSION_COLUMNS, "batch_id", "received_at"], query
     )
-    return stmt.on_conflict_do_nothing(index_elements=["event_id"]).returning(T_EVENT.c.event_id)
+    return stmt.on_conflict_do_nothing().returning(T_EVENT.c.event_id)
 
 
 def open_batch(session: Session, now: datetime) -> int:

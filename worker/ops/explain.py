@@ -181,7 +181,9 @@ def _versions(session: Session, claim_ids: list[str]) -> dict[str, list[dict[str
     out: dict[str, list[dict[str, Any]]] = {}
     if not claim_ids:
         return out
-    query = select(e.claim_id, e.version, e.received_at).where(e.claim_id.in_(claim_ids))
+    # The rows holding a version (a batch named): each version once, by its unique index.
+    holds = e.batch_id.is_not(None)
+    query = select(e.claim_id, e.version, e.received_at).where(e.claim_id.in_(claim_ids), holds)
     for r in session.execute(query.order_by(e.claim_id, e.version, e.received_at)):
         out.setdefault(r.claim_id, []).append({"version": r.version, "received_at": r.received_at})
     return out

@@ -74,9 +74,14 @@ def as_json(rows: Rows) -> str:
 
 
 def rows_where_in(
-    session: Session, columns: Sequence[ColumnElement[Any]], key: ColumnElement[Any], values: Any
+    session: Session,
+    columns: Sequence[ColumnElement[Any]],
+    key: ColumnElement[Any],
+    values: Any,
+    *also: ColumnElement[bool],
 ) -> Select[Any]:
-    """``SELECT columns WHERE key IN (values)``, the values bound as one JSON array.
+    """``SELECT columns WHERE key IN (values) AND also...``, the values bound as one JSON array
+    (``also``: conditions on the row, such as a partial index's own).
 
     One parameter whatever the count, so the statement text never changes and Postgres
     prepares it once (an ``IN (:v1, ..., :vN)`` list is a new statement for every N). On
@@ -87,10 +92,10 @@ def rows_where_in(
     array = bindparam(None, json.dumps(list(values)), type_=Text)
     if not is_postgres(session):
         each = func.json_each(array).table_valued("value")
-        return select(*columns).where(key.in_(select(each.c.value)))
+        return select(*columns).where(key.in_(select(each.c.value)), *also)
     wanted = func.json_array_elements_text(array.cast(JSON)).table_valued("value").alias("v")
     # OFFSET 0 keeps the planner from flattening the lateral subquery into that semi-join.
-    found = select(*columns).where(key == wanted.c.value).offset(0).lateral("found")
+    found = select(*columns).where(key == wanted.c.value, *also).offset(0).lateral("found")
     return select(*found.c).select_from(wanted).join(found, true())
 
 

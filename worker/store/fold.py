@@ -67,7 +67,8 @@ log = Log("fold")
 T = TypeVar("T")
 
 FOLD_LOCK_SPACE: Final = 0x41430002
-"""The first key of the fold's advisory lock (claims' locks use 0x41430001)."""
+"""The first key of the fold's advisory lock (0x41430001 was the claims' locks', up to migration
+0017)."""
 MAX_BATCHES: Final = 200
 MAX_EVENTS: Final = 100_000
 """A fold takes whole batches, the oldest first, up to ``MAX_BATCHES`` of them and as long as
