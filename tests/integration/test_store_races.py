@@ -18,7 +18,10 @@ from sqlmodel import Session
 
 from models.tables import DeadLetter, ReceivedEvent
 from tests.unit.test_events import BASE
+from worker import db
+from worker.ingest.poison import isolating
 from worker.ingest.store import IngestCounts, ingest
+from worker.settings import get_settings
 from worker.store.fold import FoldReport, fold_committed, fold_round, in_session_of
 from worker.store.tables import T_ACCUM
 
@@ -254,3 +257,59 @@ def test_a_batch_committed_while_the_fold_is_held_is_folded_by_its_holder(
     assert (total.batches, total.applied) == (1, 1)
     copay, _, _ = stored(pg_engine)
     assert copay == [1000]
+
+
+def deadlocks(pg_engine: Engine) -> int:
+    """Deadlocks Postgres has detected in this database."""
+    with pg_engine.connect() as conn:
+        sql = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        return int(conn.execute(text(sql)).scalar_one())
+
+
+def test_two_batches_crossing_on_versions_wait_once_and_count_once(
+    pg_engine: Engine, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches sending the same two versions under other event ids, in crossed orders, wait
+    on each other. The first batch's insert reaches its rows at two moments here (two calls in
+    one transaction), as two concurrent inserts interleave. Postgres ends the batch that waited
+    first (a deadlock); its transaction rolls back whole and runs again
+    (``worker.db.in_transaction``, as a worker runs it), finds the first batch's versions
+    committed, and records its own events as duplicates: each version counts once."""
+    monkeypatch.setenv("ACCUMSYNC_DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    db.reset_engine()
+    x = {**BASE, "claim_id": "claim-x", "version": 1, "amounts": {"copay": "10.00"}}
+    y = {**BASE, "claim_id": "claim-y", "version": 1, "amounts": {"copay": "20.00"}}
+    second_batch = [{**y, "event_id": "evt-b1"}, {**x, "event_id": "evt-b2"}]  # inserted y, x
+    before = deadlocks(pg_engine)
+    first = Session(pg_engine)
+    outcome: dict[str, IngestCounts] = {}
+    thread = threading.Thread(target=lambda: outcome.update(second=isolating(second_batch)))
+    try:
+        ingest(first, [{**x, "event_id": "evt-a1"}])  # holds claim-x's version 1
+        thread.start()
+        waited = None
+        for _ in range(100):  # the second batch holds y and waits for x
+            if in_(waited := waiting_in(pg_engine), RECORDING):
+                break
+            threading.Event().wait(0.05)
+        assert in_(waited, RECORDING), f"the second batch waited in {waited!r}"
+        ingest(first, [{**y, "event_id": "evt-a2"}])  # waits for y: the two wait on each other
+        first.commit()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        first.close()
+        db.engine().dispose()  # the retried batch's connections, closed
+        db.reset_engine()
+        get_settings.cache_clear()
+    assert deadlocks(pg_engine) == before + 1
+    second = outcome["second"]
+    assert (second.duplicate, second.recorded, second.conflict) == (2, 0, 0)
+    folded = fold_committed(in_session_of(pg_engine))
+    copay, letters, received = stored(pg_engine)
+    assert (folded.applied, copay, letters) == (2, [3000], [])
+    with Session(pg_engine) as s:
+        holders = s.execute(select(ReceivedEvent.event_id, ReceivedEvent.batch_id)).all()  # type: ignore[call-overload]
+    assert sorted(e for e, b in holders if b is not None) == ["evt-a1", "evt-a2"]
+    assert len(received) == 4

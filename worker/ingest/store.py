@@ -228,8 +228,8 @@ def record(session: Session, good: Valid, batch_id: int, now: datetime) -> Plan:
     Rows go in in event id order, so two batches sharing only event ids wait in one direction.
     Two that share versions under other event ids, in crossed orders, can wait on each other:
     Postgres then ends one of them (``DeadlockDetected``, after ``deadlock_timeout``), its
-    transaction rolls back whole, and its message is retried (tasks/ingest.py) and finds the
-    other's rows committed.
+    transaction rolls back whole and runs again (:func:`worker.db.in_transaction`), and finds
+    the other's rows committed.
     """
     postgres = is_postgres(session)
     if postgres:
