@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlmodel import Session
 
 from models.tables import DeadLetter
@@ -19,6 +19,9 @@ from worker.db import make_engine
 from worker.ingest.store import ingest
 from worker.store.dead_letters import storable
 from worker.store.fold import fold_committed, in_session_of
+
+NEW_PAIR = "INSERT INTO pair (subscriber_id, group_id, attempts) VALUES (:s, :g, 0) RETURNING id"
+KEY = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
 
 LONE_SURROGATE = json.loads('"e\\ud800x"')  # what a JSON parser makes of "\ud800"
 
@@ -55,3 +58,36 @@ def test_storable_escapes_only_what_no_store_takes() -> None:
     assert storable("plain ✓ text") == "plain ✓ text"
     assert storable("a\x00b") == "a\\u0000b"
     assert storable(f"x{LONE_SURROGATE}") == "xe\\ud800x"
+
+
+def test_a_version_refused_at_fold_time_is_folded_when_sent_again(pg_engine: Engine) -> None:
+    """A version the fold refuses (its key's total past 64 bits) is quarantined: dead-lettered
+    and forgotten as received, so that sending it again can bring it back. A second event id of
+    that version, recorded with no batch, does not hold it: once the total has room, the version
+    sent again is folded (up to 0016 that id's row made it a duplicate, never folded)."""
+    first = {**BASE, "event_id": "e-1", "claim_id": "c-full", "amounts": {"copay": "25.00"}}
+    again = {**first, "event_id": "e-2"}  # the same version under a second id
+    with pg_engine.begin() as conn:  # the key's accumulator, full
+        pair = conn.execute(text(NEW_PAIR), {"s": BASE["subscriber_id"], "g": BASE["group_id"]})
+        conn.execute(
+            text(
+                "INSERT INTO accumulator (pair_id, subscriber_id, group_id, plan_year, plan_type,"
+                " benefit_code, change_seq, pushed_seq, attempts, held, copay_total)"
+                " VALUES (:pair, :subscriber_id, :group_id, :plan_year, :plan_type, :benefit_code,"
+                " 0, 0, 0, false, :full)"
+            ),
+            {"pair": pair.scalar_one(), **{k: BASE[k] for k in KEY}, "full": 2**63 - 1},
+        )
+    with Session(pg_engine) as session:
+        assert ingest(session, [first, again]).duplicate == 1
+        session.commit()
+    assert fold_committed(in_session_of(pg_engine)).quarantined == 1
+    with pg_engine.begin() as conn:  # room again
+        conn.execute(text("UPDATE accumulator SET copay_total = 0"))
+    with Session(pg_engine) as session:
+        sent_again = ingest(session, [first])
+        session.commit()
+    assert (sent_again.recorded, sent_again.duplicate) == (1, 0), sent_again
+    assert fold_committed(in_session_of(pg_engine)).applied == 1
+    with pg_engine.connect() as conn:
+        assert conn.execute(text("SELECT copay_total FROM accumulator")).scalar_one() == 2500
