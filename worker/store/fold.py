@@ -48,7 +48,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
 from models.buckets import BUCKETS, COLUMNS
@@ -259,11 +259,32 @@ def claimed() -> str:
 ON CONFLICT (claim_id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in CLAIM_COLS[1:])}"""
 
 
+OVERFLOW: Final = "abs(-9223372036854775807 - 1)"
+"""SQLite: an expression that fails as ``SUM`` does past 64 bits (``integer overflow``)."""
+
+
+def checked(total: str) -> str:
+    """SQLite: the integer sum ``total``, or the error ``SUM`` gives past 64 bits. SQLite's
+    ``+`` makes a ``REAL`` of an integer sum past 64 bits, which a ``BIGINT`` column stores as
+    it is: a total of cents would become a float, and lose its cents, without an error (Postgres
+    refuses it: ``bigint out of range``)."""
+    return f"CASE WHEN typeof({total}) = 'integer' THEN {total} ELSE {OVERFLOW} END"
+
+
+def refused(exc: DBAPIError) -> bool:
+    """The store refused a fold's values (a total past 64 bits), as opposed to being away:
+    Postgres's ``DataError`` or ``IntegrityError``; SQLite's ``integer overflow``, which it
+    reports as an ``OperationalError``."""
+    if isinstance(exc, DataError | IntegrityError):
+        return True
+    return isinstance(exc, OperationalError) and "integer overflow" in str(exc.orig)
+
+
 def parts(by_claim: bool) -> dict[str, str]:
     """SQLite: the fold's steps after :func:`new_pairs`, each a statement of its own over the
     ``ctes``, in the order they run (Postgres: :func:`pg_fold`)."""
     keys_of_d = ", ".join(f"d.{k}" for k in KEY_COLS)
-    added = ", ".join(f"{c} = accumulator.{c} + deltas.{c}" for c in COLUMNS)
+    added = ", ".join(f"{c} = {checked(f'accumulator.{c} + deltas.{c}')}" for c in COLUMNS)
     return {
         # Applied: above the claim's stored version and above every version of it before, in
         # the order the batches began (within a batch, in version order); stale otherwise. The
@@ -430,7 +451,9 @@ def isolating(session: Session, batches: Sequence[int]) -> Counted:
     try:
         with session.begin_nested():
             return apply(session, batches)
-    except (DataError, IntegrityError) as exc:
+    except DBAPIError as exc:
+        if not refused(exc):
+            raise
         if len(batches) > 1:
             counted = Counted()
             for batch in batches:
@@ -450,9 +473,11 @@ def by_claim(session: Session, batch: int, exc: Exception) -> Counted:
         try:
             with session.begin_nested():
                 counted.merge(apply(session, [batch], [claim_id]))
-        except (DataError, IntegrityError) as alone:
-            refused = quarantine(session, batch, claim_id, alone)
-            counted.quarantined[batch] = counted.quarantined.get(batch, 0) + refused
+        except DBAPIError as alone:
+            if not refused(alone):
+                raise
+            n = quarantine(session, batch, claim_id, alone)
+            counted.quarantined[batch] = counted.quarantined.get(batch, 0) + n
     quarantined = sum(counted.quarantined.values())
     log.warning("fold.batch_refused", error=error_name(exc), quarantined=quarantined)
     return counted
