@@ -48,7 +48,7 @@ from worker.store import counters
 from worker.store.bulk import as_json, filled, recordset, rows_where_in, upsert
 from worker.store.dead_letters import dead_letter
 from worker.store.fold import BY_INDEX, fold_batches
-from worker.store.tables import CENTS_OF, KEY_COLS, T_BATCH, T_EVENT
+from worker.store.tables import CENTS_OF, HOLDS_A_VERSION, KEY_COLS, T_BATCH, T_EVENT
 
 
 @dataclass
@@ -298,8 +298,7 @@ def load_seen(
     tagged = [literal(True).label("by_id"), *cols]
     same_event = rows_where_in(session, tagged, T_EVENT.c.event_id, event_ids)
     tagged[0] = literal(False).label("by_id")
-    holds = T_EVENT.c.batch_id.is_not(None)
-    same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids, holds)
+    same_claim = rows_where_in(session, tagged, T_EVENT.c.claim_id, claim_ids, HOLDS_A_VERSION)
     for by_id, eid, cid, version, h in session.execute(union_all(same_event, same_claim)):
         if eid in mine:
             continue

@@ -23,6 +23,7 @@ from models.sync import money
 from models.tables import PUSHED
 from worker.store.tables import (
     CENTS_OF,
+    HOLDS_A_VERSION,
     KEY_COLS,
     T_ACCUM,
     T_ATTEMPT,
@@ -181,9 +182,9 @@ def _versions(session: Session, claim_ids: list[str]) -> dict[str, list[dict[str
     out: dict[str, list[dict[str, Any]]] = {}
     if not claim_ids:
         return out
-    # The rows holding a version (a batch named): each version once, by its unique index.
-    holds = e.batch_id.is_not(None)
-    query = select(e.claim_id, e.version, e.received_at).where(e.claim_id.in_(claim_ids), holds)
+    # Each version once, by its unique index.
+    query = select(e.claim_id, e.version, e.received_at)
+    query = query.where(e.claim_id.in_(claim_ids), HOLDS_A_VERSION)
     for r in session.execute(query.order_by(e.claim_id, e.version, e.received_at)):
         out.setdefault(r.claim_id, []).append({"version": r.version, "received_at": r.received_at})
     return out

@@ -39,6 +39,11 @@ T_BEAT = table(tables.BeatTick)
 T_RUN = table(tables.ReconcileRun)
 T_FINDING = table(tables.ReconcileFinding)
 
+HOLDS_A_VERSION = T_EVENT.c.batch_id.is_not(None)
+"""The ``received_event`` rows that hold a claim version (a second event id of one has no
+batch): ``ux_received_event_version``'s predicate (``models.tables.HOLDS_A_VERSION``), which a
+query by claim repeats so that the index serves it."""
+
 KEY_COLS = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
 """An accumulator key's columns, in the order of :class:`models.events.AccumKey`."""
 CENTS_OF = dict(zip(AMOUNTS, CLAIM_CENTS, strict=True))
