@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, text
 
 from models.buckets import BUCKETS, VBA_FIELDS
 from tests.services import migrated
@@ -22,7 +22,7 @@ from worker.db import make_engine
 from worker.demo.procs import Child, beat_argv, dispatch_argv, wait_for, worker_argv
 from worker.demo.streams import Key
 from worker.settings import Settings
-from worker.store.tables import T_ACCUM, T_BATCH, T_DEAD
+from worker.store.tables import KEY_COLS, T_ACCUM, T_BATCH, T_DEAD
 from worker.vba.auth import RedisTokenStore, store_prefix
 
 ACCUMSYNC = str(Path(sys.executable).parent / "accumsync")
@@ -217,3 +217,29 @@ def same_totals(a: dict[Key, dict[str, Decimal]], b: dict[Key, dict[str, Decimal
             if ra.get(field, Decimal(0)) != rb.get(field, Decimal(0)):
                 diffs.append(f"{key} {field}: {ra.get(field)} != {rb.get(field)}")
     return diffs
+
+
+FULL = 2**63 - 1
+"""The largest total a ``BIGINT`` column holds: any amount more is one the store must refuse."""
+
+
+def plant_full_total(conn: Connection, event: Mapping[str, Any], column: str) -> None:
+    """The pair and accumulator of ``event``'s key (canonical already), stored with ``column``
+    at :data:`FULL`, as if folded long ago."""
+    key = {k: event[k] for k in KEY_COLS}
+    pair = conn.execute(
+        text(
+            "INSERT INTO pair (subscriber_id, group_id, attempts) VALUES (:subscriber_id,"
+            " :group_id, 0) RETURNING id"
+        ),
+        key,
+    ).scalar_one()
+    conn.execute(
+        text(
+            "INSERT INTO accumulator (pair_id, subscriber_id, group_id, plan_year, plan_type,"
+            f" benefit_code, change_seq, pushed_seq, attempts, held, {column})"
+            " VALUES (:pair, :subscriber_id, :group_id, :plan_year, :plan_type, :benefit_code,"
+            " 0, 0, 0, false, :full)"
+        ),
+        {"pair": pair, **key, "full": FULL},
+    )

@@ -13,7 +13,7 @@ import redis
 from kombu import compression
 from sqlalchemy import text
 
-from tests.stack import Stack, same_totals
+from tests.stack import Stack, plant_full_total, same_totals
 from worker.db import make_engine
 from worker.demo.procs import wait_for
 from worker.demo.streams import StreamSpec, expected_totals, generate
@@ -167,9 +167,6 @@ def test_worker_refuses_an_unmigrated_database(
         stack.worker("w1")
 
 
-NEW_PAIR = "INSERT INTO pair (subscriber_id, group_id, attempts) VALUES (:s, :g, 0) RETURNING id"
-
-
 def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
     make_stack: Callable[..., Stack], redis_url: str, pg_url: str, tmp_path: Path
 ) -> None:
@@ -183,29 +180,9 @@ def test_an_event_the_store_refuses_is_dead_lettered_and_the_rest_land(
     rest = [e for e in events[1:] if {k: e[k] for k in key} != key]
     stack = make_stack(database_url=pg_url, broker_url=redis_url)
     stack.cli("db", "upgrade")
-    near_max = 2**63 - 1
     engine = make_engine(pg_url)
-    with engine.begin() as conn:  # the pair and accumulator the first event lands in, nearly full
-        pair_id = conn.execute(
-            text(NEW_PAIR),
-            {"s": key["subscriber_id"], "g": key["group_id"]},
-        ).scalar()
-        conn.execute(
-            text(
-                "INSERT INTO accumulator (pair_id, subscriber_id, group_id, plan_year, plan_type,"
-                " benefit_code, change_seq, pushed_seq, attempts, held, allowed_total)"
-                " VALUES (:p, :s, :g, :y, :t, :b, 0, 0, 0, false, :m)"
-            ),
-            {
-                "p": pair_id,
-                "s": key["subscriber_id"],
-                "g": key["group_id"],
-                "y": key["plan_year"],
-                "t": key["plan_type"],
-                "b": first["benefit_code"],
-                "m": near_max,
-            },
-        )
+    with engine.begin() as conn:  # the pair and accumulator the first event lands in, full
+        plant_full_total(conn, first, "allowed_total")
     engine.dispose()
     batch = [first, *rest]
     stack.worker("w1")

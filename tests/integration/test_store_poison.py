@@ -14,14 +14,12 @@ from sqlalchemy import Engine, select, text
 from sqlmodel import Session
 
 from models.tables import DeadLetter
+from tests.stack import FULL, plant_full_total
 from tests.unit.test_events import BASE
 from worker.db import make_engine
 from worker.ingest.store import ingest
 from worker.store.dead_letters import storable
 from worker.store.fold import fold_committed, in_session_of
-
-NEW_PAIR = "INSERT INTO pair (subscriber_id, group_id, attempts) VALUES (:s, :g, 0) RETURNING id"
-KEY = ("subscriber_id", "group_id", "plan_year", "plan_type", "benefit_code")
 
 LONE_SURROGATE = json.loads('"e\\ud800x"')  # what a JSON parser makes of "\ud800"
 
@@ -70,16 +68,7 @@ def test_a_version_refused_at_fold_time_is_folded_when_sent_again(engine: Engine
     first = {**BASE, "event_id": "e-1", "claim_id": "c-full", "amounts": {"copay": "25.00"}}
     again = {**first, "event_id": "e-2"}  # the same version under a second id
     with engine.begin() as conn:  # the key's accumulator, full
-        pair = conn.execute(text(NEW_PAIR), {"s": BASE["subscriber_id"], "g": BASE["group_id"]})
-        conn.execute(
-            text(
-                "INSERT INTO accumulator (pair_id, subscriber_id, group_id, plan_year, plan_type,"
-                " benefit_code, change_seq, pushed_seq, attempts, held, copay_total)"
-                " VALUES (:pair, :subscriber_id, :group_id, :plan_year, :plan_type, :benefit_code,"
-                " 0, 0, 0, false, :full)"
-            ),
-            {"pair": pair.scalar_one(), **{k: BASE[k] for k in KEY}, "full": 2**63 - 1},
-        )
+        plant_full_total(conn, BASE, "copay_total")
     with Session(engine) as session:
         assert ingest(session, [first, again]).duplicate == 1
         session.commit()
@@ -87,7 +76,7 @@ def test_a_version_refused_at_fold_time_is_folded_when_sent_again(engine: Engine
     with engine.begin() as conn:
         letters = conn.execute(text("SELECT event_id FROM dead_letter")).scalars().all()
         total = conn.execute(text("SELECT copay_total FROM accumulator")).scalar_one()
-        assert (letters, total) == (["e-1"], 2**63 - 1), "the full total was not refused"
+        assert (letters, total) == (["e-1"], FULL), "the full total was not refused"
         conn.execute(text("UPDATE accumulator SET copay_total = 0"))  # room again
     with Session(engine) as session:
         sent_again = ingest(session, [first])
